@@ -1,0 +1,73 @@
+"""Lightning callback that mines doppelgangers from the prototype loss's logits after every step."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.utilities import rank_zero_info
+
+from doppel.sampling.doppelganger import DoppelgangerTable, TableUpdate
+
+
+class DoppelgangerMining(pl.Callback):
+    """Updates the shared :class:`DoppelgangerTable` (sec. 3.2) and logs how it evolves.
+
+    Logged: ``doppel/table_filled`` (share of classes with a doppelganger), ``doppel/churn`` (share of
+    classes whose first doppelganger changed during the epoch), ``doppel/from_table`` (share of batch
+    classes the sampler took from the table) and ``doppel/hub_count`` (how many identities have the
+    top hub as doppelganger); the top hubs are printed by name at each epoch's end.
+    """
+
+    def __init__(self, table: DoppelgangerTable, class_names: list[str] | None = None, n_hubs: int = 5) -> None:
+        self.table = table
+        self.class_names = class_names
+        self.n_hubs = n_hubs
+        self._epoch_start: torch.Tensor | None = None
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._epoch_start = self.table.table[:, 0].clone()
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
+                           batch: Any, batch_idx: int) -> None:
+        term = pl_module.loss_set.prototype_term
+        if term is None or term.last_logits is None:
+            raise RuntimeError("doppelganger mining needs a prototype loss term (e.g. l2s) in loss.terms.")
+        labels = batch[1]
+        update = self.table.propose(term.last_logits, labels, pad_to=len(labels))
+        if trainer.world_size > 1:
+            # Every rank applies every rank's proposals in the same way: the tables stay identical.
+            gathered = pl_module.all_gather({"classes": update.classes, "candidates": update.candidates,
+                                             "scores": update.scores})
+            update = TableUpdate(gathered["classes"].flatten(0, 1),
+                                 gathered["candidates"].flatten(0, 1), gathered["scores"].flatten(0, 1))
+        self.table.apply(update)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        first = self.table.table[:, 0]
+        metrics = {"doppel/table_filled": self.table.filled_fraction()}
+        if self._epoch_start is not None:
+            metrics["doppel/churn"] = (first != self._epoch_start).float().mean().item()
+        sampler = getattr(trainer.datamodule, "train_sampler", None) if trainer.datamodule else None
+        stats = getattr(sampler, "stats", None)
+        if stats:
+            drawn = sum(stats.values())
+            metrics["doppel/from_table"] = stats["table"] / drawn if drawn else 0.0
+            for key in stats:
+                stats[key] = 0
+        hubs = self.table.hubs(self.n_hubs)
+        metrics["doppel/hub_count"] = float(hubs[0][1]) if hubs else 0.0
+        pl_module.log_dict(metrics, rank_zero_only=True)
+        if hubs:
+            names = ", ".join(f"{self._name(c)} ({k})" for c, k in hubs)
+            rank_zero_info(f"epoch {trainer.current_epoch}: doppelganger hubs: {names}")
+
+    def _name(self, cls: int) -> str:
+        return self.class_names[cls] if self.class_names else str(cls)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.table.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.table.load_state_dict(state_dict)

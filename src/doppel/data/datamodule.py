@@ -1,0 +1,86 @@
+"""The DataModule: training images through an identity batch sampler, evaluation images in order."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from hydra.utils import get_class, instantiate
+from omegaconf import DictConfig
+from torch.utils.data import DataLoader, TensorDataset
+
+from doppel.data.emoji import Split, load_emoji_npz, split_emoji
+from doppel.evaluation.protocol import Role
+from doppel.sampling.doppelganger import DoppelgangerTable
+
+
+class EmojiDataModule(pl.LightningDataModule):
+    """Base / novel emoji identities (see :mod:`doppel.data.emoji`).
+
+    Training batches come from the sampler config (``sampler=random`` or ``sampler=doppel``), built in
+    :meth:`train_dataloader` where the process's rank is known. Evaluation batches carry
+    (images, label, role) for :func:`doppel.evaluation.protocol.evaluate_protocol`.
+    """
+
+    def __init__(self, path: str | None = None, novel_fraction: float = 0.2, prototype_vendor: str = "twitter",
+                 max_families: int | None = None, eval_batch_size: int = 512, num_workers: int = 0) -> None:
+        super().__init__()
+        self.path, self.novel_fraction, self.prototype_vendor = path, novel_fraction, prototype_vendor
+        self.max_families, self.eval_batch_size, self.num_workers = max_families, eval_batch_size, num_workers
+        self.split: Split | None = None
+        self.sampler_cfg: DictConfig | None = None
+        self.table: DoppelgangerTable | None = None
+        self.seed = 0
+        self.train_sampler = None
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.split is None:
+            self.split = split_emoji(load_emoji_npz(self.path), self.novel_fraction, self.prototype_vendor,
+                                     self.max_families)
+
+    @property
+    def num_classes(self) -> int:
+        self.setup()
+        return self.split.num_classes
+
+    @property
+    def train_labels(self) -> torch.Tensor:
+        self.setup()
+        return self.split.label[self.split.role == Role.BASE_TRAIN]
+
+    def image_shape(self) -> tuple[int, int, int]:
+        self.setup()
+        return tuple(self.split.images.shape[1:])
+
+    def attach_sampler(self, sampler_cfg: DictConfig, table: DoppelgangerTable, seed: int) -> None:
+        """Runtime wiring done by ``train()``: the sampler config, the shared table and the seed."""
+        self.sampler_cfg, self.table, self.seed = sampler_cfg, table, seed
+
+    def build_sampler(self, rank: int = 0, world_size: int = 1) -> Any:
+        kwargs: dict[str, Any] = {"labels": self.train_labels, "seed": self.seed, "rank": rank,
+                                  "world_size": world_size}
+        if "table" in inspect.signature(get_class(self.sampler_cfg._target_)).parameters:
+            kwargs["table"] = self.table
+        return instantiate(self.sampler_cfg, **kwargs)
+
+    def train_dataloader(self) -> DataLoader:
+        if self.sampler_cfg is None:
+            raise RuntimeError("EmojiDataModule.attach_sampler() must be called before training.")
+        trainer = self.trainer
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        self.train_sampler = self.build_sampler(rank, world)
+        images, labels = self.split.subset(self.split.role == Role.BASE_TRAIN)
+        return DataLoader(TensorDataset(images, labels), batch_sampler=self.train_sampler,
+                          num_workers=self.num_workers)
+
+    def _eval_loader(self) -> DataLoader:
+        dataset = TensorDataset(self.split.images, self.split.label, self.split.role)
+        return DataLoader(dataset, batch_size=self.eval_batch_size, shuffle=False, num_workers=self.num_workers)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._eval_loader()
+
+    def test_dataloader(self) -> DataLoader:
+        return self._eval_loader()

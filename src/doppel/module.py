@@ -1,0 +1,82 @@
+"""The LightningModule: images -> backbone -> embeddings -> loss terms; evaluation embeddings."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from torch import nn
+
+from doppel.data.transforms import PaperAugment, normalize
+from doppel.evaluation.protocol import evaluate_protocol, mirror_embed
+from doppel.losses.loss_set import LossSet
+
+
+class DoppelModule(pl.LightningModule):
+    def __init__(self, backbone: nn.Module, loss_set: LossSet, optimizer: Any, scheduler: Any | None = None,
+                 augment: PaperAugment | None = None) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.loss_set = loss_set
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.augment = augment or nn.Identity()
+        self.last_labels: torch.Tensor | None = None
+        self._eval_outputs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self.final_metrics: dict[str, float] = {}
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.backbone(images)
+
+    # -- training ----------------------------------------------------------------------------
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        images, labels = batch
+        embeddings = self.backbone(normalize(self.augment(images)))
+        loss, logs = self.loss_set(embeddings, labels)
+        self.last_labels = labels
+        self.log_dict({f"train/{k}": v for k, v in logs.items()}, on_step=True, on_epoch=False,
+                      prog_bar=False, batch_size=len(labels))
+        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=len(labels))
+        return loss
+
+    # -- evaluation --------------------------------------------------------------------------
+    def _eval_step(self, batch: tuple[torch.Tensor, ...]) -> None:
+        images, labels, roles = batch
+        self._eval_outputs.append((mirror_embed(self.backbone, normalize(images)).float().cpu(),
+                                   labels.cpu(), roles.cpu()))
+
+    def _eval_end(self, prefix: str) -> None:
+        embeddings, labels, roles = (torch.cat(parts) for parts in zip(*self._eval_outputs))
+        self._eval_outputs.clear()
+        metrics = {f"{prefix}/{k}": v for k, v in evaluate_protocol(embeddings, labels, roles).items()}
+        # Every rank evaluated the full set: the numbers are identical, no reduction needed.
+        self.log_dict(metrics, sync_dist=False, rank_zero_only=False)
+        self.final_metrics.update(metrics)
+
+    def validation_step(self, batch, batch_idx) -> None:
+        self._eval_step(batch)
+
+    def on_validation_epoch_end(self) -> None:
+        if self._eval_outputs:
+            self._eval_end("val")
+
+    def test_step(self, batch, batch_idx) -> None:
+        self._eval_step(batch)
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_end("test")
+
+    # -- optimisation ------------------------------------------------------------------------
+    def configure_optimizers(self) -> Any:
+        decay, no_decay = [], []
+        for param in self.parameters():
+            if param.requires_grad:
+                # Scales, margins, biases, ARFA's a and norm parameters are not weight-decayed.
+                (decay if param.dim() > 1 else no_decay).append(param)
+        optimizer = self.optimizer_factory([{"params": decay}, {"params": no_decay, "weight_decay": 0.0}])
+        if self.scheduler_factory is None:
+            return optimizer
+        total_steps = max(1, int(self.trainer.estimated_stepping_batches))
+        scheduler = self.scheduler_factory(optimizer, T_max=total_steps)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -1,0 +1,145 @@
+"""The doppelganger table: for every training identity, its most similar other identities.
+
+Sec. 3.2 of the Doppelganger paper: after each training step, for each class in the mini-batch the
+highest-scoring *other* class of the prototype loss's logits becomes its doppelganger. The logits are
+already computed by the loss, so mining costs one masked top-k over a B x C matrix and no forward pass.
+
+An update is split in two so that several processes can share one table:
+``propose`` turns one step's logits into a fixed-size :class:`TableUpdate` (padded to the batch size,
+so it can be all-gathered), and ``apply`` writes any number of gathered updates; duplicates of a class
+are resolved by the highest score, so every rank that applies the same updates ends with the same table.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+EMPTY = -1
+REDUCTIONS = ("max", "mean")
+
+
+@dataclass
+class TableUpdate:
+    """One step's proposals: ``classes[i]`` gets ``candidates[i]`` (best first) with ``scores[i]``.
+
+    Rows with ``classes == -1`` are padding.
+    """
+
+    classes: torch.Tensor  # [R] long
+    candidates: torch.Tensor  # [R, k] long
+    scores: torch.Tensor  # [R, k] float
+
+    @staticmethod
+    def cat(updates: list[TableUpdate]) -> TableUpdate:
+        return TableUpdate(
+            torch.cat([u.classes for u in updates]),
+            torch.cat([u.candidates for u in updates]),
+            torch.cat([u.scores for u in updates]),
+        )
+
+
+class DoppelgangerTable:
+    """``table[c, j]``: the j-th doppelganger of class ``c`` (best first), -1 while unknown."""
+
+    def __init__(self, num_classes: int, top_k: int = 1, reduction: str = "max") -> None:
+        if num_classes < 2:
+            raise ValueError(f"doppel table needs at least 2 classes, got num_classes={num_classes}.")
+        if not 1 <= top_k < num_classes:
+            raise ValueError(f"doppel.top_k={top_k} must be between 1 and num_classes - 1 ({num_classes - 1}).")
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"doppel.reduction={reduction!r} is not one of {REDUCTIONS}.")
+        self.num_classes = num_classes
+        self.top_k = top_k
+        self.reduction = reduction
+        self.table = torch.full((num_classes, top_k), EMPTY, dtype=torch.long)
+
+    def propose(self, logits: torch.Tensor, labels: torch.Tensor, pad_to: int | None = None) -> TableUpdate:
+        """The doppelganger proposals of one step, from its classifier logits [B, C] and labels [B].
+
+        ``reduction="max"``: a class's score for candidate c is the highest logit any of its examples
+        gave c; ``"mean"``: the mean over its examples. The class itself is never a candidate.
+        """
+        logits = logits.detach()
+        if logits.shape[1] != self.num_classes:
+            raise ValueError(f"logits have {logits.shape[1]} classes, the table {self.num_classes}.")
+        classes, inverse = torch.unique(labels, return_inverse=True)
+        if self.reduction == "max":
+            scores, candidates = self._propose_max(logits, classes, inverse)
+        else:
+            per_class = logits.new_empty(len(classes), self.num_classes)
+            per_class.index_reduce_(0, inverse, logits, "mean", include_self=False)
+            per_class.scatter_(1, classes[:, None], float("-inf"))
+            scores, candidates = per_class.topk(self.top_k, dim=1)
+        update = TableUpdate(classes, candidates, scores)
+        if pad_to is not None:
+            update = _pad(update, pad_to)
+        return update
+
+    def _propose_max(self, logits, classes, inverse):
+        # A class's top-k candidates by max-over-examples are always among its examples' top-(k+1)
+        # logits (at most k - 1 better candidates plus the class itself can outrank one in its row),
+        # so one top-k pass over [B, C] suffices and nothing of size [U, C] is built.
+        row_scores, row_candidates = logits.topk(self.top_k + 1, dim=1)
+        pool, pool_index = torch.unique(row_candidates, return_inverse=True)
+        per_class = logits.new_full((len(classes), len(pool)), float("-inf"))
+        flat = inverse[:, None] * len(pool) + pool_index
+        per_class.view(-1).scatter_reduce_(0, flat.flatten(), row_scores.flatten(), "amax")
+        per_class[pool[None, :] == classes[:, None]] = float("-inf")
+        scores, slot = per_class.topk(self.top_k, dim=1)
+        return scores, pool[slot]
+
+    def apply(self, update: TableUpdate) -> None:
+        """Write proposals into the table; for a class proposed more than once the top score wins."""
+        valid = update.classes >= 0
+        classes = update.classes[valid].to(self.table.device)
+        if len(classes) == 0:
+            return
+        candidates = update.candidates[valid].to(self.table.device)
+        best = update.scores[valid][:, 0].to(torch.float64)
+        # Order rows by (class, score) so the last row of each class is its best proposal.
+        order = torch.argsort(best, stable=True)
+        order = order[torch.argsort(classes[order], stable=True)]
+        classes, candidates = classes[order], candidates[order]
+        last = torch.ones_like(classes, dtype=torch.bool)
+        last[:-1] = classes[1:] != classes[:-1]
+        self.table[classes[last]] = candidates[last]
+
+    def doppelgangers(self, cls: int) -> list[int]:
+        """Known doppelgangers of ``cls``, best first."""
+        return [c for c in self.table[cls].tolist() if c != EMPTY]
+
+    def filled_fraction(self) -> float:
+        return (self.table[:, 0] != EMPTY).float().mean().item()
+
+    def hubs(self, n: int = 5) -> list[tuple[int, int]]:
+        """The ``n`` classes that are the first doppelganger of the most identities: (class, count)."""
+        first = self.table[:, 0]
+        counts = torch.bincount(first[first != EMPTY], minlength=self.num_classes)
+        top = counts.topk(min(n, self.num_classes))
+        return [(c, k) for c, k in zip(top.indices.tolist(), top.values.tolist()) if k > 0]
+
+    def state_dict(self) -> dict:
+        return {"table": self.table.clone(), "reduction": self.reduction}
+
+    def load_state_dict(self, state: dict) -> None:
+        table = state["table"]
+        if table.shape != self.table.shape:
+            raise ValueError(
+                f"checkpoint doppelganger table has shape {tuple(table.shape)}, this run needs "
+                f"{tuple(self.table.shape)}: the dataset's class count or doppel.top_k differs."
+            )
+        self.table.copy_(table)
+
+
+def _pad(update: TableUpdate, rows: int) -> TableUpdate:
+    missing = rows - len(update.classes)
+    if missing < 0:
+        raise ValueError(f"cannot pad {len(update.classes)} proposals to {rows} rows.")
+    k = update.candidates.shape[1]
+    return TableUpdate(
+        torch.cat([update.classes, update.classes.new_full((missing,), EMPTY)]),
+        torch.cat([update.candidates, update.candidates.new_full((missing, k), EMPTY)]),
+        torch.cat([update.scores, update.scores.new_full((missing, k), float("-inf"))]),
+    )

@@ -1,0 +1,172 @@
+"""Batch samplers: random identities, or random identities chained with their doppelgangers.
+
+Sec. 3.1 of the Doppelganger paper: the per-class example counts are drawn first (from a range, e.g.
+2-8) until the batch of size M is full, which fixes N_c; then N_r classes are drawn at random and
+class i >= N_r is Doppelganger(class i - N_r), falling back to a random class when it has no
+doppelganger yet or the doppelganger is already in the batch.
+
+Samplers own their randomness: a ``torch.Generator`` seeded from (seed, epoch, rank), the epoch kept
+in their state, so a resumed run draws the same batches as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch.utils.data import Sampler
+
+from doppel.sampling.doppelganger import DoppelgangerTable
+
+
+class IdentityBatchSampler(Sampler[list[int]]):
+    """Random classes, each with a random number of examples, until the batch holds ``batch_size``.
+
+    ``examples_per_class`` is an int (fixed count) or a ``[low, high]`` range (inclusive). A class with
+    fewer images than its count repeats them (each repeat is augmented anew); the last class of a batch
+    is cut to fit. ``batches_per_epoch`` defaults to ceil(number of images / batch_size).
+    """
+
+    def __init__(
+        self,
+        labels: Sequence[int] | torch.Tensor,
+        batch_size: int,
+        examples_per_class: int | Sequence[int] = (2, 8),
+        batches_per_epoch: int | None = None,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        labels = torch.as_tensor(labels, dtype=torch.long)
+        low, high = _count_range(examples_per_class)
+        if batch_size < 2:
+            raise ValueError(f"sampler.batch_size={batch_size} must be at least 2.")
+        self.num_classes = int(labels.max()) + 1
+        order = torch.argsort(labels, stable=True)
+        counts = torch.bincount(labels, minlength=self.num_classes)
+        self.class_images = list(torch.split(order, counts.tolist()))
+        empty = [c for c, n in enumerate(counts.tolist()) if n == 0]
+        if empty:
+            raise ValueError(f"classes {empty[:5]} have no training images; relabel classes to 0..C-1 without gaps.")
+        max_classes = math.ceil(batch_size / low)
+        if max_classes > self.num_classes:
+            raise ValueError(
+                f"a batch of {batch_size} with as few as {low} examples per class needs up to {max_classes} "
+                f"classes but the data has {self.num_classes}: lower sampler.batch_size or raise "
+                f"sampler.examples_per_class."
+            )
+        self.batch_size = batch_size
+        self.count_range = (low, high)
+        self.batches_per_epoch = batches_per_epoch or math.ceil(len(labels) / batch_size)
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.epoch = 0
+
+    # -- state -------------------------------------------------------------------------------
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "seed": self.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.seed = state["epoch"], state["seed"]
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch
+
+    def _generator(self) -> torch.Generator:
+        # Distinct, reproducible streams for every (seed, epoch, rank).
+        generator = torch.Generator()
+        generator.manual_seed(hash((self.seed, self.epoch, self.rank)) & 0x7FFF_FFFF_FFFF_FFFF)
+        return generator
+
+    # -- sampling ----------------------------------------------------------------------------
+    def __iter__(self) -> Iterator[list[int]]:
+        generator = self._generator()
+        for _ in range(self.batches_per_epoch):
+            counts = self._draw_counts(generator)
+            classes = self._choose_classes(len(counts), generator)
+            yield self._fill(classes, counts, generator)
+
+    def _draw_counts(self, generator: torch.Generator) -> list[int]:
+        low, high = self.count_range
+        counts, total = [], 0
+        while total < self.batch_size:
+            count = int(torch.randint(low, high + 1, (1,), generator=generator))
+            count = min(count, self.batch_size - total)
+            counts.append(count)
+            total += count
+        return counts
+
+    def _choose_classes(self, n_classes: int, generator: torch.Generator) -> list[int]:
+        return torch.randperm(self.num_classes, generator=generator)[:n_classes].tolist()
+
+    def _fill(self, classes: list[int], counts: list[int], generator: torch.Generator) -> list[int]:
+        batch = []
+        for cls, count in zip(classes, counts):
+            images = self.class_images[cls]
+            picks = torch.cat([torch.randperm(len(images), generator=generator)
+                               for _ in range(math.ceil(count / len(images)))])[:count]
+            batch.extend(images[picks].tolist())
+        return batch
+
+
+class DoppelgangerBatchSampler(IdentityBatchSampler):
+    """Sec. 3.1: N_r random classes, then each class the doppelganger of the one N_r places before.
+
+    ``random_ratio`` is N_r / N_c (Table 5 sweeps it; 1.0 is random sampling with the table still
+    mined). N_r = max(1, round(random_ratio * N_c)).
+    """
+
+    def __init__(self, labels, batch_size: int, table: DoppelgangerTable, random_ratio: float = 1 / 3,
+                 **kwargs) -> None:
+        super().__init__(labels, batch_size, **kwargs)
+        if not 0.0 < random_ratio <= 1.0:
+            raise ValueError(f"sampler.random_ratio={random_ratio} must be in (0, 1].")
+        if table.num_classes != self.num_classes:
+            raise ValueError(f"doppelganger table has {table.num_classes} classes, the data {self.num_classes}.")
+        self.table = table
+        self.random_ratio = random_ratio
+        # Where the classes of recent batches came from; read and reset by the mining callback.
+        self.stats = {"random": 0, "table": 0, "fallback_empty": 0, "fallback_taken": 0}
+
+    def n_random(self, n_classes: int) -> int:
+        return max(1, min(n_classes, round(self.random_ratio * n_classes)))
+
+    def _choose_classes(self, n_classes: int, generator: torch.Generator) -> list[int]:
+        n_random = self.n_random(n_classes)
+        chosen = torch.randperm(self.num_classes, generator=generator)[:n_random].tolist()
+        in_batch = set(chosen)
+        self.stats["random"] += n_random
+        for i in range(n_random, n_classes):
+            known = self.table.doppelgangers(chosen[i - n_random])
+            fresh = [c for c in known if c not in in_batch]
+            if fresh:
+                cls = fresh[0]
+                self.stats["table"] += 1
+            else:
+                self.stats["fallback_taken" if known else "fallback_empty"] += 1
+                cls = self._random_class_not_in(in_batch, generator)
+            chosen.append(cls)
+            in_batch.add(cls)
+        return chosen
+
+    def _random_class_not_in(self, taken: set[int], generator: torch.Generator) -> int:
+        while True:  # taken is at most a batch's classes, far fewer than num_classes (checked in init)
+            cls = int(torch.randint(self.num_classes, (1,), generator=generator))
+            if cls not in taken:
+                return cls
+
+
+def _count_range(examples_per_class: int | Sequence[int]) -> tuple[int, int]:
+    if isinstance(examples_per_class, int):
+        low = high = examples_per_class
+    else:
+        values = list(examples_per_class)
+        if len(values) != 2:
+            raise ValueError(f"sampler.examples_per_class={values} must be an int or [low, high].")
+        low, high = int(values[0]), int(values[1])
+    if not 1 <= low <= high:
+        raise ValueError(f"sampler.examples_per_class=[{low}, {high}] needs 1 <= low <= high.")
+    return low, high
