@@ -11,6 +11,7 @@ import pytorch_lightning as pl
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.callbacks import ProgressBar
 from pytorch_lightning.utilities import rank_zero_only
 
 from doppel.callbacks.doppelganger_mining import DoppelgangerMining
@@ -20,6 +21,9 @@ from doppel.losses.loss_set import LossSet
 from doppel.models.layers import lsuv_init_
 from doppel.module import DoppelModule
 from doppel.sampling.doppelganger import DoppelgangerTable
+
+# The Hydra config tree of the repository (editable install / source checkout).
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 
 
 def validate_config(cfg: DictConfig, num_classes: int) -> None:
@@ -70,6 +74,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
                           augment=PaperAugment(**cfg.augment, seed=cfg.seed))
 
     callbacks: list[pl.Callback] = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
+    if not cfg.trainer.get("enable_progress_bar", True):
+        callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
     if cfg.doppel.mine:
         callbacks.append(DoppelgangerMining(table, datamodule.split.names, cfg.doppel.n_hubs))
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]

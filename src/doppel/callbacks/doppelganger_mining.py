@@ -45,6 +45,8 @@ class DoppelgangerMining(pl.Callback):
         self.table.apply(update)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.world_size > 1:
+            self._check_ranks_agree(pl_module)
         first = self.table.table[:, 0]
         metrics = {"doppel/table_filled": self.table.filled_fraction()}
         if self._epoch_start is not None:
@@ -62,6 +64,13 @@ class DoppelgangerMining(pl.Callback):
         if hubs:
             names = ", ".join(f"{self._name(c)} ({k})" for c, k in hubs)
             rank_zero_info(f"epoch {trainer.current_epoch}: doppelganger hubs: {names}")
+
+    def _check_ranks_agree(self, pl_module: pl.LightningModule) -> None:
+        positions = torch.arange(1, self.table.table.numel() + 1, dtype=torch.float64)
+        checksum = (self.table.table.flatten().to(torch.float64) * positions).sum()
+        gathered = pl_module.all_gather(checksum.to(pl_module.device))
+        if not torch.all(gathered == gathered[0]):
+            raise RuntimeError("the doppelganger tables of the processes differ; updates must be all-gathered.")
 
     def _name(self, cls: int) -> str:
         return self.class_names[cls] if self.class_names else str(cls)

@@ -61,7 +61,7 @@ def lsuv_init_(model: nn.Module, batch: torch.Tensor, tolerance: float = 0.01, m
     model.train()  # batch norm, if any, normalises with batch statistics as in training
     for layer in layers:
         captured: dict[str, torch.Tensor] = {}
-        handle = layer.register_forward_hook(lambda _m, _i, out: captured.__setitem__("out", out))
+        handle = layer.register_forward_hook(lambda _m, _i, out, store=captured: store.__setitem__("out", out))
         for _ in range(max_iters):
             model(batch)
             variance = captured["out"].float().var().item()

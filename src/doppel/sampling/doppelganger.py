@@ -68,8 +68,9 @@ class DoppelgangerTable:
         if self.reduction == "max":
             scores, candidates = self._propose_max(logits, classes, inverse)
         else:
-            per_class = logits.new_empty(len(classes), self.num_classes)
-            per_class.index_reduce_(0, inverse, logits, "mean", include_self=False)
+            counts = torch.bincount(inverse, minlength=len(classes)).to(logits.dtype)
+            per_class = logits.new_zeros(len(classes), self.num_classes).index_add_(0, inverse, logits)
+            per_class /= counts[:, None]
             per_class.scatter_(1, classes[:, None], float("-inf"))
             scores, candidates = per_class.topk(self.top_k, dim=1)
         update = TableUpdate(classes, candidates, scores)

@@ -114,7 +114,9 @@ class FaceResNet(nn.Module):
                 channels = widths[stage + 1]
         self.features = nn.Sequential(*layers)
         with torch.no_grad():
+            self.features.eval()  # a batch of one through batch norm
             spatial = self.features(torch.zeros(1, in_channels, input_size, input_size)).shape[-1]
+            self.features.train()
         if spatial < 1:
             raise ValueError(f"backbone.input_size={input_size} is too small for this depth of pooling.")
         self.feature_shape = (channels, spatial, spatial)

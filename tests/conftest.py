@@ -1,0 +1,71 @@
+"""Shared fixtures: a tiny emoji-format dataset written by the test, and composed train configs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig, open_dict
+
+from doppel.train import CONFIG_DIR
+
+CONFIGS = str(CONFIG_DIR)
+
+# A small network and short run: seconds on one CPU core.
+TINY = [
+    "backbone.stem_channels=8",
+    "backbone.widths=[8,16,16,16]",
+    "backbone.depths=[1,1,1,1]",
+    "backbone.embedding_dim=16",
+    "sampler.batch_size=24",
+    "sampler.examples_per_class=[2,4]",
+    "data.max_families=60",
+    "trainer.max_epochs=2",
+    "trainer.limit_train_batches=6",
+    "trainer.check_val_every_n_epoch=1",
+    "trainer.enable_progress_bar=false",
+    "trainer.enable_model_summary=false",
+    "lsuv.batch_size=64",
+]
+
+
+def write_emoji_npz(path: Path, n_families: int = 12, size: int = 8, seed: int = 0) -> Path:
+    """A dataset in the exact format of scripts/build_emoji_dataset.py: families of 1-3 identities,
+    each drawn by 2-4 vendors; every identity's images share a colour pattern (so it is learnable)."""
+    rng = np.random.default_rng(seed)
+    images, identity, vendor, codes, names, family_of, family_keys = [], [], [], [], [], [], []
+    for f in range(n_families):
+        family_keys.append(f"F{f:03X}")
+        for member in range(1 + f % 3):
+            ident = len(codes)
+            codes.append(f"F{f:03X}-1F3F{member}" if member else f"F{f:03X}")
+            names.append(f"emoji {f}.{member}")
+            family_of.append(f)
+            base = rng.integers(0, 256, (size, size, 3))
+            for v in range(2 + (ident % 3)):
+                noise = rng.integers(-20, 21, (size, size, 3))
+                images.append(np.clip(base + noise, 0, 255).astype(np.uint8))
+                identity.append(ident)
+                vendor.append(v)
+    np.savez_compressed(
+        path, images=np.stack(images), identity=np.asarray(identity, np.int32), vendor=np.asarray(vendor, np.int8),
+        identity_code=np.asarray(codes), identity_name=np.asarray(names),
+        identity_family=np.asarray(family_of, np.int32), family_key=np.asarray(family_keys),
+        vendor_name=np.asarray(["twitter", "google", "openmoji_color", "openmoji_outline"]),
+    )
+    return path
+
+
+@pytest.fixture
+def tiny_npz(tmp_path: Path) -> Path:
+    return write_emoji_npz(tmp_path / "tiny.npz")
+
+
+def compose_cfg(tmp_path: Path, overrides: list[str] = ()) -> DictConfig:
+    with initialize_config_dir(CONFIGS, version_base="1.3"):
+        cfg = compose("train", overrides=[*TINY, *overrides], return_hydra_config=False)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(tmp_path)
+    return cfg

@@ -1,0 +1,88 @@
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from doppel.data.emoji import bundled_path, load_emoji_npz, split_emoji
+from doppel.evaluation.protocol import Role
+from tests.conftest import write_emoji_npz
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def load_builder():
+    spec = importlib.util.spec_from_file_location("build_emoji_dataset", ROOT / "scripts/build_emoji_dataset.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_family_key_groups_skin_tone_gender_and_hair_variants():
+    family_key = load_builder().family_key
+    assert family_key("1F3C3") == family_key("1F3C3-1F3FB") == family_key("1F3C3-200D-2642-FE0F")
+    assert family_key("1F3C3-1F3FF-200D-2640-FE0F") == "1F3C3"
+    assert family_key("1F468-200D-1F9B0") == family_key("1F469-1F3FD-200D-1F9B0") == "1F9D1-200D-1F9B0"
+    assert family_key("1F600") != family_key("1F603")
+
+
+def test_split_keeps_families_whole_and_roles_consistent(tiny_npz):
+    data = load_emoji_npz(tiny_npz)
+    split = split_emoji(data, novel_fraction=0.4)
+    base = split.label[split.role <= Role.BASE_TEST].unique()
+    novel = split.label[split.role >= Role.NOVEL_PROTOTYPE].unique()
+    assert torch.equal(base, torch.arange(split.num_classes))
+    assert (novel >= split.num_classes).all()
+    # families are never split: all identities of a family are on one side
+    name_to_identity = {str(n): i for i, n in enumerate(data.identity_name)}
+    side = {}
+    for label in range(len(split.names)):
+        family = int(data.identity_family[name_to_identity[split.names[label]]])
+        side.setdefault(family, set()).add(label < split.num_classes)
+    assert all(len(s) == 1 for s in side.values())
+    # each novel identity: exactly one prototype (from twitter, vendor 0) and at least one query
+    for label in novel.tolist():
+        roles = split.role[split.label == label]
+        assert (roles == Role.NOVEL_PROTOTYPE).sum() == 1 and (roles == Role.NOVEL_QUERY).sum() >= 1
+    # base identities with >= 3 images hold exactly one out; all keep >= 2 training images
+    for label in base.tolist():
+        roles = split.role[split.label == label]
+        n_test = int((roles == Role.BASE_TEST).sum())
+        assert n_test == (1 if len(roles) >= 3 else 0)
+        assert (roles == Role.BASE_TRAIN).sum() >= 2
+    assert split.images.dtype == torch.uint8 and split.images.shape[1:] == (3, 8, 8)
+
+
+def test_split_is_stable_and_max_families_subsets(tiny_npz):
+    data = load_emoji_npz(tiny_npz)
+    a, b = split_emoji(data, 0.4), split_emoji(data, 0.4)
+    assert a.names == b.names and torch.equal(a.role, b.role)
+    small = split_emoji(data, 0.4, max_families=8)
+    assert len(small.names) < len(a.names)
+
+
+def test_bad_files_get_clear_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="data.path"):
+        load_emoji_npz(tmp_path / "missing.npz")
+    np.savez(tmp_path / "partial.npz", images=np.zeros((1, 4, 4, 3), np.uint8))
+    with pytest.raises(ValueError, match="lacks arrays"):
+        load_emoji_npz(tmp_path / "partial.npz")
+    path = write_emoji_npz(tmp_path / "ok.npz")
+    with pytest.raises(ValueError, match="prototype_vendor"):
+        split_emoji(load_emoji_npz(path), prototype_vendor="apple")
+
+
+def test_bundled_dataset_is_the_documented_one():
+    data = load_emoji_npz(bundled_path())
+    assert bundled_path().stat().st_size <= 20 * 2**20
+    assert len(data.identity_code) == 3786
+    assert data.images.shape[1:] == (32, 32, 3)
+    vendors = list(map(str, data.vendor_name))
+    assert vendors == ["twitter", "google", "openmoji_color", "openmoji_outline"]
+    # no outline drawing of a flag (they are empty rectangles)
+    flags = {i for i, n in enumerate(data.identity_name) if str(n).endswith("Flag")}
+    outline = data.identity[data.vendor == vendors.index("openmoji_outline")]
+    assert not flags & set(outline.tolist())
+    split = split_emoji(data)
+    assert 0.15 < (split.label >= split.num_classes).float().mean() < 0.3

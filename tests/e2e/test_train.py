@@ -1,0 +1,116 @@
+"""Whole runs on a tiny subset of the bundled data (seconds each)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from doppel.train import train
+from tests.conftest import TINY, compose_cfg
+
+ROOT = Path(__file__).resolve().parents[2]
+METRICS = [f"test/{split}/{m}" for split in ("base", "novel")
+           for m in ("top1", "coverage@0.99", "coverage@0.999", "recall@1")]
+
+
+def test_default_run_trains_mines_and_evaluates(tmp_path):
+    cfg = compose_cfg(tmp_path)
+    assert cfg.loss.terms.keys() == {"l2s", "mb"} and "Doppelganger" in cfg.sampler._target_
+    metrics = train(cfg)
+    for key in METRICS:
+        assert 0.0 <= metrics[key] <= 1.0, key
+    assert metrics["doppel/table_filled"] > 0.3  # 12 steps of ~8 classes over ~90 classes
+    written = json.loads((tmp_path / "metrics.json").read_text())
+    assert written == pytest.approx(metrics)
+    assert (tmp_path / "config.yaml").exists()
+    log = (tmp_path / "csv" / "metrics.csv").read_text().splitlines()[0].split(",")
+    for column in ("train/loss/l2s", "train/loss/mb", "train/l2s/scale", "train/mb/beta",
+                   "doppel/table_filled", "doppel/churn", "doppel/from_table", "val/novel/coverage@0.99"):
+        assert column in log, column
+
+
+def test_training_improves_over_the_untrained_network(tmp_path):
+    untrained = train(compose_cfg(tmp_path / "a", ["trainer.max_epochs=1", "trainer.limit_train_batches=1",
+                                                   "optim.lr=1e-9"]))
+    trained = train(compose_cfg(tmp_path / "b", ["trainer.max_epochs=6", "trainer.limit_train_batches=10",
+                                                 "optim.lr=0.05"]))
+    assert trained["test/base/top1"] > untrained["test/base/top1"] + 0.1
+
+
+@pytest.mark.parametrize("loss,sampler", [("l2s_le_mb", "random"), ("l2s", "doppel"), ("l2s_le", "random")])
+def test_other_loss_and_sampler_combinations(tmp_path, loss, sampler):
+    metrics = train(compose_cfg(tmp_path, [f"loss={loss}", f"sampler={sampler}", "trainer.max_epochs=1"]))
+    assert 0.0 <= metrics["test/novel/top1"] <= 1.0
+
+
+def test_resume_restores_the_doppelganger_table_exactly(tmp_path):
+    first = compose_cfg(tmp_path / "first", ["trainer.max_epochs=1"])
+    train(first)
+    ckpt = tmp_path / "first" / "checkpoints" / "last.ckpt"
+    state = torch.load(ckpt, weights_only=False)
+    saved = next(v for k, v in state["callbacks"].items() if "DoppelgangerMining" in k)["table"]
+    assert (saved[:, 0] >= 0).any()
+
+    from doppel.callbacks.doppelganger_mining import DoppelgangerMining
+
+    seen = {}
+    original = DoppelgangerMining.on_train_epoch_start
+
+    def spy(self, trainer, pl_module):
+        seen.setdefault("table", self.table.table.clone())
+        seen.setdefault("epoch", trainer.current_epoch)
+        original(self, trainer, pl_module)
+
+    DoppelgangerMining.on_train_epoch_start = spy
+    try:
+        train(compose_cfg(tmp_path / "second", ["trainer.max_epochs=2", f"ckpt_path={ckpt}"]))
+    finally:
+        DoppelgangerMining.on_train_epoch_start = original
+    assert seen["epoch"] == 1
+    assert torch.equal(seen["table"], saved)
+
+
+def test_bad_config_fails_early_with_the_key(tmp_path):
+    with pytest.raises(ValueError, match="sampler.random_ratio"):
+        train(compose_cfg(tmp_path, ["sampler.random_ratio=0"]))
+    with pytest.raises(ValueError, match="sampler.batch_size"):
+        train(compose_cfg(tmp_path, ["sampler.batch_size=4000"]))
+    with pytest.raises(FileNotFoundError, match="data.path"):
+        train(compose_cfg(tmp_path, [f"data.path={tmp_path}/nope.npz"]))
+
+
+def test_nan_loss_stops_training_with_a_clear_error(tmp_path):
+    with pytest.raises(FloatingPointError, match="loss term"):
+        train(compose_cfg(tmp_path, ["optim.lr=1e30", "trainer.max_epochs=1"]))
+
+
+def _cli(args, cwd, extra_env=None):
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", **(extra_env or {})}
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_cli_multirun_runs_two_jobs_each_its_own_wandb_run(tmp_path):
+    result = _cli(["-m", "sampler=random,doppel", "logger=wandb", *TINY, "trainer.max_epochs=1",
+                   "trainer.limit_train_batches=3", f"hydra.sweep.dir={tmp_path}/sweep"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    jobs = sorted((tmp_path / "sweep").glob("[0-9]*"))
+    assert [j.name for j in jobs] == ["0", "1"]
+    for job in jobs:
+        assert json.loads((job / "metrics.json").read_text())["test/novel/top1"] >= 0
+    runs = {p.name for p in (tmp_path / "sweep").rglob("offline-run-*") if p.is_dir()}
+    assert len(runs) == 2
+    assert "final metrics" in result.stdout
+
+
+def test_ddp_two_processes_keep_one_table(tmp_path):
+    result = _cli([*TINY, "trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp",
+                   "trainer.max_epochs=2", "trainer.limit_train_batches=4", f"hydra.run.dir={tmp_path}/run"],
+                  cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["doppel/table_filled"] > 0

@@ -1,0 +1,90 @@
+import pytest
+import torch
+
+from doppel.sampling.doppelganger import EMPTY, DoppelgangerTable, TableUpdate
+
+
+def naive_proposals(logits, labels, reduction, k):
+    """Sec. 3.2 by loops: per class in the batch, its k best other classes."""
+    out = {}
+    for cls in sorted(set(labels.tolist())):
+        rows = [i for i in range(len(labels)) if labels[i] == cls]
+        scores = {}
+        for c in range(logits.shape[1]):
+            if c == cls:
+                continue
+            values = [logits[i, c].item() for i in rows]
+            scores[c] = max(values) if reduction == "max" else sum(values) / len(values)
+        out[cls] = sorted(scores, key=lambda c: -scores[c])[:k]
+    return out
+
+
+@pytest.mark.parametrize("reduction", ["max", "mean"])
+@pytest.mark.parametrize("k", [1, 3])
+def test_proposals_match_naive_loop(reduction, k):
+    generator = torch.Generator().manual_seed(0)
+    for trial in range(5):
+        logits = torch.randn(24, 17, generator=generator)
+        labels = torch.randint(0, 17, (24,), generator=generator)
+        # make the true class often the top score, as it is in training
+        logits[torch.arange(24), labels] += 2.0 * (trial % 2)
+        table = DoppelgangerTable(17, top_k=k, reduction=reduction)
+        update = table.propose(logits, labels)
+        expected = naive_proposals(logits, labels, reduction, k)
+        got = {c: cands for c, cands in zip(update.classes.tolist(), update.candidates.tolist())}
+        assert got == expected
+        table.apply(update)
+        for cls, cands in expected.items():
+            assert table.table[cls].tolist() == cands
+        untouched = sorted(set(range(17)) - set(expected))
+        assert (table.table[untouched] == EMPTY).all()
+
+
+def test_apply_resolves_duplicate_classes_by_highest_score():
+    table = DoppelgangerTable(5)
+    update = TableUpdate(
+        classes=torch.tensor([2, 2, 3, -1, 2]),
+        candidates=torch.tensor([[0], [4], [1], [-1], [3]]),
+        scores=torch.tensor([[0.5], [0.9], [0.1], [float("-inf")], [0.7]]),
+    )
+    table.apply(update)
+    assert table.table[:, 0].tolist() == [EMPTY, EMPTY, 4, 1, EMPTY]
+
+
+def test_gathered_updates_give_the_same_table_in_any_order():
+    generator = torch.Generator().manual_seed(1)
+    updates = []
+    for _ in range(3):  # three "ranks"
+        logits = torch.randn(8, 10, generator=generator)
+        labels = torch.randint(0, 10, (8,), generator=generator)
+        updates.append(DoppelgangerTable(10).propose(logits, labels, pad_to=8))
+    a, b = DoppelgangerTable(10), DoppelgangerTable(10)
+    a.apply(TableUpdate.cat(updates))
+    b.apply(TableUpdate.cat(updates[::-1]))
+    assert torch.equal(a.table, b.table)
+    # and it equals proposing from all rows at once with the max reduction
+    assert len(updates[0].classes) == 8
+
+
+def test_state_dict_round_trip_and_shape_check():
+    table = DoppelgangerTable(6, top_k=2)
+    table.table[1] = torch.tensor([3, 4])
+    other = DoppelgangerTable(6, top_k=2)
+    other.load_state_dict(table.state_dict())
+    assert torch.equal(other.table, table.table)
+    with pytest.raises(ValueError, match="top_k"):
+        DoppelgangerTable(7, top_k=2).load_state_dict(table.state_dict())
+
+
+def test_hubs_and_filled_fraction():
+    table = DoppelgangerTable(4)
+    table.table[:, 0] = torch.tensor([2, 2, 1, EMPTY])
+    assert table.filled_fraction() == 0.75
+    assert table.hubs(2) == [(2, 2), (1, 1)]
+
+
+def test_bad_settings_are_named():
+    with pytest.raises(ValueError, match="doppel.reduction"):
+        DoppelgangerTable(5, reduction="median")
+    with pytest.raises(ValueError, match="doppel.top_k"):
+        DoppelgangerTable(5, top_k=5)

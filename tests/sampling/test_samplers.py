@@ -1,0 +1,127 @@
+from collections import Counter
+
+import pytest
+import torch
+
+from doppel.sampling.doppelganger import DoppelgangerTable
+from doppel.sampling.samplers import DoppelgangerBatchSampler, IdentityBatchSampler
+
+LABELS = torch.arange(40).repeat_interleave(3)  # 40 classes x 3 images
+
+
+def classes_in_order(batch, labels=LABELS):
+    seen = []
+    for index in batch:
+        cls = int(labels[index])
+        if not seen or seen[-1] != cls:
+            seen.append(cls)
+    return seen
+
+
+@pytest.mark.parametrize("counts", [(2, 8), 3, (1, 1)])
+def test_every_batch_has_exactly_batch_size_and_counts_in_range(counts):
+    sampler = IdentityBatchSampler(LABELS, batch_size=30, examples_per_class=counts, seed=3)
+    low, high = (counts, counts) if isinstance(counts, int) else counts
+    batches = list(sampler)
+    assert len(batches) == len(sampler) == 4  # ceil(120 / 30)
+    for batch in batches:
+        assert len(batch) == 30
+        per_class = Counter(int(LABELS[i]) for i in batch)
+        sizes = sorted(per_class.values())
+        assert all(s <= high for s in sizes)
+        assert sum(s < low for s in sizes) <= 1  # only the last class may be cut to fit
+        # classes are contiguous blocks: each class appears once in the order
+        assert len(classes_in_order(batch)) == len(per_class)
+
+
+def test_repeats_only_when_count_exceeds_class_size():
+    sampler = IdentityBatchSampler(LABELS, batch_size=24, examples_per_class=3, seed=0)
+    for batch in sampler:
+        assert len(set(batch)) == 24  # 3 images per class: no repeats needed
+    sampler = IdentityBatchSampler(LABELS, batch_size=24, examples_per_class=6, seed=0)
+    for batch in sampler:
+        per_class = Counter(batch)
+        assert set(per_class.values()) == {2}  # each of the 3 images twice
+
+
+def test_stream_is_fixed_by_seed_epoch_and_rank():
+    def draw(seed=0, epoch=0, rank=0):
+        sampler = IdentityBatchSampler(LABELS, 30, seed=seed, rank=rank)
+        sampler.set_epoch(epoch)
+        return list(sampler)
+
+    assert draw() == draw()
+    assert draw(epoch=1) != draw()
+    assert draw(rank=1) != draw()
+    assert draw(seed=1) != draw()
+    restored = IdentityBatchSampler(LABELS, 30)
+    source = IdentityBatchSampler(LABELS, 30, seed=5)
+    source.set_epoch(7)
+    restored.load_state_dict(source.state_dict())
+    assert list(restored) == list(source)
+
+
+def test_doppel_sampler_first_n_random_then_chains():
+    table = DoppelgangerTable(40)
+    # a chain 0 -> 1 -> 2 -> ... -> 39 -> 0: every class has a doppelganger not yet in the batch
+    table.table[:, 0] = (torch.arange(40) + 1) % 40
+    sampler = DoppelgangerBatchSampler(LABELS, 27, table, random_ratio=1 / 3, examples_per_class=3, seed=1)
+    for batch in sampler:
+        classes = classes_in_order(batch)
+        assert len(classes) == 9
+        n_random = sampler.n_random(9)
+        assert n_random == 3
+        for i in range(n_random, 9):
+            expected = (classes[i - n_random] + 1) % 40
+            if expected not in classes[:i]:
+                assert classes[i] == expected
+            else:
+                assert classes[i] not in classes[:i]
+    assert sampler.stats["random"] == 3 * len(sampler)
+
+
+def test_fallback_when_no_doppelganger_yet():
+    table = DoppelgangerTable(40)  # empty
+    sampler = DoppelgangerBatchSampler(LABELS, 27, table, random_ratio=1 / 3, examples_per_class=3, seed=2)
+    for batch in sampler:
+        classes = classes_in_order(batch)
+        assert len(set(classes)) == 9  # fallbacks are random classes not yet in the batch
+    assert sampler.stats["table"] == 0
+    assert sampler.stats["fallback_empty"] == 6 * len(sampler)
+
+
+def test_fallback_when_doppelganger_already_in_batch():
+    table = DoppelgangerTable(40)
+    # pairs: 2c <-> 2c+1; a chain of length 3 from a random class hits its origin again
+    partner = torch.arange(40) ^ 1
+    table.table[:, 0] = partner
+    sampler = DoppelgangerBatchSampler(LABELS, 27, table, random_ratio=1 / 3, examples_per_class=3, seed=4)
+    for batch in sampler:
+        classes = classes_in_order(batch)
+        assert len(set(classes)) == 9
+        for i in range(3, 6):  # first link: the partner unless it was drawn among the random ones
+            origin = classes[i - 3]
+            if int(partner[origin]) not in classes[:i]:
+                assert classes[i] == int(partner[origin])
+        for i in range(6, 9):  # second link points back to a class in the batch: random fallback
+            assert int(partner[classes[i - 3]]) in classes[:i]
+    assert sampler.stats["fallback_taken"] >= 3 * len(sampler)
+
+
+def test_random_ratio_one_is_random_sampling():
+    table = DoppelgangerTable(40)
+    table.table[:, 0] = (torch.arange(40) + 1) % 40
+    sampler = DoppelgangerBatchSampler(LABELS, 27, table, random_ratio=1.0, examples_per_class=3)
+    list(sampler)
+    assert sampler.stats["table"] == 0
+
+
+def test_impossible_settings_raise_clear_errors():
+    with pytest.raises(ValueError, match="sampler.batch_size"):
+        IdentityBatchSampler(torch.arange(5).repeat(2), batch_size=40, examples_per_class=2)
+    with pytest.raises(ValueError, match="examples_per_class"):
+        IdentityBatchSampler(LABELS, 30, examples_per_class=(5, 2))
+    with pytest.raises(ValueError, match="random_ratio"):
+        DoppelgangerBatchSampler(LABELS, 30, DoppelgangerTable(40), random_ratio=0.0)
+    with pytest.raises(ValueError, match="no training images"):
+        IdentityBatchSampler(torch.tensor([0, 0, 2, 2]), 2)
