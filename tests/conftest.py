@@ -31,9 +31,9 @@ TINY = [
 ]
 
 
-def write_emoji_npz(path: Path, n_families: int = 12, size: int = 8, seed: int = 0) -> Path:
+def write_emoji_npz(path: Path, n_families: int = 12, size: int = 16, seed: int = 0) -> Path:
     """A dataset in the exact format of scripts/build_emoji_dataset.py: families of 1-3 identities,
-    each drawn by 2-4 vendors; every identity's images share a colour pattern (so it is learnable)."""
+    each drawn by 2-4 vendors; an identity is a coarse colour pattern under noise and a vendor cast."""
     rng = np.random.default_rng(seed)
     images, identity, vendor, codes, names, family_of, family_keys = [], [], [], [], [], [], []
     for f in range(n_families):
@@ -43,10 +43,12 @@ def write_emoji_npz(path: Path, n_families: int = 12, size: int = 8, seed: int =
             codes.append(f"F{f:03X}-1F3F{member}" if member else f"F{f:03X}")
             names.append(f"emoji {f}.{member}")
             family_of.append(f)
-            base = rng.integers(0, 256, (size, size, 3))
+            pattern = rng.normal(0, 50, (4, 4, 3)).repeat(size // 4, 0).repeat(size // 4, 1)
             for v in range(2 + (ident % 3)):
-                noise = rng.integers(-20, 21, (size, size, 3))
-                images.append(np.clip(base + noise, 0, 255).astype(np.uint8))
+                # vendor-wide colour cast and strong pixel noise: raw pixels do not identify an emoji
+                cast = np.random.default_rng(100 + v).normal(0, 10, 3)
+                noise = rng.normal(0, 45, (size, size, 3))
+                images.append(np.clip(128 + pattern + cast + noise, 0, 255).astype(np.uint8))
                 identity.append(ident)
                 vendor.append(v)
     np.savez_compressed(

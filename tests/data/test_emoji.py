@@ -51,7 +51,7 @@ def test_split_keeps_families_whole_and_roles_consistent(tiny_npz):
         n_test = int((roles == Role.BASE_TEST).sum())
         assert n_test == (1 if len(roles) >= 3 else 0)
         assert (roles == Role.BASE_TRAIN).sum() >= 2
-    assert split.images.dtype == torch.uint8 and split.images.shape[1:] == (3, 8, 8)
+    assert split.images.dtype == torch.uint8 and split.images.shape[1:] == (3, 16, 16)
 
 
 def test_split_is_stable_and_max_families_subsets(tiny_npz):

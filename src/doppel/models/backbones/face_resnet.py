@@ -85,6 +85,7 @@ class FaceResNet(nn.Module):
         embedding_dim: int = 512,
         maxout_group: int = 2,
         batch_norm: bool = False,
+        embedding_bn: bool = False,
     ) -> None:
         super().__init__()
         if padding not in ("valid", "same"):
@@ -122,6 +123,8 @@ class FaceResNet(nn.Module):
         self.feature_shape = (channels, spatial, spatial)
         self.fc = nn.Linear(channels * spatial * spatial, embedding_dim * maxout_group)
         self.maxout = Maxout(maxout_group)
+        # Centres the embedding: maxout outputs share a positive mean that makes all cosines high.
+        self.embedding_norm = nn.BatchNorm1d(embedding_dim) if embedding_bn else nn.Identity()
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -134,4 +137,4 @@ class FaceResNet(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         features = self.features(images).flatten(1)
-        return self.maxout(self.fc(features))
+        return self.embedding_norm(self.maxout(self.fc(features)))
