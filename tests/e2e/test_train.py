@@ -119,3 +119,23 @@ def test_ddp_two_processes_keep_one_table(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["doppel/table_filled"] > 0
+
+
+def test_sampler_stream_changes_per_epoch_and_survives_resume(tmp_path):
+    from tests.e2e.recorder import BatchRecorder
+
+    record = ["sampler=random", "+callbacks.recorder._target_=tests.e2e.recorder.BatchRecorder",
+              "trainer.limit_train_batches=3"]
+    BatchRecorder.batches = []
+    train(compose_cfg(tmp_path / "full", [*record, "trainer.max_epochs=2"]))
+    full = list(BatchRecorder.batches)
+    epoch0 = [b for e, b in full if e == 0]
+    epoch1 = [b for e, b in full if e == 1]
+    assert len(epoch0) == len(epoch1) == 3 and epoch0 != epoch1
+
+    BatchRecorder.batches = []
+    train(compose_cfg(tmp_path / "first", [*record, "trainer.max_epochs=1"]))
+    BatchRecorder.batches = []
+    ckpt = tmp_path / "first" / "checkpoints" / "last.ckpt"
+    train(compose_cfg(tmp_path / "second", [*record, "trainer.max_epochs=2", f"ckpt_path={ckpt}"]))
+    assert [b for _, b in BatchRecorder.batches] == epoch1

@@ -66,6 +66,11 @@ class IdentityBatchSampler(Sampler[list[int]]):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    @property
+    def sampler(self) -> IdentityBatchSampler:
+        # Lightning calls set_epoch on ``dataloader.batch_sampler.sampler``, not on the batch sampler.
+        return self
+
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "seed": self.seed}
 
