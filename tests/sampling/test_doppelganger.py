@@ -29,7 +29,9 @@ def test_proposals_match_naive_loop(reduction, k):
         # make the true class often the top score, as it is in training
         logits[torch.arange(24), labels] += 2.0 * (trial % 2)
         table = DoppelgangerTable(17, top_k=k, reduction=reduction)
+        before = logits.clone()
         update = table.propose(logits, labels)
+        assert torch.equal(logits, before)  # masking the targets is undone
         expected = naive_proposals(logits, labels, reduction, k)
         got = {c: cands for c, cands in zip(update.classes.tolist(), update.candidates.tolist())}
         assert got == expected

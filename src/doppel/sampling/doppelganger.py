@@ -66,7 +66,7 @@ class DoppelgangerTable:
             raise ValueError(f"logits have {logits.shape[1]} classes, the table {self.num_classes}.")
         classes, inverse = torch.unique(labels, return_inverse=True)
         if self.reduction == "max":
-            scores, candidates = self._propose_max(logits, classes, inverse)
+            scores, candidates = self._propose_max(logits, labels, classes, inverse)
         else:
             counts = torch.bincount(inverse, minlength=len(classes)).to(logits.dtype)
             per_class = logits.new_zeros(len(classes), self.num_classes).index_add_(0, inverse, logits)
@@ -78,7 +78,12 @@ class DoppelgangerTable:
             update = _pad(update, pad_to)
         return update
 
-    def _propose_max(self, logits, classes, inverse):
+    def _propose_max(self, logits, labels, classes, inverse):
+        if self.top_k == 1:
+            # One max pass over [B, C]: each example's best other class, then each class's best example.
+            scores, candidates = _max_excluding_target(logits, labels)
+            best = _best_rows(labels, scores)
+            return scores[best, None], candidates[best, None]
         # A class's top-k candidates by max-over-examples are always among its examples' top-(k+1)
         # logits (at most k - 1 better candidates plus the class itself can outrank one in its row),
         # so one top-k pass over [B, C] suffices and nothing of size [U, C] is built.
@@ -97,15 +102,8 @@ class DoppelgangerTable:
         classes = update.classes[valid].to(self.table.device)
         if len(classes) == 0:
             return
-        candidates = update.candidates[valid].to(self.table.device)
-        best = update.scores[valid][:, 0].to(torch.float64)
-        # Order rows by (class, score) so the last row of each class is its best proposal.
-        order = torch.argsort(best, stable=True)
-        order = order[torch.argsort(classes[order], stable=True)]
-        classes, candidates = classes[order], candidates[order]
-        last = torch.ones_like(classes, dtype=torch.bool)
-        last[:-1] = classes[1:] != classes[:-1]
-        self.table[classes[last]] = candidates[last]
+        best = _best_rows(classes, update.scores[valid][:, 0].to(self.table.device))
+        self.table[classes[best]] = update.candidates[valid][best].to(self.table.device)
 
     def doppelgangers(self, cls: int) -> list[int]:
         """Known doppelgangers of ``cls``, best first."""
@@ -132,6 +130,31 @@ class DoppelgangerTable:
                 f"{tuple(self.table.shape)}: the dataset's class count or doppel.top_k differs."
             )
         self.table.copy_(table)
+
+
+def _best_rows(keys: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    """Index of the highest-scoring row of each distinct key, in increasing key order."""
+    order = torch.argsort(scores, stable=True)
+    order = order[torch.argsort(keys[order], stable=True)]
+    sorted_keys = keys[order]
+    last = torch.ones_like(sorted_keys, dtype=torch.bool)
+    last[:-1] = sorted_keys[1:] != sorted_keys[:-1]
+    return order[last]
+
+
+def _max_excluding_target(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's highest logit other than its label's, and its class.
+
+    The target logits are masked in place and restored afterwards: a masked copy of a
+    [B, 100000] matrix would cost as much as the max itself. Call only once backward has run.
+    """
+    rows = torch.arange(len(labels), device=logits.device)
+    target = logits[rows, labels].clone()
+    logits[rows, labels] = float("-inf")
+    try:
+        return logits.max(dim=1)
+    finally:
+        logits[rows, labels] = target
 
 
 def _pad(update: TableUpdate, rows: int) -> TableUpdate:

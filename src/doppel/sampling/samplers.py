@@ -105,7 +105,22 @@ class IdentityBatchSampler(Sampler[list[int]]):
         return counts
 
     def _choose_classes(self, n_classes: int, generator: torch.Generator) -> list[int]:
-        return torch.randperm(self.num_classes, generator=generator)[:n_classes].tolist()
+        return self._random_classes(n_classes, set(), generator)
+
+    def _random_classes(self, n: int, taken: set[int], generator: torch.Generator) -> list[int]:
+        """``n`` distinct random classes not in ``taken`` (which grows by them)."""
+        if len(taken) + n > self.num_classes // 2:  # dense: a permutation is cheaper than rejection
+            free = [c for c in torch.randperm(self.num_classes, generator=generator).tolist() if c not in taken]
+            chosen = free[:n]
+        else:  # sparse (e.g. 27 of 100,000 classes): rejection, no O(num_classes) work per batch
+            chosen = []
+            while len(chosen) < n:
+                for c in torch.randint(self.num_classes, (2 * n,), generator=generator).tolist():
+                    if c not in taken and len(chosen) < n:
+                        taken.add(c)
+                        chosen.append(c)
+        taken.update(chosen)
+        return chosen
 
     def _fill(self, classes: list[int], counts: list[int], generator: torch.Generator) -> list[int]:
         batch = []
@@ -141,8 +156,8 @@ class DoppelgangerBatchSampler(IdentityBatchSampler):
 
     def _choose_classes(self, n_classes: int, generator: torch.Generator) -> list[int]:
         n_random = self.n_random(n_classes)
-        chosen = torch.randperm(self.num_classes, generator=generator)[:n_random].tolist()
-        in_batch = set(chosen)
+        in_batch: set[int] = set()
+        chosen = self._random_classes(n_random, in_batch, generator)
         self.stats["random"] += n_random
         for i in range(n_random, n_classes):
             known = self.table.doppelgangers(chosen[i - n_random])
@@ -152,16 +167,10 @@ class DoppelgangerBatchSampler(IdentityBatchSampler):
                 self.stats["table"] += 1
             else:
                 self.stats["fallback_taken" if known else "fallback_empty"] += 1
-                cls = self._random_class_not_in(in_batch, generator)
+                cls = self._random_classes(1, in_batch, generator)[0]
             chosen.append(cls)
             in_batch.add(cls)
         return chosen
-
-    def _random_class_not_in(self, taken: set[int], generator: torch.Generator) -> int:
-        while True:  # taken is at most a batch's classes, far fewer than num_classes (checked in init)
-            cls = int(torch.randint(self.num_classes, (1,), generator=generator))
-            if cls not in taken:
-                return cls
 
 
 def _count_range(examples_per_class: int | Sequence[int]) -> tuple[int, int]:
