@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +14,7 @@ from pytorch_lightning.callbacks import ProgressBar
 from pytorch_lightning.utilities import rank_zero_only
 
 from doppel.callbacks.doppelganger_mining import DoppelgangerMining
+from doppel.data.datamodule import EmojiDataModule
 from doppel.data.transforms import PaperAugment, normalize
 from doppel.evaluation.protocol import Role
 from doppel.losses.loss_set import LossSet
@@ -26,19 +26,14 @@ from doppel.sampling.doppelganger import DoppelgangerTable
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 
 
-def validate_config(cfg: DictConfig, num_classes: int) -> None:
+def validate_config(cfg: DictConfig, datamodule: EmojiDataModule, loss_set: LossSet) -> None:
     """Fail before training, with the key and the fix, on settings that cannot work."""
-    sampler = cfg.sampler
-    ratio = sampler.get("random_ratio")
-    if ratio is not None and not 0 < ratio <= 1:
-        raise ValueError(f"sampler.random_ratio={ratio} must be in (0, 1] (it is N_r / N_c).")
-    epc = sampler.examples_per_class
-    low = epc if isinstance(epc, int) else min(epc)
-    if math.ceil(sampler.batch_size / low) > num_classes:
-        raise ValueError(f"sampler.batch_size={sampler.batch_size} may need more classes than the {num_classes} "
-                         f"training identities: lower it or raise sampler.examples_per_class.")
-    if "Doppelganger" in sampler._target_ and not cfg.doppel.mine:
+    if "Doppelganger" in cfg.sampler._target_ and not cfg.doppel.mine:
         raise ValueError("sampler=doppel needs doppel.mine=true: without mining its table stays empty.")
+    if cfg.doppel.mine and loss_set.prototype_term is None:
+        raise ValueError("doppel.mine=true needs a prototype loss term (e.g. loss=l2s_mb); "
+                         "or set doppel.mine=false with sampler=random.")
+    datamodule.build_sampler()  # the sampler checks its own settings against the data
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
@@ -50,17 +45,14 @@ def train(cfg: DictConfig) -> dict[str, float]:
     datamodule = instantiate(cfg.data)
     datamodule.setup()
     num_classes = datamodule.num_classes
-    validate_config(cfg, num_classes)
 
     image_size = datamodule.image_shape()[-1]
     backbone = instantiate(cfg.backbone, input_size=image_size)
     loss_set = LossSet(cfg.loss.terms, embedding_dim=backbone.embedding_dim, num_classes=num_classes)
-    if cfg.doppel.mine and loss_set.prototype_term is None:
-        raise ValueError("doppel.mine=true needs a prototype loss term (e.g. loss=l2s_mb); "
-                         "or set doppel.mine=false with sampler=random.")
 
     table = DoppelgangerTable(num_classes, cfg.doppel.top_k, cfg.doppel.reduction)
     datamodule.attach_sampler(cfg.sampler, table, cfg.seed)
+    validate_config(cfg, datamodule, loss_set)
 
     if cfg.lsuv.enabled and cfg.ckpt_path is None:
         train_images = datamodule.split.images[datamodule.split.role == Role.BASE_TRAIN]

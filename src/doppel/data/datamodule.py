@@ -7,8 +7,8 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from hydra.utils import get_class, instantiate
-from omegaconf import DictConfig
+from hydra.utils import get_class
+from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, TensorDataset
 
 from doppel.data.emoji import Split, load_emoji_npz, split_emoji
@@ -61,9 +61,12 @@ class EmojiDataModule(pl.LightningDataModule):
     def build_sampler(self, rank: int = 0, world_size: int = 1) -> Any:
         kwargs: dict[str, Any] = {"labels": self.train_labels, "seed": self.seed, "rank": rank,
                                   "world_size": world_size}
-        if "table" in inspect.signature(get_class(self.sampler_cfg._target_)).parameters:
+        sampler_class = get_class(self.sampler_cfg._target_)
+        if "table" in inspect.signature(sampler_class).parameters:
             kwargs["table"] = self.table
-        return instantiate(self.sampler_cfg, **kwargs)
+        # Called directly, not through hydra.instantiate, so the sampler's own error reaches the user.
+        settings = {k: v for k, v in OmegaConf.to_container(self.sampler_cfg).items() if k != "_target_"}
+        return sampler_class(**settings, **kwargs)
 
     def train_dataloader(self) -> DataLoader:
         if self.sampler_cfg is None:
