@@ -1,26 +1,14 @@
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 
 from doppel.data.emoji import bundled_path, load_emoji_npz, split_emoji
 from doppel.evaluation.protocol import Role
-from tests.conftest import write_emoji_npz
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def load_builder():
-    spec = importlib.util.spec_from_file_location("build_emoji_dataset", ROOT / "scripts/build_emoji_dataset.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.conftest import load_script, write_emoji_npz
 
 
 def test_family_key_groups_skin_tone_gender_and_hair_variants():
-    family_key = load_builder().family_key
+    family_key = load_script("build_emoji_dataset").family_key
     assert family_key("1F3C3") == family_key("1F3C3-1F3FB") == family_key("1F3C3-200D-2642-FE0F")
     assert family_key("1F3C3-1F3FF-200D-2640-FE0F") == "1F3C3"
     assert family_key("1F468-200D-1F9B0") == family_key("1F469-1F3FD-200D-1F9B0") == "1F9D1-200D-1F9B0"

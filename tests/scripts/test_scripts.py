@@ -1,0 +1,26 @@
+import json
+
+from tests.conftest import load_script
+
+
+def test_rows_group_seeds_and_report_mean_and_spread(tmp_path):
+    summarize_sweep = load_script("summarize_sweep")
+    runs = [("random", 0, 0.10), ("random", 1, 0.20), ("random", 2, 0.30), ("doppel", 0, 0.5), ("doppel", 1, 0.7)]
+    for i, (sampler, seed, top1) in enumerate(runs):
+        job = tmp_path / str(i)
+        (job / ".hydra").mkdir(parents=True)
+        (job / ".hydra" / "overrides.yaml").write_text(f"- sampler={sampler}\n- seed={seed}\n")
+        (job / "metrics.json").write_text(json.dumps({"test/novel/top1": top1}))
+    table = summarize_sweep.summarize(summarize_sweep.load_jobs(tmp_path), None, ["test/novel/top1"])
+    lines = table.splitlines()
+    assert lines[2] == "| sampler=random | 3 | 20.00 ± 10.00 |"
+    assert lines[3] == "| sampler=doppel | 2 | 60.00 ± 14.14 |"
+
+
+def test_overhead_benchmark_runs_both_samplers_and_mines():
+    bench = load_script("bench/doppel_overhead")
+    import torch
+
+    result = bench.measure(num_classes=60, steps=2, block=1, device=torch.device("cpu"))
+    assert result["random_ms"] > 0 and result["doppel_ms"] > 0
+    assert result["filled"] > 0.3  # the doppel steps mined the table
