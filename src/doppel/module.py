@@ -25,6 +25,7 @@ class DoppelModule(pl.LightningModule):
         self.last_labels: torch.Tensor | None = None
         self._eval_outputs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         self.final_metrics: dict[str, float] = {}
+        self.val_step: int | None = None  # global step of the latest validation
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.backbone(images)
@@ -53,6 +54,8 @@ class DoppelModule(pl.LightningModule):
         # Every rank evaluated the full set: the numbers are identical, no reduction needed.
         self.log_dict(metrics, sync_dist=False, rank_zero_only=False)
         self.final_metrics.update(metrics)
+        if prefix == "val":
+            self.val_step = self.global_step
 
     def validation_step(self, batch, batch_idx) -> None:
         self._eval_step(batch)

@@ -77,8 +77,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
                                       use_distributed_sampler=False)
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
-        trainer.test(module, datamodule=datamodule, verbose=False)
-        metrics = {k: float(v) for k, v in module.final_metrics.items() if k.startswith("test/")}
+        if module.val_step == trainer.global_step:  # the last epoch was validated: same weights, same data
+            metrics = {"test/" + k[4:]: float(v) for k, v in module.final_metrics.items() if k.startswith("val/")}
+        else:
+            trainer.test(module, datamodule=datamodule, verbose=False)
+            metrics = {k: float(v) for k, v in module.final_metrics.items() if k.startswith("test/")}
         metrics["train/epochs"] = float(trainer.current_epoch)
         metrics["doppel/table_filled"] = table.filled_fraction()
         report(metrics, output_dir)

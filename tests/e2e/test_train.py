@@ -144,3 +144,9 @@ def test_sampler_stream_changes_per_epoch_and_survives_resume(tmp_path):
     ckpt = tmp_path / "first" / "checkpoints" / "last.ckpt"
     train(compose_cfg(tmp_path / "second", [*record, "trainer.max_epochs=2", f"ckpt_path={ckpt}"]))
     assert [b for _, b in BatchRecorder.batches] == epoch1
+
+
+def test_final_metrics_reuse_a_last_epoch_validation_exactly(tmp_path):
+    validated = train(compose_cfg(tmp_path / "val", ["trainer.check_val_every_n_epoch=1"]))
+    tested = train(compose_cfg(tmp_path / "test", ["trainer.check_val_every_n_epoch=100"]))
+    assert validated == pytest.approx(tested, abs=1e-6)
