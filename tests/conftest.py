@@ -39,6 +39,7 @@ TINY = [
     "trainer.enable_progress_bar=false",
     "trainer.enable_model_summary=false",
     "lsuv.batch_size=64",
+    "trainer.log_every_n_steps=1",
 ]
 
 
