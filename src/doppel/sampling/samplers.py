@@ -136,7 +136,8 @@ class DoppelgangerBatchSampler(IdentityBatchSampler):
     """Sec. 3.1: N_r random classes, then each class the doppelganger of the one N_r places before.
 
     ``random_ratio`` is N_r / N_c (Table 5 sweeps it; 1.0 is random sampling with the table still
-    mined). N_r = max(1, round(random_ratio * N_c)).
+    mined). N_r = max(1, round(random_ratio * N_c)). With ``doppel.top_k > 1`` the best of the class's
+    doppelgangers that is not yet in the batch is taken before falling back to a random class.
     """
 
     def __init__(self, labels, batch_size: int, table: DoppelgangerTable, random_ratio: float = 1 / 3,
