@@ -125,3 +125,15 @@ def test_impossible_settings_raise_clear_errors():
         DoppelgangerBatchSampler(LABELS, 30, DoppelgangerTable(40), random_ratio=0.0)
     with pytest.raises(ValueError, match="no training images"):
         IdentityBatchSampler(torch.tensor([0, 0, 2, 2]), 2)
+
+
+def test_top_k_table_takes_the_best_doppelganger_not_in_the_batch():
+    table = DoppelgangerTable(40, top_k=2)
+    # first choice points back into a pair (2c <-> 2c+1), second choice is c + 20 (mod 40)
+    table.table[:, 0] = torch.arange(40) ^ 1
+    table.table[:, 1] = (torch.arange(40) + 20) % 40
+    sampler = DoppelgangerBatchSampler(LABELS, 9, table, random_ratio=1 / 3, examples_per_class=3, seed=5)
+    for batch in sampler:
+        classes = classes_in_order(batch)  # 3 classes: 1 random, then two links
+        first, second, third = classes
+        assert second == first ^ 1 and third == (second + 20) % 40
