@@ -16,7 +16,6 @@ from pytorch_lightning.utilities import rank_zero_only
 from doppel.callbacks.doppelganger_mining import DoppelgangerMining
 from doppel.data.datamodule import EmojiDataModule
 from doppel.data.transforms import PaperAugment, normalize
-from doppel.evaluation.protocol import Role
 from doppel.losses.loss_set import LossSet
 from doppel.models.layers import lsuv_init_
 from doppel.module import DoppelModule
@@ -55,7 +54,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     validate_config(cfg, datamodule, loss_set)
 
     if cfg.lsuv.enabled and cfg.ckpt_path is None:
-        train_images = datamodule.split.images[datamodule.split.role == Role.BASE_TRAIN]
+        train_images = datamodule.split.training_set()[0]
         generator = torch.Generator().manual_seed(cfg.seed)
         pick = torch.randperm(len(train_images), generator=generator)[: cfg.lsuv.batch_size]
         lsuv_init_(backbone, normalize(train_images[pick]))

@@ -6,13 +6,11 @@ import inspect
 from typing import Any
 
 import pytorch_lightning as pl
-import torch
 from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, TensorDataset
 
 from doppel.data.emoji import Split, load_emoji_npz, split_emoji
-from doppel.evaluation.protocol import Role
 from doppel.sampling.doppelganger import DoppelgangerTable
 
 
@@ -45,11 +43,6 @@ class EmojiDataModule(pl.LightningDataModule):
         self.setup()
         return self.split.num_classes
 
-    @property
-    def train_labels(self) -> torch.Tensor:
-        self.setup()
-        return self.split.label[self.split.role == Role.BASE_TRAIN]
-
     def image_shape(self) -> tuple[int, int, int]:
         self.setup()
         return tuple(self.split.images.shape[1:])
@@ -58,9 +51,9 @@ class EmojiDataModule(pl.LightningDataModule):
         """Runtime wiring done by ``train()``: the sampler config, the shared table and the seed."""
         self.sampler_cfg, self.table, self.seed = sampler_cfg, table, seed
 
-    def build_sampler(self, rank: int = 0, world_size: int = 1) -> Any:
-        kwargs: dict[str, Any] = {"labels": self.train_labels, "seed": self.seed, "rank": rank,
-                                  "world_size": world_size}
+    def build_sampler(self, rank: int = 0) -> Any:
+        self.setup()
+        kwargs: dict[str, Any] = {"labels": self.split.training_set()[1], "seed": self.seed, "rank": rank}
         sampler_class = get_class(self.sampler_cfg._target_)
         if "table" in inspect.signature(sampler_class).parameters:
             kwargs["table"] = self.table
@@ -71,11 +64,8 @@ class EmojiDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         if self.sampler_cfg is None:
             raise RuntimeError("EmojiDataModule.attach_sampler() must be called before training.")
-        trainer = self.trainer
-        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
-        self.train_sampler = self.build_sampler(rank, world)
-        images, labels = self.split.subset(self.split.role == Role.BASE_TRAIN)
-        return DataLoader(TensorDataset(images, labels), batch_sampler=self.train_sampler,
+        self.train_sampler = self.build_sampler(self.trainer.global_rank if self.trainer is not None else 0)
+        return DataLoader(TensorDataset(*self.split.training_set()), batch_sampler=self.train_sampler,
                           num_workers=self.num_workers)
 
     def _eval_loader(self) -> DataLoader:

@@ -76,7 +76,9 @@ class Split:
     names: list[str]  # per label
     num_classes: int  # base identities = classifier size
 
-    def subset(self, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def training_set(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(images, labels) of the images the network trains on."""
+        mask = self.role == Role.BASE_TRAIN
         return self.images[mask], self.label[mask]
 
 

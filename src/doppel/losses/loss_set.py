@@ -44,14 +44,15 @@ class LossSet(nn.Module):
         logs: dict[str, torch.Tensor] = {}
         for name, term in self.terms.items():
             value = term(embeddings, labels)
-            if not torch.isfinite(value):
-                raise FloatingPointError(
-                    f"loss term {name!r} is {value.item()}: lower optim.lr or check the data for empty or "
-                    f"corrupt images."
-                )
             total = total + self.weights[name] * value
             logs[f"loss/{name}"] = value.detach()
             for scalar_name, scalar in getattr(term, "scalars", dict)().items():
                 logs[f"{name}/{scalar_name}"] = scalar.detach()
         logs["loss/total"] = total.detach()
+        if not torch.isfinite(total):  # one device sync per step; name the culprit only on failure
+            bad = next((name for name in self.terms if not torch.isfinite(logs[f"loss/{name}"])), "total")
+            raise FloatingPointError(
+                f"loss term {bad!r} is {logs[f'loss/{bad}'].item()}: lower optim.lr or check the data for "
+                f"empty or corrupt images."
+            )
         return total, logs

@@ -36,7 +36,6 @@ class IdentityBatchSampler(Sampler[list[int]]):
         batches_per_epoch: int | None = None,
         seed: int = 0,
         rank: int = 0,
-        world_size: int = 1,
     ) -> None:
         labels = torch.as_tensor(labels, dtype=torch.long)
         low, high = _count_range(examples_per_class)
@@ -59,7 +58,7 @@ class IdentityBatchSampler(Sampler[list[int]]):
         self.batch_size = batch_size
         self.count_range = (low, high)
         self.batches_per_epoch = batches_per_epoch or math.ceil(len(labels) / batch_size)
-        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.seed, self.rank = seed, rank
         self.epoch = 0
 
     # -- state -------------------------------------------------------------------------------
@@ -119,6 +118,7 @@ class IdentityBatchSampler(Sampler[list[int]]):
                     if c not in taken and len(chosen) < n:
                         taken.add(c)
                         chosen.append(c)
+            return chosen
         taken.update(chosen)
         return chosen
 
