@@ -15,13 +15,14 @@ from doppel.losses.loss_set import LossSet
 
 class DoppelModule(pl.LightningModule):
     def __init__(self, backbone: nn.Module, loss_set: LossSet, optimizer: Any, scheduler: Any | None = None,
-                 augment: PaperAugment | None = None) -> None:
+                 augment: PaperAugment | None = None, views: int = 1) -> None:
         super().__init__()
         self.backbone = backbone
         self.loss_set = loss_set
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.augment = augment or nn.Identity()
+        self.views = views  # > 1: each image is augmented this many times, views stacked (NT-Xent)
         self.last_labels: torch.Tensor | None = None
         self._eval_outputs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         self.final_metrics: dict[str, float] = {}
@@ -33,7 +34,12 @@ class DoppelModule(pl.LightningModule):
     # -- training ----------------------------------------------------------------------------
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         images, labels = batch
-        embeddings = self.backbone(normalize(self.augment(images)))
+        if self.views > 1:
+            images = torch.cat([self.augment(images) for _ in range(self.views)])
+            labels = labels.repeat(self.views)
+        else:
+            images = self.augment(images)
+        embeddings = self.backbone(normalize(images))
         loss, logs = self.loss_set(embeddings, labels)
         self.last_labels = labels
         self.log_dict({f"train/{k}": v for k, v in logs.items()}, on_step=True, on_epoch=False,

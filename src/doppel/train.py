@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 from typing import Any
@@ -20,18 +21,40 @@ from doppel.losses.loss_set import LossSet
 from doppel.models.layers import lsuv_init_
 from doppel.module import DoppelModule
 from doppel.sampling.doppelganger import DoppelgangerTable
+from doppel.sampling.samplers import IdentityBatchSampler
 
 # The Hydra config tree of the repository (editable install / source checkout).
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 
 
-def validate_config(cfg: DictConfig, datamodule: EmojiDataModule, loss_set: LossSet) -> None:
-    """Fail before training, with the key and the fix, on settings that cannot work."""
-    if "Doppelganger" in cfg.sampler._target_ and not cfg.doppel.mine:
-        raise ValueError("sampler=doppel needs doppel.mine=true: without mining its table stays empty.")
-    if cfg.doppel.mine and loss_set.prototype_term is None:
+def resolve_mining(cfg: DictConfig, loss_set: LossSet) -> tuple[bool, DictConfig]:
+    """Whether to mine doppelgangers, and the sampler config to build.
+
+    ``doppel.mine=auto`` mines whenever the loss has a prototype term; ``sampler=auto`` (the default) is
+    the doppel sampler then and the random one for exemplar-only losses, which have no logits to mine.
+    """
+    has_prototype = loss_set.prototype_term is not None
+    mine = has_prototype if cfg.doppel.mine == "auto" else bool(cfg.doppel.mine)
+    if mine and not has_prototype:
         raise ValueError("doppel.mine=true needs a prototype loss term (e.g. loss=l2s_mb); "
-                         "or set doppel.mine=false with sampler=random.")
+                         "or set doppel.mine=auto with sampler=random.")
+    settings = OmegaConf.to_container(cfg.sampler, resolve=True)
+    if settings.pop("random_without_prototype", False) and not has_prototype:
+        accepted = inspect.signature(IdentityBatchSampler).parameters
+        settings = {k: v for k, v in settings.items() if k in accepted}
+        settings["_target_"] = f"{IdentityBatchSampler.__module__}.{IdentityBatchSampler.__name__}"
+    if "Doppelganger" in settings["_target_"] and not mine:
+        raise ValueError("sampler=doppel needs doppelganger mining, which needs a prototype loss term "
+                         "(e.g. loss=l2s_mb) and doppel.mine=auto or true; use sampler=random otherwise.")
+    return mine, OmegaConf.create(settings)
+
+
+def validate_config(cfg: DictConfig, datamodule: EmojiDataModule) -> None:
+    """Fail before training, with the key and the fix, on settings that cannot work."""
+    views = cfg.loss.get("views", 1)
+    if views > 1 and not (cfg.augment.mirror or cfg.augment.color_shift > 0 or cfg.augment.grayscale_p > 0):
+        raise ValueError(f"loss.views={views} needs augmentation to make the views differ: enable augment.mirror, "
+                         "augment.color_shift or augment.grayscale_p.")
     datamodule.build_sampler()  # the sampler checks its own settings against the data
 
 
@@ -47,11 +70,13 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     image_size = datamodule.image_shape()[-1]
     backbone = instantiate(cfg.backbone, input_size=image_size)
-    loss_set = LossSet(cfg.loss.terms, embedding_dim=backbone.embedding_dim, num_classes=num_classes)
+    loss_set = LossSet(cfg.loss.terms, embedding_dim=backbone.embedding_dim, num_classes=num_classes,
+                       regularizer=cfg.get("regularizer"))
 
     table = DoppelgangerTable(num_classes, cfg.doppel.top_k, cfg.doppel.reduction)
-    datamodule.attach_sampler(cfg.sampler, table, cfg.seed)
-    validate_config(cfg, datamodule, loss_set)
+    mine, sampler_cfg = resolve_mining(cfg, loss_set)
+    datamodule.attach_sampler(sampler_cfg, table, cfg.seed)
+    validate_config(cfg, datamodule)
 
     if cfg.lsuv.enabled and cfg.ckpt_path is None:
         train_images = datamodule.split.training_set()[0]
@@ -62,12 +87,12 @@ def train(cfg: DictConfig) -> dict[str, float]:
     optimizer = instantiate(cfg.optim)
     scheduler = instantiate(cfg.sched) if cfg.sched else None
     module = DoppelModule(backbone, loss_set, optimizer, scheduler,
-                          augment=PaperAugment(**cfg.augment, seed=cfg.seed))
+                          augment=PaperAugment(**cfg.augment, seed=cfg.seed), views=cfg.loss.get("views", 1))
 
     callbacks: list[pl.Callback] = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
     if not cfg.trainer.get("enable_progress_bar", True):
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
-    if cfg.doppel.mine:
+    if mine:
         callbacks.append(DoppelgangerMining(table, datamodule.split.names, cfg.doppel.n_hubs))
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
     save_config(cfg, output_dir)

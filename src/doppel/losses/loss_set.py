@@ -13,21 +13,26 @@ from doppel.losses.prototype import PrototypeTerm
 
 
 class LossSet(nn.Module):
-    """``terms`` maps a name to a term config with ``_target_`` and ``weight``.
+    """``terms`` maps a name to a term config with ``_target_`` and ``weight``; ``regularizer`` (the
+    ``regularizer`` config group) adds more terms of the same form, e.g. SEC on top of any loss.
 
     Runtime sizes (``embedding_dim``, ``num_classes``) are passed to the terms that take them.
     Calling the set returns the total loss and a dict of per-term values and trainable scalars,
     named ``loss/<term>`` and ``<term>/<scalar>``.
     """
 
-    def __init__(self, terms: DictConfig | dict, embedding_dim: int, num_classes: int) -> None:
+    def __init__(self, terms: DictConfig | dict, embedding_dim: int, num_classes: int,
+                 regularizer: DictConfig | dict | None = None) -> None:
         super().__init__()
         if not terms:
             raise ValueError("loss.terms is empty: pick a loss, e.g. loss=l2s_mb.")
+        regularizer = regularizer or {}
+        if clash := set(terms) & set(regularizer):
+            raise ValueError(f"regularizer term names {sorted(clash)} are also loss terms: rename one of them.")
         self.terms = nn.ModuleDict()
         self.weights: dict[str, float] = {}
         runtime = {"embedding_dim": embedding_dim, "num_classes": num_classes}
-        for name, spec in terms.items():
+        for name, spec in [*terms.items(), *regularizer.items()]:
             spec = dict(spec)
             weight = float(spec.pop("weight", 1.0))
             accepted = inspect.signature(get_class(spec["_target_"])).parameters

@@ -1,10 +1,13 @@
 """Prototype (classifier) loss terms. Each owns its class weights and keeps its last logits.
 
 The doppelganger miner reads ``last_logits`` after every training step (sec. 3.2 of the
-Doppelganger paper: the scores the prototype loss already computed).
+Doppelganger paper: the scores the prototype loss already computed). Margins change only the
+target class's logit, so the logits kept for mining are the margin-free ones.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -12,10 +15,14 @@ from torch import nn
 
 
 class PrototypeTerm(nn.Module):
-    """A classifier over ``num_classes`` prototypes; ``last_logits`` holds the latest batch's scores."""
+    """A classifier over ``num_classes`` prototypes; ``last_logits`` holds the latest batch's scores.
 
-    def __init__(self) -> None:
+    Subclasses implement ``loss_and_logits(embeddings, labels) -> (loss, logits for mining)``.
+    """
+
+    def __init__(self, num_classes: int) -> None:
         super().__init__()
+        self.num_classes = num_classes
         self.last_logits: torch.Tensor | None = None
 
     def check_labels(self, labels: torch.Tensor) -> None:
@@ -24,6 +31,27 @@ class PrototypeTerm(nn.Module):
                 f"labels must lie in [0, {self.num_classes}) for the {type(self).__name__} classifier, got "
                 f"[{int(labels.min())}, {int(labels.max())}]: the data's class count and the loss disagree."
             )
+
+    def loss_and_logits(self, embeddings: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        self.check_labels(labels)
+        loss, logits = self.loss_and_logits(embeddings, labels)
+        self.last_logits = logits.detach()
+        return loss
+
+
+class Softmax(PrototypeTerm):
+    """Softmax cross-entropy over a fully connected layer (the baseline of every table)."""
+
+    def __init__(self, embedding_dim: int, num_classes: int, bias: bool = True) -> None:
+        super().__init__(num_classes)
+        self.classifier = nn.Linear(embedding_dim, num_classes, bias=bias)
+
+    def loss_and_logits(self, embeddings, labels):
+        logits = self.classifier(embeddings)
+        return F.cross_entropy(logits, labels), logits
 
 
 class L2Softmax(PrototypeTerm):
@@ -35,19 +63,240 @@ class L2Softmax(PrototypeTerm):
 
     def __init__(self, embedding_dim: int, num_classes: int, scale: float = 16.0,
                  trainable_scale: bool = True, bias: bool = True) -> None:
-        super().__init__()
-        self.num_classes = num_classes
+        super().__init__(num_classes)
         self.classifier = nn.Linear(embedding_dim, num_classes, bias=bias)
         self.scale = nn.Parameter(torch.tensor(float(scale)), requires_grad=trainable_scale)
 
-    def logits(self, embeddings: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.scale * F.normalize(embeddings, dim=1))
-
-    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        self.check_labels(labels)
-        logits = self.logits(embeddings)
-        self.last_logits = logits.detach()
-        return F.cross_entropy(logits, labels)
+    def loss_and_logits(self, embeddings, labels):
+        logits = self.classifier(self.scale * F.normalize(embeddings, dim=1))
+        return F.cross_entropy(logits, labels), logits
 
     def scalars(self) -> dict[str, torch.Tensor]:
         return {"scale": self.scale}
+
+
+class TargetMarginSoftmax(PrototypeTerm):
+    """Softmax over ``magnitude_j * cos(theta_j)`` with the target logit replaced by ``magnitude_y * psi``.
+
+    ``theta_j`` is the angle between ``f`` and the bias-free class weight ``W_j``. The magnitude is
+    ``s`` (fixed or trainable ``scale``) or, with ``scale=None``, ``||f||``; times ``||W_j||`` when the
+    weights are not normalised. NormFace, CosFace, ArcFace, SphereFace and L-Softmax differ only in
+    ``psi`` and in these two choices.
+    """
+
+    def __init__(self, embedding_dim: int, num_classes: int, scale: float | None, trainable_scale: bool = False,
+                 normalize_weights: bool = True) -> None:
+        super().__init__(num_classes)
+        self.weight = nn.Parameter(torch.empty(num_classes, embedding_dim))
+        nn.init.xavier_uniform_(self.weight)
+        self.normalize_weights = normalize_weights
+        if scale is None:
+            self.scale = None
+        else:
+            self.scale = nn.Parameter(torch.tensor(float(scale)), requires_grad=trainable_scale)
+
+    def target_logit(self, cosine: torch.Tensor) -> torch.Tensor:
+        """psi(cos theta_y) for each example's target class."""
+        raise NotImplementedError
+
+    def loss_and_logits(self, embeddings, labels):
+        cosine = F.normalize(embeddings, dim=1) @ F.normalize(self.weight, dim=1).T
+        magnitude = (embeddings.norm(dim=1, keepdim=True) if self.scale is None else self.scale).expand_as(cosine)
+        if not self.normalize_weights:
+            magnitude = magnitude * self.weight.norm(dim=1)
+        rows = torch.arange(len(labels), device=labels.device)
+        target = self.target_logit(cosine[rows, labels])
+        margin_cosine = cosine.index_put((rows, labels), target)
+        return F.cross_entropy(magnitude * margin_cosine, labels), magnitude * cosine
+
+    def scalars(self) -> dict[str, torch.Tensor]:
+        trainable = self.scale is not None and self.scale.requires_grad
+        return {"scale": self.scale} if trainable else {}
+
+
+class NormFace(TargetMarginSoftmax):
+    """NormFace (Wang et al. 2017): softmax on ``s * cos(theta_j)``, weights and features normalised."""
+
+    def __init__(self, embedding_dim: int, num_classes: int, scale: float = 16.0, trainable_scale: bool = True) -> None:
+        super().__init__(embedding_dim, num_classes, scale, trainable_scale)
+
+    def target_logit(self, cosine):
+        return cosine
+
+
+class CosFace(TargetMarginSoftmax):
+    """CosFace / large margin cosine loss, eq. (19) of the SEC paper: target ``s * (cos theta - m)``."""
+
+    def __init__(self, embedding_dim: int, num_classes: int, scale: float = 64.0, margin: float = 0.35) -> None:
+        super().__init__(embedding_dim, num_classes, scale)
+        self.margin = margin
+
+    def target_logit(self, cosine):
+        return cosine - self.margin
+
+
+class ArcFace(TargetMarginSoftmax):
+    """ArcFace (Deng et al.): target ``s * cos(theta + m)``, with the gradient of that exact function.
+
+    Beyond ``theta > pi - m``, ``cos(theta + m)`` would rise again with theta (a wrong-way gradient);
+    there the target is ``cos(theta) - m * sin(m)`` instead, the rule of the ArcFace authors' code.
+    """
+
+    def __init__(self, embedding_dim: int, num_classes: int, scale: float = 64.0, margin: float = 0.45) -> None:
+        super().__init__(embedding_dim, num_classes, scale)
+        self.margin = margin
+
+    def target_logit(self, cosine):
+        # cos(t + m) = cos t cos m - sin t sin m; sin t >= 0 on [0, pi]. The clamp keeps the
+        # gradient of the root finite at |cos| = 1, where the true one is unbounded.
+        sine = (1 - cosine.pow(2)).clamp_min(1e-12).sqrt()
+        shifted = cosine * math.cos(self.margin) - sine * math.sin(self.margin)
+        return torch.where(cosine >= math.cos(math.pi - self.margin), shifted,
+                           cosine - self.margin * math.sin(self.margin))
+
+
+class MultiplicativeAngularMargin(TargetMarginSoftmax):
+    """Eq. (2)-(3) of the IE paper: target ``magnitude * psi(theta)``, ``psi = (-1)^k cos(m theta) - 2k``
+    on ``[k pi / m, (k+1) pi / m]`` with integer ``m``.
+
+    ``cos(m theta)`` is the Chebyshev polynomial ``T_m(cos theta)``, so the gradient is exact without an
+    arccos. Annealing (the training trick of L-Softmax and SphereFace) uses
+    ``(lambda * cos theta + psi) / (1 + lambda)`` with ``lambda = max(lambda_min, lambda_base *
+    (1 + gamma * step) ** -power)``, stepped once per training call.
+    """
+
+    def __init__(self, embedding_dim: int, num_classes: int, margin: int, scale: float | None,
+                 normalize_weights: bool, anneal: bool = True, lambda_base: float = 1000.0, lambda_min: float = 5.0,
+                 gamma: float = 0.12, power: float = 1.0) -> None:
+        super().__init__(embedding_dim, num_classes, scale, normalize_weights=normalize_weights)
+        if int(margin) != margin or margin < 1:
+            raise ValueError(f"margin must be a positive integer for {type(self).__name__}, got {margin}.")
+        self.margin = int(margin)
+        self.anneal = anneal
+        self.lambda_base, self.lambda_min, self.gamma, self.power = lambda_base, lambda_min, gamma, power
+        self.register_buffer("step", torch.zeros((), dtype=torch.long))
+
+    @property
+    def annealing_lambda(self) -> float:
+        if not self.anneal:
+            return 0.0
+        return max(self.lambda_min, self.lambda_base * (1 + self.gamma * int(self.step)) ** -self.power)
+
+    def target_logit(self, cosine):
+        cosine = cosine.clamp(-1, 1)
+        with torch.no_grad():
+            k = torch.floor(torch.arccos(cosine) * self.margin / math.pi).clamp_max(self.margin - 1)
+        psi = (1 - 2 * (k % 2)) * chebyshev(self.margin, cosine) - 2 * k
+        lam = self.annealing_lambda
+        return (lam * cosine + psi) / (1 + lam)
+
+    def loss_and_logits(self, embeddings, labels):
+        result = super().loss_and_logits(embeddings, labels)
+        if self.training:
+            self.step += 1
+        return result
+
+    def scalars(self) -> dict[str, torch.Tensor]:
+        return {"lambda": torch.tensor(self.annealing_lambda)} if self.anneal else {}
+
+
+class SphereFace(MultiplicativeAngularMargin):
+    """SphereFace / A-Softmax (Liu et al. 2017): normalised weights, multiplicative margin ``m``.
+
+    The SEC paper uses ``s = 64, m = 3`` (features normalised and scaled by ``s``); ``scale=null`` gives
+    the original form, scaled by ``||f||``.
+    """
+
+    def __init__(self, embedding_dim: int, num_classes: int, margin: int = 3, scale: float | None = 64.0,
+                 **annealing) -> None:
+        super().__init__(embedding_dim, num_classes, margin, scale, normalize_weights=True, **annealing)
+
+
+class LargeMarginSoftmax(MultiplicativeAngularMargin):
+    """L-Softmax (Liu et al. 2016), eq. (2)-(3) of the IE paper: logits ``||W_j|| ||f|| cos theta_j``."""
+
+    def __init__(self, embedding_dim: int, num_classes: int, margin: int = 4, **annealing) -> None:
+        super().__init__(embedding_dim, num_classes, margin, None, normalize_weights=False, **annealing)
+
+
+def chebyshev(m: int, x: torch.Tensor) -> torch.Tensor:
+    """T_m(x) = cos(m * arccos(x)) by the recurrence T_{n+1} = 2x T_n - T_{n-1}."""
+    previous, current = torch.ones_like(x), x
+    if m == 0:
+        return previous
+    for _ in range(m - 1):
+        previous, current = current, 2 * x * current - previous
+    return current
+
+
+def squared_distances(x: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
+    """[B, C] matrix of ||x_i - c_j||^2 (clamped at 0 against round-off)."""
+    return (x.pow(2).sum(1, keepdim=True) + centres.pow(2).sum(1) - 2 * x @ centres.T).clamp_min(0)
+
+
+class CenterLoss(PrototypeTerm):
+    """Center loss (Wen et al.), eq. (4) of the IE paper: ``1/(2M) sum ||f_i - mu_{y_i}||^2``.
+
+    Centres are parameters learned by the optimiser (Wen et al. use a separate update rate instead).
+    Use jointly with ``Softmax`` (``loss=center``). Mining logits are ``-||f - mu_c||^2``.
+    """
+
+    def __init__(self, embedding_dim: int, num_classes: int) -> None:
+        super().__init__(num_classes)
+        self.centres = nn.Parameter(torch.randn(num_classes, embedding_dim) * 0.01)
+
+    def loss_and_logits(self, embeddings, labels):
+        distances = squared_distances(embeddings, self.centres)
+        own = (embeddings - self.centres[labels]).pow(2).sum(1)
+        return own.mean() / 2, -distances
+
+
+class IELoss(PrototypeTerm):
+    """Include and Exclude loss, eq. (5)-(6) of the IE paper.
+
+    ``mean_n [ d_{n,y}/(2 s2) + alpha + log sum_{c in Q_n} exp(-d_{n,c}/(2 s2)) ]_+`` with
+    ``d_{n,c} = ||f_n - mu_c||^2``, learned centres ``mu`` and ``Q_n`` the ``ceil(q_fraction * K)``
+    nearest centres among the ``K`` other classes present in the batch (sec. 4: all of them for CIFAR,
+    20% for faces). ``variance`` picks ``s2``:
+    ``batch`` - eq. (5)'s estimate ``sum_n d_{n,y} / (M - 1)``, detached (the paper treats s2 as an
+    independent variable); ``learned`` - a parameter (Algorithm 1), kept positive as ``exp(log s2)``;
+    ``fixed`` - ``initial_variance`` (with Q = 1 and 0.5 it is eq. (7)).
+    Gradients are autograd's exact ones of eq. (6), not the estimates of eq. (8)-(10).
+    """
+
+    VARIANCES = ("batch", "learned", "fixed")
+
+    def __init__(self, embedding_dim: int, num_classes: int, alpha: float = 0.1, q_fraction: float = 1.0,
+                 variance: str = "batch", initial_variance: float = 1.0) -> None:
+        super().__init__(num_classes)
+        if variance not in self.VARIANCES:
+            raise ValueError(f"IELoss variance must be one of {self.VARIANCES}, got {variance!r}.")
+        if not 0 < q_fraction <= 1:
+            raise ValueError(f"IELoss q_fraction must be in (0, 1], got {q_fraction}.")
+        self.alpha, self.q_fraction, self.variance = alpha, q_fraction, variance
+        self.centres = nn.Parameter(torch.randn(num_classes, embedding_dim) * 0.01)
+        self.log_variance = nn.Parameter(torch.tensor(math.log(initial_variance)),
+                                         requires_grad=variance == "learned")
+        self.last_variance = torch.tensor(initial_variance)
+
+    def loss_and_logits(self, embeddings, labels):
+        distances = squared_distances(embeddings, self.centres)
+        own = (embeddings - self.centres[labels]).pow(2).sum(1)
+        if self.variance == "batch":
+            variance = (own.detach().sum() / max(len(labels) - 1, 1)).clamp_min(1e-12)
+        else:
+            variance = self.log_variance.exp()
+        self.last_variance = variance.detach()
+        present = torch.unique(labels)
+        others = len(present) - 1
+        if others == 0:  # one class in the batch: nothing to exclude
+            return own.sum() * 0.0 + self.log_variance * 0.0, -distances
+        q = max(1, math.ceil(self.q_fraction * others))
+        to_present = distances[:, present].masked_fill(labels[:, None] == present[None, :], float("inf"))
+        nearest = to_present.topk(q, dim=1, largest=False).values
+        exclude = torch.logsumexp(-nearest / (2 * variance), dim=1)
+        loss = F.relu(own / (2 * variance) + self.alpha + exclude).mean()
+        return loss, -distances / (2 * variance.detach())
+
+    def scalars(self) -> dict[str, torch.Tensor]:
+        return {"variance": self.last_variance}
