@@ -175,6 +175,7 @@ class MultiplicativeAngularMargin(TargetMarginSoftmax):
         self.anneal = anneal
         self.lambda_base, self.lambda_min, self.gamma, self.power = lambda_base, lambda_min, gamma, power
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
+        self.last_lambda = self.annealing_lambda
 
     @property
     def annealing_lambda(self) -> float:
@@ -187,8 +188,8 @@ class MultiplicativeAngularMargin(TargetMarginSoftmax):
         with torch.no_grad():
             k = torch.floor(torch.arccos(cosine) * self.margin / math.pi).clamp_max(self.margin - 1)
         psi = (1 - 2 * (k % 2)) * chebyshev(self.margin, cosine) - 2 * k
-        lam = self.annealing_lambda
-        return (lam * cosine + psi) / (1 + lam)
+        self.last_lambda = self.annealing_lambda
+        return (self.last_lambda * cosine + psi) / (1 + self.last_lambda)
 
     def loss_and_logits(self, embeddings, labels):
         result = super().loss_and_logits(embeddings, labels)
@@ -197,7 +198,7 @@ class MultiplicativeAngularMargin(TargetMarginSoftmax):
         return result
 
     def scalars(self) -> dict[str, torch.Tensor]:
-        return {"lambda": torch.tensor(self.annealing_lambda)} if self.anneal else {}
+        return {"lambda": torch.tensor(self.last_lambda)} if self.anneal else {}
 
 
 class SphereFace(MultiplicativeAngularMargin):

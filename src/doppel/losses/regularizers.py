@@ -28,6 +28,7 @@ class SphericalEmbeddingConstraint(nn.Module):
         self.register_buffer("running_mu", torch.tensor(float("nan")))
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
         self.last_mu = torch.tensor(0.0)
+        self.last_ramp = 1.0
 
     @property
     def ramp(self) -> float:
@@ -49,7 +50,8 @@ class SphericalEmbeddingConstraint(nn.Module):
         norms = embeddings.norm(dim=1)
         mu = self.centre(norms)
         self.last_mu = mu.detach()
-        penalty = (norms - mu).pow(2).mean() * self.ramp
+        self.last_ramp = self.ramp
+        penalty = (norms - mu).pow(2).mean() * self.last_ramp
         if self.training:
             self.step += 1
         return penalty
@@ -57,7 +59,7 @@ class SphericalEmbeddingConstraint(nn.Module):
     def scalars(self) -> dict[str, torch.Tensor]:
         logs = {"mu": self.last_mu} if self.mu != "zero" else {}
         if self.ramp_steps > 0:
-            logs["ramp"] = torch.tensor(self.ramp)
+            logs["ramp"] = torch.tensor(self.last_ramp)
         return logs
 
 
