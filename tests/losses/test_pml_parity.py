@@ -128,6 +128,13 @@ def prototype_pair(ours, theirs, x, labels):
     assert torch.allclose(ours.weight.grad, theirs.W.grad.T, atol=1e-9)
 
 
+def test_normface_equals_pml_normalized_softmax():
+    x, labels = batch(8)
+    # PML's temperature is 1 / s; ours trains s by default, frozen here
+    prototype_pair(P.NormFace(DIM, CLASSES, scale=20.0, trainable_scale=False).double(),
+                   pml_losses.NormalizedSoftmaxLoss(CLASSES, DIM, temperature=0.05).double(), x, labels)
+
+
 @pytest.mark.parametrize("seed", [0, 1])
 def test_cosface(seed):
     x, labels = batch(seed)
