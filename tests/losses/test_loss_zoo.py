@@ -114,8 +114,10 @@ def test_lsoftmax_matches_eq2_with_weight_and_feature_norms():
     x, labels = batch(7)
     assert_matches(term, lambda x, y: ref.margin_softmax(x, y, term.weight, ref.multiplicative_psi(4), None,
                                                          normalize_weights=False), x, labels)
-    # its mining logits are the plain linear ones, W_j . f
-    assert torch.allclose(term.last_logits, x @ term.weight.detach().T)
+    # its mining logits are the plain linear ones, W_j . f, off the target column (which the miner skips)
+    off_target = torch.ones_like(term.last_logits, dtype=torch.bool)
+    off_target[torch.arange(len(labels)), labels] = False
+    assert torch.allclose(term.last_logits[off_target], (x @ term.weight.detach().T)[off_target])
 
 
 def test_multiplicative_margin_must_be_an_integer():

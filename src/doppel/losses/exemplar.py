@@ -137,7 +137,8 @@ class ContrastiveLoss(nn.Module):
 
     ``mean_pos relu(d - pos_margin)^p + mean_neg relu(neg_margin - d)^p``; ``power=2`` is Hadsell's
     squared form, ``power=1`` the linear one. ``reduction="mean_nonzero"`` averages each sum over its
-    non-zero pairs only.
+    non-zero pairs only. Only positive pairs and negatives inside the margin (``d < neg_margin``, i.e.
+    ``cos > 1 - neg_margin^2 / 2``) are gathered: the other B^2 entries contribute exactly 0.
     """
 
     def __init__(self, pos_margin: float = 0.0, neg_margin: float = 1.0, power: int = 2,
@@ -147,12 +148,24 @@ class ContrastiveLoss(nn.Module):
         self.reduction = _check_reduction(reduction)
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        # Clamped before the root: identical embeddings must not give an infinite gradient.
-        distance = squared_normalized_distances(embeddings).clamp_min(1e-12).sqrt()
+        similarity = cosine_similarities(embeddings)
         positive, negative = same_label_masks(labels)
-        pull = F.relu(distance - self.pos_margin).pow(self.power)
-        push = F.relu(self.neg_margin - distance).pow(self.power)
-        return (_reduce(pull, positive, self.reduction) + _reduce(push, negative, self.reduction))
+        if self.neg_margin > 0:
+            inside = negative & (similarity.detach() > 1 - self.neg_margin**2 / 2)
+        else:
+            inside = torch.zeros_like(negative)
+        pull = F.relu(self._distance(similarity[positive]) - self.pos_margin).pow(self.power)
+        push = F.relu(self.neg_margin - self._distance(similarity[inside])).pow(self.power)
+        if self.reduction == "mean":
+            counts = positive.sum(), negative.sum()
+        else:
+            counts = (pull > 0).sum(), (push > 0).sum()
+        return pull.sum() / counts[0].clamp_min(1) + push.sum() / counts[1].clamp_min(1)
+
+    @staticmethod
+    def _distance(similarity: torch.Tensor) -> torch.Tensor:
+        # Clamped before the root: identical embeddings must not give an infinite gradient.
+        return (2 - 2 * similarity).clamp_min(1e-12).sqrt()
 
 
 class TripletLoss(nn.Module):
@@ -322,11 +335,3 @@ def _check_reduction(reduction: str) -> str:
     if reduction not in ("mean", "mean_nonzero"):
         raise ValueError(f"reduction must be 'mean' or 'mean_nonzero', got {reduction!r}.")
     return reduction
-
-
-def _reduce(values: torch.Tensor, mask: torch.Tensor, reduction: str) -> torch.Tensor:
-    """Mean of ``values`` over ``mask`` (or over its non-zero entries); 0 with a graph when empty."""
-    selected = values[mask]
-    if reduction == "mean_nonzero":
-        selected = selected[selected > 0]
-    return selected.mean() if selected.numel() else values.sum() * 0.0

@@ -2,7 +2,7 @@
 
 The doppelganger miner reads ``last_logits`` after every training step (sec. 3.2 of the
 Doppelganger paper: the scores the prototype loss already computed). Margins change only the
-target class's logit, so the logits kept for mining are the margin-free ones.
+target class's logit, which the miner never reads.
 """
 
 from __future__ import annotations
@@ -100,14 +100,21 @@ class TargetMarginSoftmax(PrototypeTerm):
         raise NotImplementedError
 
     def loss_and_logits(self, embeddings, labels):
-        cosine = F.normalize(embeddings, dim=1) @ F.normalize(self.weight, dim=1).T
-        magnitude = (embeddings.norm(dim=1, keepdim=True) if self.scale is None else self.scale).expand_as(cosine)
+        # One B x C matmul gives magnitude_j * cos(theta_j) for every class: the row factor (s or ||f||)
+        # scales f^ (B x D, cheaper than B x C); the column factor ||W_j|| stays in unnormalised W.
+        unit = F.normalize(embeddings, dim=1)
+        weight_unit = F.normalize(self.weight, dim=1)
+        rows = embeddings if self.scale is None else unit * self.scale  # ||f|| f^ = f
+        logits = rows @ (weight_unit if self.normalize_weights else self.weight).T
+        target_cos = (unit * weight_unit[labels]).sum(1)
+        magnitude = embeddings.norm(dim=1) if self.scale is None else self.scale.expand_as(target_cos)
         if not self.normalize_weights:
-            magnitude = magnitude * self.weight.norm(dim=1)
-        rows = torch.arange(len(labels), device=labels.device)
-        target = self.target_logit(cosine[rows, labels])
-        margin_cosine = cosine.index_put((rows, labels), target)
-        return F.cross_entropy(magnitude * margin_cosine, labels), magnitude * cosine
+            magnitude = magnitude * self.weight.norm(dim=1)[labels]
+        index = (torch.arange(len(labels), device=labels.device), labels)
+        # In place: the matmul's backward needs its inputs, not its output. The miner never reads the
+        # target column, so the logits it keeps may carry the margin there.
+        logits = logits.index_put_(index, magnitude * self.target_logit(target_cos))
+        return F.cross_entropy(logits, labels), logits
 
     def scalars(self) -> dict[str, torch.Tensor]:
         trainable = self.scale is not None and self.scale.requires_grad

@@ -47,11 +47,14 @@ class SphericalEmbeddingConstraint(nn.Module):
         return self.running_mu.clone()
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        norms = embeddings.norm(dim=1)
-        mu = self.centre(norms)
-        self.last_mu = mu.detach()
         self.last_ramp = self.ramp
-        penalty = (norms - mu).pow(2).mean() * self.last_ramp
+        if self.mu == "zero":  # no root needed: ||f||^2 directly
+            penalty = embeddings.pow(2).sum(1).mean() * self.last_ramp
+        else:
+            norms = embeddings.norm(dim=1)
+            mu = self.centre(norms)
+            self.last_mu = mu.detach()
+            penalty = (norms - mu).pow(2).mean() * self.last_ramp
         if self.training:
             self.step += 1
         return penalty
