@@ -77,9 +77,12 @@ def tiny_npz(tmp_path: Path) -> Path:
     return write_emoji_npz(tmp_path / "tiny.npz")
 
 
-def compose_cfg(tmp_path: Path, overrides: list[str] = ()) -> DictConfig:
+def compose_cfg(tmp_path: Path, overrides: list[str] = (), tiny_backbone: bool = True) -> DictConfig:
+    """``train.yaml`` with :data:`TINY` and ``overrides``; ``tiny_backbone=False`` keeps the chosen
+    backbone's own size (TINY's ``backbone.*`` keys are Face-ResNet's)."""
+    tiny = TINY if tiny_backbone else [o for o in TINY if not o.startswith("backbone.")]
     with initialize_config_dir(CONFIGS, version_base="1.3"):
-        cfg = compose("train", overrides=[*TINY, *overrides], return_hydra_config=False)
+        cfg = compose("train", overrides=[*tiny, *overrides], return_hydra_config=False)
     with open_dict(cfg):
         cfg.paths.output_dir = str(tmp_path)
     return cfg

@@ -33,7 +33,7 @@ def emoji_class_count() -> int:
 def build(num_classes: int, device: torch.device, images_per_class: int = 3):
     with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
         cfg = compose("train")
-    backbone = instantiate(cfg.backbone, input_size=32).to(device)
+    backbone = instantiate(cfg.backbone, image_size=32).to(device)
     loss_set = LossSet(cfg.loss.terms, backbone.embedding_dim, num_classes).to(device)
     params = list(backbone.parameters()) + list(loss_set.parameters())
     optimizer = torch.optim.SGD(params, lr=1e-3, momentum=0.9, nesterov=True, weight_decay=5e-4)
@@ -50,7 +50,7 @@ def build(num_classes: int, device: torch.device, images_per_class: int = 3):
 
 def step(kind, backbone, loss_set, optimizer, images, labels, table, batches, device):
     index = torch.tensor(next(batches[kind]))
-    x = ((images[index].float() - 127.5) / 128).to(device, non_blocking=True)
+    x = images[index].to(device, non_blocking=True)
     y = labels[index].to(device, non_blocking=True)
     loss, _ = loss_set(backbone(x), y)
     optimizer.zero_grad(set_to_none=True)

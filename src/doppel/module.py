@@ -8,7 +8,7 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
-from doppel.data.transforms import PaperAugment, normalize
+from doppel.data.transforms import PaperAugment
 from doppel.evaluation.protocol import evaluate_protocol, mirror_embed
 from doppel.losses.loss_set import LossSet
 
@@ -39,8 +39,10 @@ class DoppelModule(pl.LightningModule):
             labels = labels.repeat(self.views)
         else:
             images = self.augment(images)
-        embeddings = self.backbone(normalize(images))
-        loss, logs = self.loss_set(embeddings, labels)
+        embeddings = self.backbone(images)
+        # Loss terms in float32 even under mixed precision: margins, scales of 64 and log-sum-exps.
+        with torch.autocast(embeddings.device.type, enabled=False):
+            loss, logs = self.loss_set(embeddings.float(), labels)
         self.last_labels = labels
         self.log_dict({f"train/{k}": v for k, v in logs.items()}, on_step=True, on_epoch=False,
                       prog_bar=False, batch_size=len(labels))
@@ -50,7 +52,7 @@ class DoppelModule(pl.LightningModule):
     # -- evaluation --------------------------------------------------------------------------
     def _eval_step(self, batch: tuple[torch.Tensor, ...]) -> None:
         images, labels, roles = batch
-        self._eval_outputs.append((mirror_embed(self.backbone, normalize(images)).float().cpu(),
+        self._eval_outputs.append((mirror_embed(self.backbone, images).float().cpu(),
                                    labels.cpu(), roles.cpu()))
 
     def _eval_end(self, prefix: str) -> None:

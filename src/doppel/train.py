@@ -16,7 +16,7 @@ from pytorch_lightning.utilities import rank_zero_only
 
 from doppel.callbacks.doppelganger_mining import DoppelgangerMining
 from doppel.data.datamodule import EmojiDataModule
-from doppel.data.transforms import PaperAugment, normalize
+from doppel.data.transforms import PaperAugment
 from doppel.losses.loss_set import LossSet
 from doppel.models.layers import lsuv_init_
 from doppel.module import DoppelModule
@@ -68,8 +68,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     datamodule.setup()
     num_classes = datamodule.num_classes
 
-    image_size = datamodule.image_shape()[-1]
-    backbone = instantiate(cfg.backbone, input_size=image_size)
+    backbone = instantiate(cfg.backbone, image_size=datamodule.image_shape()[-1])
     loss_set = LossSet(cfg.loss.terms, embedding_dim=backbone.embedding_dim, num_classes=num_classes,
                        regularizer=cfg.get("regularizer"))
 
@@ -82,7 +81,12 @@ def train(cfg: DictConfig) -> dict[str, float]:
         train_images = datamodule.split.training_set()[0]
         generator = torch.Generator().manual_seed(cfg.seed)
         pick = torch.randperm(len(train_images), generator=generator)[: cfg.lsuv.batch_size]
-        lsuv_init_(backbone, normalize(train_images[pick]))
+        lsuv_init_(backbone, train_images[pick])
+    if cfg.speed.channels_last:
+        backbone.to_channels_last()
+    if cfg.speed.compile:
+        mode = None if cfg.speed.compile_backend != "inductor" else cfg.speed.compile_mode
+        backbone.compile(mode=mode, backend=cfg.speed.compile_backend)
 
     optimizer = instantiate(cfg.optim)
     scheduler = instantiate(cfg.sched) if cfg.sched else None

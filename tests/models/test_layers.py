@@ -3,7 +3,7 @@ import itertools
 import pytest
 import torch
 
-from doppel.models.backbones.face_resnet import FaceResNet
+from doppel.models import get_backbone
 from doppel.models.layers import ARFA, Maxout, lsuv_init_
 
 
@@ -56,9 +56,9 @@ def test_maxout():
 @pytest.mark.parametrize("batch_norm", [False, True])
 def test_lsuv_gives_unit_variance_at_every_arfa(batch_norm):
     torch.manual_seed(0)
-    model = FaceResNet(input_size=16, stem_channels=8, stem_stride=1, widths=(8, 16, 16, 16), depths=(1, 1, 1, 1),
-                       padding="same", embedding_dim=8, batch_norm=batch_norm)
-    batch = torch.randn(32, 3, 16, 16)
+    model = get_backbone("face_resnet", input_size=16, stem_channels=8, stem_stride=1, widths=(8, 16, 16, 16),
+                         depths=(1, 1, 1, 1), padding="same", embedding_dim=8, batch_norm=batch_norm)
+    batch = torch.rand(32, 3, 16, 16) * 255
     variances = lsuv_init_(model, batch)
     n_arfa = sum(isinstance(m, ARFA) for m in model.modules())
     assert len(variances) == n_arfa
@@ -69,10 +69,10 @@ def test_lsuv_gives_unit_variance_at_every_arfa(batch_norm):
 
 
 def test_face_resnet_full_size_matches_table1():
-    model = FaceResNet()  # paper defaults
+    model = get_backbone("face_resnet")  # paper defaults
     sizes = []
     hooks = [m.register_forward_hook(lambda _m, _i, out: sizes.append(tuple(out.shape[1:])))
-             for m in model.features if isinstance(m, torch.nn.MaxPool2d) or m.__class__.__name__ in
+             for m in model.trunk.features if isinstance(m, torch.nn.MaxPool2d) or m.__class__.__name__ in
              ("ResBlock", "DilatedConcat")]
     with torch.no_grad():
         out = model(torch.zeros(1, 3, 259, 259))
@@ -84,4 +84,4 @@ def test_face_resnet_full_size_matches_table1():
         (64, 62, 62), (128, 62, 62), (256, 60, 60), (256, 30, 30), (256, 30, 30), (256, 30, 30),
         (512, 28, 28), (512, 14, 14), *[(512, 14, 14)] * 5, (1024, 12, 12), (1024, 6, 6), *[(1024, 6, 6)] * 3,
     ]
-    assert model.fc.in_features == 6 * 6 * 1024 and model.fc.out_features == 1024
+    assert model.head.fc.in_features == 6 * 6 * 1024 and model.head.fc.out_features == 1024

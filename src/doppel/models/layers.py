@@ -47,32 +47,44 @@ class Maxout(nn.Module):
         return x.view(x.shape[0], x.shape[1] // self.group, self.group, *x.shape[2:]).amax(2)
 
 
-@torch.no_grad()
-def lsuv_init_(model: nn.Module, batch: torch.Tensor, tolerance: float = 0.01, max_iters: int = 5) -> list[float]:
-    """Set every ARFA's k, in forward order, so its output variance on ``batch`` is about 1.
+class _StopForward(Exception):
+    """Raised by a hook to end a forward pass at the layer being measured."""
 
-    LSUV (Mishkin & Matas) adapted as the paper does for ARFA: F is linear in k, so each layer needs
-    one rescale; a few iterations absorb the effect of earlier layers' changes. Returns the variances
-    measured after the last iteration, one per ARFA layer.
+
+@torch.no_grad()
+def lsuv_init_(model: nn.Module, batch: torch.Tensor) -> list[float]:
+    """Set every ARFA's k, in forward order, so its output variance on ``batch`` is 1.
+
+    LSUV (Mishkin & Matas) adapted as the paper does for ARFA: F is linear in k and the layers before
+    are already fitted, so one measurement and one rescale per layer suffice; the measuring pass stops
+    at the layer it measures. Returns the variances of one final full pass, one per ARFA layer.
     """
     layers = [m for m in model.modules() if isinstance(m, ARFA)]
-    variances: list[float] = []
     was_training = model.training
     model.train()  # batch norm, if any, normalises with batch statistics as in training
     for layer in layers:
         captured: dict[str, torch.Tensor] = {}
-        handle = layer.register_forward_hook(lambda _m, _i, out, store=captured: store.__setitem__("out", out))
-        for _ in range(max_iters):
+
+        def stop_here(_m, _i, out, store=captured):
+            store["out"] = out
+            raise _StopForward
+
+        handle = layer.register_forward_hook(stop_here)
+        try:
             model(batch)
-            variance = captured["out"].float().var().item()
-            if variance == 0 or abs(variance - 1.0) < tolerance:
-                break
+        except _StopForward:
+            pass
+        handle.remove()
+        variance = captured["out"].float().var().item()
+        if variance > 0:
             layer.k.div_(variance ** 0.5)
-        model(batch)
-        variances.append(captured["out"].float().var().item())
+    outputs: list[torch.Tensor] = []
+    handles = [layer.register_forward_hook(lambda _m, _i, out: outputs.append(out.float().var())) for layer in layers]
+    model(batch)
+    for handle in handles:
         handle.remove()
     for module in model.modules():  # the measuring passes must not leave their statistics behind
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
             module.reset_running_stats()
     model.train(was_training)
-    return variances
+    return [v.item() for v in outputs]

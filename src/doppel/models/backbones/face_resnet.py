@@ -7,8 +7,7 @@ resblock 1024 (x3) -> fc -> maxout (group 2) -> 512. Stem and transition convolu
 ("valid"), which gives Table 1's spatial sizes exactly (128, 124, 62, 60, 30, 28, 14, 12, 6).
 
 The same class, with narrower ``widths``, fewer blocks, ``stem_stride=1`` and ``padding="same"``,
-gives the small variant that trains on CPU at the emoji image size. The output is the raw
-(un-normalised) embedding: losses that need the norm get it.
+gives the small variant that trains on CPU at the emoji image size.
 """
 
 from __future__ import annotations
@@ -18,7 +17,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from doppel.models.layers import ARFA, Maxout
+from doppel.models.layers import ARFA
 
 
 def _conv(in_ch: int, out_ch: int, kernel: int, stride: int = 1, dilation: int = 1, padding: int = 0,
@@ -72,9 +71,14 @@ def _split(channels: int, n: int) -> list[int]:
 
 
 class FaceResNet(nn.Module):
+    """The convolutional trunk of Table 1: image -> feature map (``out_channels`` channels).
+
+    The head (fc + maxout) is :class:`doppel.models.heads.EmbeddingHead`, attached by
+    :func:`doppel.models.get_backbone`.
+    """
+
     def __init__(
         self,
-        input_size: int = 259,
         in_channels: int = 3,
         stem_channels: int = 64,
         stem_stride: int = 2,
@@ -82,10 +86,7 @@ class FaceResNet(nn.Module):
         depths: Sequence[int] = (1, 2, 5, 3),
         transition_dilations: Sequence[Sequence[int]] = ((1, 2, 3), (1, 2), (1,)),
         padding: str = "valid",
-        embedding_dim: int = 512,
-        maxout_group: int = 2,
         batch_norm: bool = False,
-        embedding_bn: bool = False,
     ) -> None:
         super().__init__()
         if padding not in ("valid", "same"):
@@ -93,8 +94,6 @@ class FaceResNet(nn.Module):
         if not len(widths) == len(depths) == len(transition_dilations) + 1:
             raise ValueError("backbone.widths and backbone.depths need one entry per stage and "
                              "backbone.transition_dilations one fewer.")
-        self.input_size = input_size
-        self.embedding_dim = embedding_dim
         stem_pad = 0 if padding == "valid" else 2
         layers: list[nn.Module] = [
             *_conv(in_channels, stem_channels, 5, stride=stem_stride, padding=stem_pad, batch_norm=batch_norm),
@@ -114,27 +113,17 @@ class FaceResNet(nn.Module):
                 layers.append(nn.MaxPool2d(2))
                 channels = widths[stage + 1]
         self.features = nn.Sequential(*layers)
-        with torch.no_grad():
-            self.features.eval()  # a batch of one through batch norm
-            spatial = self.features(torch.zeros(1, in_channels, input_size, input_size)).shape[-1]
-            self.features.train()
-        if spatial < 1:
-            raise ValueError(f"backbone.input_size={input_size} is too small for this depth of pooling.")
-        self.feature_shape = (channels, spatial, spatial)
-        self.fc = nn.Linear(channels * spatial * spatial, embedding_dim * maxout_group)
-        self.maxout = Maxout(maxout_group)
-        # Centres the embedding: maxout outputs share a positive mean that makes all cosines high.
-        self.embedding_norm = nn.BatchNorm1d(embedding_dim) if embedding_bn else nn.Identity()
-        self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        # Unit-gain init; ARFA's k is then fitted by LSUV (doppel.models.layers.lsuv_init_).
-        for module in self.modules():
-            if isinstance(module, (nn.Conv2d, nn.Linear)):
-                nn.init.kaiming_normal_(module.weight, nonlinearity="linear")
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
+        self.out_channels = channels
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        features = self.features(images).flatten(1)
-        return self.embedding_norm(self.maxout(self.fc(features)))
+        return self.features(images)
+
+
+def init_face_resnet(net: nn.Module) -> None:
+    """Unit-gain init of every conv and linear layer, trunk and head; ARFA's k is then fitted by LSUV
+    (:func:`doppel.models.layers.lsuv_init_`)."""
+    for module in net.modules():
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
+            nn.init.kaiming_normal_(module.weight, nonlinearity="linear")
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
