@@ -24,3 +24,22 @@ def test_overhead_benchmark_runs_both_samplers_and_mines():
     result = bench.measure(num_classes=60, steps=2, block=1, device=torch.device("cpu"))
     assert result["random_ms"] > 0 and result["doppel_ms"] > 0
     assert result["filled"] > 0.3  # the doppel steps mined the table
+
+
+def test_backbone_benchmark_steps_train_the_network_in_each_setting():
+    bench = load_script("bench/backbones")
+    import torch
+
+    device = torch.device("cpu")
+    for setting in ("fp32", "channels_last", "bf16+cl"):
+        torch.manual_seed(0)
+        net = bench.build("ie_cnn_mnist", setting, device, "resnet50")
+        assert net.channels_last == (setting != "fp32")
+        grads = []
+        hook = net.head.fc.weight.register_hook(grads.append)
+        bench.step(net, torch.rand(2, 3, 28, 28) * 255, setting)
+        hook.remove()
+        assert len(grads) == 1 and grads[0].abs().sum() > 0  # a real backward reached the head
+        assert all(p.grad is None for p in net.parameters())  # and the step cleared it
+    rates = bench.measure("ie_cnn_mnist", ["fp32", "channels_last"], batch=2, device=device, rounds=1, steps=1)
+    assert set(rates) == {"fp32", "channels_last"} and all(r > 0 for r in rates.values())

@@ -60,6 +60,8 @@ def lsuv_init_(model: nn.Module, batch: torch.Tensor) -> list[float]:
     at the layer it measures. Returns the variances of one final full pass, one per ARFA layer.
     """
     layers = [m for m in model.modules() if isinstance(m, ARFA)]
+    if not layers:  # nothing to fit (every backbone but the Face-ResNets)
+        return []
     was_training = model.training
     model.train()  # batch norm, if any, normalises with batch statistics as in training
     for layer in layers:
