@@ -205,3 +205,21 @@ def test_preprocess_resizes_to_the_network_input():
     assert up.shape == (1, 3, 8, 6)
     constant = Preprocess((7, 9), "centered")(torch.full((2, 3, 32, 32), 127.5))
     assert constant.shape == (2, 3, 7, 9) and constant.abs().max() < 1e-6
+
+
+@pytest.mark.parametrize("name", sorted(set(PAPER_SIZES) - {"ie_cnn_mnist_2d"}))
+def test_config_file_builds_the_registry_network(name):
+    """configs/backbone/<name>.yaml and get_backbone(name) are the same network (no drift)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    from doppel.train import CONFIG_DIR
+
+    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=[f"backbone={name}"])
+    from_config, from_code = instantiate(cfg.backbone, image_size=32), get_backbone(name)
+    assert from_config.input_size == from_code.input_size
+    assert from_config.preprocess.extra_repr() == from_code.preprocess.extra_repr()
+    assert [(k, v.shape) for k, v in from_config.state_dict().items()] == \
+        [(k, v.shape) for k, v in from_code.state_dict().items()]
+    assert [p.requires_grad for p in from_config.parameters()] == [p.requires_grad for p in from_code.parameters()]

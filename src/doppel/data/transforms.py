@@ -10,11 +10,6 @@ from torch import nn
 _LUMA = (0.299, 0.587, 0.114)
 
 
-def normalize(images: torch.Tensor) -> torch.Tensor:
-    """uint8 (or 0-255 float) [B, 3, H, W] -> (x - 127.5) / 128."""
-    return (images.float() - 127.5) / 128.0
-
-
 # name -> (channel order, scale applied first, per-channel mean, per-channel std) on 0-255 RGB input.
 PREPROCESS_STYLES: dict[str, tuple[str, float, tuple[float, ...], tuple[float, ...]]] = {
     # (x - 127.5) / 128: the Doppelganger and IE papers' face preprocessing.

@@ -1,4 +1,4 @@
-"""Face-ResNet of the Doppelganger paper (Table 1), with ARFA activations and an fc + maxout head.
+"""Face-ResNet of the Doppelganger paper (Table 1), with ARFA activations; the trunk of ``face_resnet``.
 
 Full size (the defaults): 259x259x3 -> 5x5/64 conv s2 -> 5x5/64 conv -> maxpool ->
 resblock 128 (x1) -> 3x3 128+64+64 conv (d = 1, 2, 3) -> maxpool -> resblock 256 (x2) ->
