@@ -10,6 +10,11 @@ from torch import nn
 _LUMA = (0.299, 0.587, 0.114)
 
 
+def luma(images: torch.Tensor) -> torch.Tensor:
+    """[B, 3, H, W] RGB -> [B, 1, H, W] luma."""
+    return (images * images.new_tensor(_LUMA).view(1, 3, 1, 1)).sum(1, keepdim=True)
+
+
 # name -> (channel order, scale applied first, per-channel mean, per-channel std) on 0-255 RGB input.
 PREPROCESS_STYLES: dict[str, tuple[str, float, tuple[float, ...], tuple[float, ...]]] = {
     # (x - 127.5) / 128: the Doppelganger and IE papers' face preprocessing.
@@ -49,7 +54,7 @@ class Preprocess(nn.Module):
             images = F.interpolate(images, size=self.size, mode="bilinear", align_corners=False,
                                    antialias=shrinking)
         if self.channels == 1:
-            images = (images * images.new_tensor(_LUMA).view(1, 3, 1, 1)).sum(1, keepdim=True)
+            images = luma(images)
         elif self.bgr:
             images = images.flip(1)
         return (images * self.scale - self.mean) / self.std
@@ -76,6 +81,5 @@ class PaperAugment(nn.Module):
         gray = torch.rand(b, generator=self.generator) < self.grayscale_p
         flip, shift, gray = flip.to(images.device), shift.to(images.device), gray.to(images.device)
         images = torch.where(flip[:, None, None, None], images.flip(-1), images)
-        luma = (images * images.new_tensor(_LUMA)[None, :, None, None]).sum(1, keepdim=True)
-        images = torch.where(gray[:, None, None, None], luma.expand_as(images), images)
+        images = torch.where(gray[:, None, None, None], luma(images).expand_as(images), images)
         return (images + shift[:, :, None, None]).clamp(0, 255)

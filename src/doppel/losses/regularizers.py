@@ -35,8 +35,7 @@ class SphericalEmbeddingConstraint(nn.Module):
         return min(1.0, int(self.step) / self.ramp_steps) if self.ramp_steps > 0 else 1.0
 
     def centre(self, norms: torch.Tensor) -> torch.Tensor:
-        if self.mu == "zero":
-            return norms.new_zeros(())
+        """mu for mu="batch" or "running" (mu="zero" needs no norms: see forward)."""
         batch_mu = norms.detach().mean()
         if self.mu == "batch" or not self.training:
             return batch_mu if self.mu == "batch" else self.running_mu.to(norms)
