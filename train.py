@@ -1,14 +1,21 @@
 """Train and evaluate: ``python train.py [group=choice ...]`` (see configs/train.yaml)."""
 
+import sys
+
 import hydra
 from omegaconf import DictConfig
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
 def main(cfg: DictConfig) -> float:
-    from doppel.train import train
+    from doppel.train import RunInterrupted, train
 
-    return train(cfg).get(cfg.objective, float("nan"))
+    try:
+        metrics = train(cfg)
+    except RunInterrupted as stop:
+        print(stop, file=sys.stderr)
+        sys.exit(128 + stop.signum)  # the shell's code for a process ended by that signal
+    return metrics[cfg.objective]
 
 
 if __name__ == "__main__":

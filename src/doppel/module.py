@@ -47,6 +47,8 @@ class DoppelModule(pl.LightningModule):
         self.log_dict({f"train/{k}": v for k, v in logs.items()}, on_step=True, on_epoch=False,
                       prog_bar=False, batch_size=len(labels))
         self.log("train/loss", loss.detach(), prog_bar=True, batch_size=len(labels))
+        if self._trainer is not None and self.trainer.optimizers:
+            self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=len(labels))
         return loss
 
     # -- evaluation --------------------------------------------------------------------------
@@ -58,6 +60,11 @@ class DoppelModule(pl.LightningModule):
     def _eval_end(self, prefix: str) -> None:
         embeddings, labels, roles = (torch.cat(parts) for parts in zip(*self._eval_outputs))
         self._eval_outputs.clear()
+        finite = torch.isfinite(embeddings).all(dim=1)
+        if not finite.all():
+            raise FloatingPointError(
+                f"{int((~finite).sum())} of {len(finite)} {prefix} embeddings are not finite: the network "
+                "diverged (lower optim.lr) or its weights overflow; no metrics are computed from them.")
         metrics = {f"{prefix}/{k}": v for k, v in evaluate_protocol(embeddings, labels, roles).items()}
         # Every rank evaluated the full set: the numbers are identical, no reduction needed.
         self.log_dict(metrics, sync_dist=False, rank_zero_only=False)

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import inspect
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -12,72 +12,63 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ProgressBar
-from pytorch_lightning.utilities import rank_zero_only
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_only
 
+from doppel.callbacks.checkpointing import LastCheckpoint, RunInterrupted
 from doppel.callbacks.doppelganger_mining import DoppelgangerMining
-from doppel.data.datamodule import EmojiDataModule
+from doppel.callbacks.exact_resume import ExactResume
+from doppel.checkpoint import (
+    SafeCheckpointIO,
+    check_checkpoint,
+    check_state_dict,
+    checkpoint_dir,
+    load_checkpoint,
+    resolve_ckpt_path,
+)
+from doppel.config import CONFIG_DIR, build, check_config, resolve_mining
 from doppel.data.transforms import PaperAugment
 from doppel.losses.loss_set import LossSet
 from doppel.models.layers import lsuv_init_
 from doppel.module import DoppelModule
 from doppel.sampling.doppelganger import DoppelgangerTable
-from doppel.sampling.samplers import IdentityBatchSampler
 
-# The Hydra config tree of the repository (editable install / source checkout).
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
-
-
-def resolve_mining(cfg: DictConfig, loss_set: LossSet) -> tuple[bool, DictConfig]:
-    """Whether to mine doppelgangers, and the sampler config to build.
-
-    ``doppel.mine=auto`` mines whenever the loss has a prototype term; ``sampler=auto`` (the default) is
-    the doppel sampler then and the random one for exemplar-only losses, which have no logits to mine.
-    """
-    has_prototype = loss_set.prototype_term is not None
-    mine = has_prototype if cfg.doppel.mine == "auto" else bool(cfg.doppel.mine)
-    if mine and not has_prototype:
-        raise ValueError("doppel.mine=true needs a prototype loss term (e.g. loss=l2s_mb); "
-                         "or set doppel.mine=auto with sampler=random.")
-    settings = OmegaConf.to_container(cfg.sampler, resolve=True)
-    if settings.pop("random_without_prototype", False) and not has_prototype:
-        accepted = inspect.signature(IdentityBatchSampler).parameters
-        settings = {k: v for k, v in settings.items() if k in accepted}
-        settings["_target_"] = f"{IdentityBatchSampler.__module__}.{IdentityBatchSampler.__name__}"
-    if "Doppelganger" in settings["_target_"] and not mine:
-        raise ValueError("sampler=doppel needs doppelganger mining, which needs a prototype loss term "
-                         "(e.g. loss=l2s_mb) and doppel.mine=auto or true; use sampler=random otherwise.")
-    return mine, OmegaConf.create(settings)
-
-
-def validate_config(cfg: DictConfig, datamodule: EmojiDataModule) -> None:
-    """Fail before training, with the key and the fix, on settings that cannot work."""
-    views = cfg.loss.get("views", 1)
-    if views > 1 and not (cfg.augment.mirror or cfg.augment.color_shift > 0 or cfg.augment.grayscale_p > 0):
-        raise ValueError(f"loss.views={views} needs augmentation to make the views differ: enable augment.mirror, "
-                         "augment.color_shift or augment.grayscale_p.")
-    datamodule.build_sampler()  # the sampler checks its own settings against the data
+__all__ = ["CONFIG_DIR", "RunInterrupted", "train"]
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
-    """Fit and evaluate one run; returns the final metrics (``test/base/...``, ``test/novel/...``)."""
-    pl.seed_everything(cfg.seed, workers=True)
-    output_dir = Path(cfg.paths.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    """Fit and evaluate one run; returns the final metrics (``test/base/...``, ``test/novel/...``).
 
-    datamodule = instantiate(cfg.data)
+    Raises :class:`RunInterrupted` when SIGTERM / SIGINT stopped training (a checkpoint was saved).
+    """
+    check_config(cfg)  # seconds, before anything is loaded
+    # ExactResume restores the sampler's position in the epoch, which Lightning cannot see.
+    warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
+    output_dir = Path(cfg.paths.output_dir)
+    datamodule = build(cfg.data)  # checks its settings; loads nothing until setup()
+    ckpt_path = resolve_ckpt_path(cfg.ckpt_path, output_dir)
+    config = OmegaConf.to_container(cfg, resolve=True)
+    checkpoint = None
+    if ckpt_path is not None:
+        checkpoint = load_checkpoint(ckpt_path)
+        check_checkpoint(checkpoint, config, f"ckpt_path={str(ckpt_path)!r}")
+        rank_zero_info(f"resuming from {ckpt_path} (step {checkpoint.get('global_step')})")
+    elif cfg.ckpt_path == "auto":
+        rank_zero_info(f"ckpt_path=auto: no checkpoint in {checkpoint_dir(output_dir)}, starting a new run")
+
+    pl.seed_everything(cfg.seed, workers=True)
     datamodule.setup()
     num_classes = datamodule.num_classes
 
-    backbone = instantiate(cfg.backbone, image_size=datamodule.image_shape()[-1])
+    backbone = build(cfg.backbone, image_size=datamodule.image_shape()[-1])
     loss_set = LossSet(cfg.loss.terms, embedding_dim=backbone.embedding_dim, num_classes=num_classes,
                        regularizer=cfg.get("regularizer"))
 
     table = DoppelgangerTable(num_classes, cfg.doppel.top_k, cfg.doppel.reduction)
-    mine, sampler_cfg = resolve_mining(cfg, loss_set)
+    mine, sampler_cfg = resolve_mining(cfg, loss_set.prototype_term is not None)
     datamodule.attach_sampler(sampler_cfg, table, cfg.seed)
-    validate_config(cfg, datamodule)
+    datamodule.build_sampler()  # the sampler checks its own settings against the data
 
-    if cfg.lsuv.enabled and cfg.ckpt_path is None:
+    if cfg.lsuv.enabled and checkpoint is None:
         train_images = datamodule.split.training_set()[0]
         generator = torch.Generator().manual_seed(cfg.seed)
         pick = torch.randperm(len(train_images), generator=generator)[: cfg.lsuv.batch_size]
@@ -91,20 +82,28 @@ def train(cfg: DictConfig) -> dict[str, float]:
     optimizer = instantiate(cfg.optim)
     scheduler = instantiate(cfg.sched) if cfg.sched else None
     module = DoppelModule(backbone, loss_set, optimizer, scheduler,
-                          augment=PaperAugment(**cfg.augment, seed=cfg.seed), views=cfg.loss.get("views", 1))
+                          augment=PaperAugment(**cfg.augment, seed=cfg.seed), views=cfg.loss.views)
+    if checkpoint is not None:
+        check_state_dict(checkpoint, module.state_dict(), f"ckpt_path={str(ckpt_path)!r}")
 
     callbacks: list[pl.Callback] = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
     if not cfg.trainer.get("enable_progress_bar", True):
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
     if mine:
         callbacks.append(DoppelgangerMining(table, datamodule.split.names, cfg.doppel.n_hubs))
+    callbacks += [ExactResume(config), LastCheckpoint(checkpoint_dir(output_dir), cfg.checkpoint.every_n_steps)]
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
+    if checkpoint is not None:
+        for logger in loggers:
+            if hasattr(logger, "resume_before"):
+                logger.resume_before(checkpoint["global_step"])
     save_config(cfg, output_dir)
 
+    io = SafeCheckpointIO((ckpt_path, checkpoint) if checkpoint is not None else None)
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
-                                      use_distributed_sampler=False)
+                                      use_distributed_sampler=False, plugins=[io])
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
         if module.val_step == trainer.global_step:  # the last epoch was validated: same weights, same data
             metrics = {"test/" + k[4:]: float(v) for k, v in module.final_metrics.items() if k.startswith("val/")}
         else:

@@ -1,16 +1,13 @@
 """Whole runs on a tiny subset of the bundled data (seconds each)."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from doppel.train import train
 from tests.conftest import TINY, compose_cfg, write_emoji_npz
+from tests.e2e.cli import run_cli
 
 ROOT = Path(__file__).resolve().parents[2]
 METRICS = [f"test/{split}/{m}" for split in ("base", "novel")
@@ -56,33 +53,6 @@ def test_other_loss_sampler_and_optimiser_combinations(tmp_path, overrides):
     assert 0.0 <= metrics["test/novel/top1"] <= 1.0
 
 
-def test_resume_restores_the_doppelganger_table_exactly(tmp_path):
-    first = compose_cfg(tmp_path / "first", ["trainer.max_epochs=1"])
-    train(first)
-    ckpt = tmp_path / "first" / "checkpoints" / "last.ckpt"
-    state = torch.load(ckpt, weights_only=False)
-    saved = next(v for k, v in state["callbacks"].items() if "DoppelgangerMining" in k)["table"]
-    assert (saved[:, 0] >= 0).any()
-
-    from doppel.callbacks.doppelganger_mining import DoppelgangerMining
-
-    seen = {}
-    original = DoppelgangerMining.on_train_epoch_start
-
-    def spy(self, trainer, pl_module):
-        seen.setdefault("table", self.table.table.clone())
-        seen.setdefault("epoch", trainer.current_epoch)
-        original(self, trainer, pl_module)
-
-    DoppelgangerMining.on_train_epoch_start = spy
-    try:
-        train(compose_cfg(tmp_path / "second", ["trainer.max_epochs=2", f"ckpt_path={ckpt}"]))
-    finally:
-        DoppelgangerMining.on_train_epoch_start = original
-    assert seen["epoch"] == 1
-    assert torch.equal(seen["table"], saved)
-
-
 def test_bad_config_fails_early_with_the_key(tmp_path):
     with pytest.raises(ValueError, match="sampler.random_ratio"):
         train(compose_cfg(tmp_path, ["sampler.random_ratio=0"]))
@@ -97,15 +67,8 @@ def test_nan_loss_stops_training_with_a_clear_error(tmp_path):
         train(compose_cfg(tmp_path, ["optim.lr=1e30", "trainer.max_epochs=1"]))
 
 
-def _cli(args, cwd):
-    # No WANDB_MODE and no key: logger=wandb must be offline by its own config.
-    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
-    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=600)
-
-
 def test_cli_multirun_runs_two_jobs_each_its_own_wandb_run(tmp_path):
-    result = _cli(["-m", "sampler=random,doppel", "logger=wandb", *TINY, "trainer.max_epochs=1",
+    result = run_cli(["-m", "sampler=random,doppel", "logger=wandb", *TINY, "trainer.max_epochs=1",
                    "trainer.limit_train_batches=3", f"hydra.sweep.dir={tmp_path}/sweep"], cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     jobs = sorted((tmp_path / "sweep").glob("[0-9]*"))
@@ -118,32 +81,12 @@ def test_cli_multirun_runs_two_jobs_each_its_own_wandb_run(tmp_path):
 
 
 def test_ddp_two_processes_keep_one_table(tmp_path):
-    result = _cli([*TINY, "trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp",
+    result = run_cli([*TINY, "trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp",
                    "trainer.max_epochs=2", "trainer.limit_train_batches=4", f"hydra.run.dir={tmp_path}/run"],
                   cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["doppel/table_filled"] > 0
-
-
-def test_sampler_stream_changes_per_epoch_and_survives_resume(tmp_path):
-    from tests.e2e.recorder import BatchRecorder
-
-    record = ["sampler=random", "+callbacks.recorder._target_=tests.e2e.recorder.BatchRecorder",
-              "trainer.limit_train_batches=3"]
-    BatchRecorder.batches = []
-    train(compose_cfg(tmp_path / "full", [*record, "trainer.max_epochs=2"]))
-    full = list(BatchRecorder.batches)
-    epoch0 = [b for e, b in full if e == 0]
-    epoch1 = [b for e, b in full if e == 1]
-    assert len(epoch0) == len(epoch1) == 3 and epoch0 != epoch1
-
-    BatchRecorder.batches = []
-    train(compose_cfg(tmp_path / "first", [*record, "trainer.max_epochs=1"]))
-    BatchRecorder.batches = []
-    ckpt = tmp_path / "first" / "checkpoints" / "last.ckpt"
-    train(compose_cfg(tmp_path / "second", [*record, "trainer.max_epochs=2", f"ckpt_path={ckpt}"]))
-    assert [b for _, b in BatchRecorder.batches] == epoch1
 
 
 def test_final_metrics_reuse_a_last_epoch_validation_exactly(tmp_path):

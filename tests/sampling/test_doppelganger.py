@@ -90,3 +90,31 @@ def test_bad_settings_are_named():
         DoppelgangerTable(5, reduction="median")
     with pytest.raises(ValueError, match="doppel.top_k"):
         DoppelgangerTable(5, top_k=5)
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_processes_merging_their_proposals_equal_one_process_on_the_global_batch(k):
+    # Two "ranks" each see half of a global batch; classes recur across the halves (as under DDP).
+    generator = torch.Generator().manual_seed(7)
+    for _ in range(20):
+        logits = torch.randn(16, 9, generator=generator)
+        labels = torch.randint(0, 9, (16,), generator=generator)
+        one = DoppelgangerTable(9, top_k=k)
+        one.apply(one.propose(logits, labels))
+        split = DoppelgangerTable(9, top_k=k)
+        halves = [split.propose(logits[part], labels[part], pad_to=8) for part in (slice(0, 8), slice(8, 16))]
+        split.apply(TableUpdate.cat(halves))
+        assert torch.equal(split.table, one.table)
+        assert torch.equal(split.table, torch.tensor(
+            [naive_proposals(logits, labels, "max", k).get(c, [EMPTY] * k) for c in range(9)]))
+
+
+def test_apply_replaces_a_proposed_class_row_and_keeps_the_others():
+    table = DoppelgangerTable(6, top_k=2)
+    table.table[:] = torch.tensor([[1, 2], [0, 2], [0, 1], [4, 5], [3, 5], [3, 4]])
+    update = TableUpdate(torch.tensor([3, 3]), torch.tensor([[0, 1], [1, 2]]),
+                         torch.tensor([[0.9, 0.2], [0.5, 0.4]]))
+    table.apply(update)
+    # class 3: candidates 0 (0.9), 1 (best of 0.2 and 0.5), 2 (0.4): the top two are 0 and 1
+    assert table.table[3].tolist() == [0, 1]
+    assert table.table[[0, 1, 2, 4, 5]].tolist() == [[1, 2], [0, 2], [0, 1], [3, 5], [3, 4]]

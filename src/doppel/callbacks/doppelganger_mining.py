@@ -26,6 +26,12 @@ class DoppelgangerMining(pl.Callback):
         self.n_hubs = n_hubs
         self._epoch_start: torch.Tensor | None = None
 
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if trainer.world_size > 1 and self.table.reduction != "max":
+            raise ValueError(f"doppel.reduction={self.table.reduction!r} cannot be mined exactly by "
+                             f"{trainer.world_size} processes (a class's mean needs all its logits in one place): "
+                             "use doppel.reduction=max or one process.")
+
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._epoch_start = self.table.table[:, 0].clone()
 
@@ -34,7 +40,7 @@ class DoppelgangerMining(pl.Callback):
         term = pl_module.loss_set.prototype_term
         if term is None or term.last_logits is None:
             raise RuntimeError("doppelganger mining needs a prototype loss term (e.g. l2s) in loss.terms.")
-        labels = batch[1]
+        labels = pl_module.last_labels  # those the loss saw: with loss.views > 1, each label once per view
         update = self.table.propose(term.last_logits, labels, pad_to=len(labels))
         if trainer.world_size > 1:
             # Every rank applies every rank's proposals in the same way: the tables stay identical.
@@ -76,7 +82,8 @@ class DoppelgangerMining(pl.Callback):
         return self.class_names[cls] if self.class_names else str(cls)
 
     def state_dict(self) -> dict[str, Any]:
-        return self.table.state_dict()
+        return {**self.table.state_dict(), "epoch_start": self._epoch_start}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.table.load_state_dict(state_dict)
+        self._epoch_start = state_dict.get("epoch_start")

@@ -3,15 +3,33 @@
 from __future__ import annotations
 
 import inspect
+from collections.abc import Iterator
 from typing import Any
 
 import pytorch_lightning as pl
+import torch
 from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, TensorDataset
 
-from doppel.data.emoji import Split, load_emoji_npz, split_emoji
+from doppel.data.emoji import Split, check_novel_fraction, load_emoji_npz, resolve_path, split_emoji
 from doppel.sampling.doppelganger import DoppelgangerTable
+from doppel.seeding import stable_seed
+
+
+class TrainLoader(DataLoader):
+    """A DataLoader over an identity batch sampler that draws nothing until its first ``next()``.
+
+    Lightning creates an epoch's iterator before it calls ``set_epoch`` and before callbacks restore a
+    resumed sampler, and with workers PyTorch would draw the first batches right then. Its own
+    generator, reseeded per (seed, epoch, rank), gives the workers' base seed without touching the
+    global RNG, so starting an epoch shifts no random stream.
+    """
+
+    def __iter__(self) -> Iterator[Any]:
+        sampler = self.batch_sampler
+        self.generator.manual_seed(stable_seed("loader", sampler.seed, sampler.epoch, sampler.rank))
+        yield from super().__iter__()
 
 
 class EmojiDataModule(pl.LightningDataModule):
@@ -25,6 +43,13 @@ class EmojiDataModule(pl.LightningDataModule):
     def __init__(self, path: str | None = None, novel_fraction: float = 0.2, prototype_vendor: str = "twitter",
                  max_families: int | None = None, eval_batch_size: int = 512, num_workers: int = 0) -> None:
         super().__init__()
+        resolve_path(path)  # settings are checked here, before setup() loads anything
+        check_novel_fraction(novel_fraction)
+        for key, value, low in (("eval_batch_size", eval_batch_size, 1), ("num_workers", num_workers, 0),
+                                ("max_families", max_families, 1)):
+            if value is not None and (not isinstance(value, int) or value < low):
+                raise ValueError(f"data.{key}={value} must be an integer >= {low}"
+                                 f"{' or null' if key == 'max_families' else ''}.")
         self.path, self.novel_fraction, self.prototype_vendor = path, novel_fraction, prototype_vendor
         self.max_families, self.eval_batch_size, self.num_workers = max_families, eval_batch_size, num_workers
         self.split: Split | None = None
@@ -65,8 +90,8 @@ class EmojiDataModule(pl.LightningDataModule):
         if self.sampler_cfg is None:
             raise RuntimeError("EmojiDataModule.attach_sampler() must be called before training.")
         self.train_sampler = self.build_sampler(self.trainer.global_rank if self.trainer is not None else 0)
-        return DataLoader(TensorDataset(*self.split.training_set()), batch_sampler=self.train_sampler,
-                          num_workers=self.num_workers)
+        return TrainLoader(TensorDataset(*self.split.training_set()), batch_sampler=self.train_sampler,
+                           num_workers=self.num_workers, generator=torch.Generator())
 
     def _eval_loader(self) -> DataLoader:
         dataset = TensorDataset(self.split.images, self.split.label, self.split.role)

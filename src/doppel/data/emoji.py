@@ -8,7 +8,6 @@ Format (one ``.npz``, written by ``scripts/build_emoji_dataset.py``):
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -17,6 +16,7 @@ import numpy as np
 import torch
 
 from doppel.evaluation.protocol import Role
+from doppel.seeding import stable_fraction
 
 REQUIRED = ("images", "identity", "vendor", "identity_code", "identity_name", "identity_family",
             "family_key", "vendor_name")
@@ -39,11 +39,22 @@ class EmojiArchive:
     vendor_name: np.ndarray
 
 
-def load_emoji_npz(path: str | Path | None = None) -> EmojiArchive:
+def resolve_path(path: str | Path | None) -> Path:
+    """``data.path``: a file in this format, or null for the bundled set."""
     path = Path(path) if path else bundled_path()
     if not path.is_file():
         raise FileNotFoundError(f"data.path={str(path)!r} does not exist; leave it null for the bundled emoji "
                                 f"set or build one with scripts/build_emoji_dataset.py.")
+    return path
+
+
+def check_novel_fraction(novel_fraction: float) -> None:
+    if not 0 < novel_fraction < 1:
+        raise ValueError(f"data.novel_fraction={novel_fraction} must be in (0, 1).")
+
+
+def load_emoji_npz(path: str | Path | None = None) -> EmojiArchive:
+    path = resolve_path(path)
     with np.load(path, allow_pickle=False) as archive:
         missing = [key for key in REQUIRED if key not in archive]
         if missing:
@@ -56,11 +67,6 @@ def load_emoji_npz(path: str | Path | None = None) -> EmojiArchive:
     if len(data.identity) and (data.identity.min() < 0 or data.identity.max() >= len(data.identity_code)):
         raise ValueError(f"{path}: identity indices outside [0, {len(data.identity_code)}).")
     return data
-
-
-def stable_fraction(key: str) -> float:
-    """A number in [0, 1) fixed by ``key`` alone: splits do not depend on any RNG or library version."""
-    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") / 2**64
 
 
 @dataclass
@@ -89,8 +95,7 @@ def split_emoji(data: EmojiArchive, novel_fraction: float = 0.2, prototype_vendo
     Novel: the ``prototype_vendor`` image is the one-shot prototype, the others are queries.
     Base: an identity with 3 or more images keeps one (chosen by hash) out of training as its query.
     """
-    if not 0 < novel_fraction < 1:
-        raise ValueError(f"data.novel_fraction={novel_fraction} must be in (0, 1).")
+    check_novel_fraction(novel_fraction)
     vendors = [str(v) for v in data.vendor_name]
     if prototype_vendor not in vendors:
         raise ValueError(f"data.prototype_vendor={prototype_vendor!r} is not one of {vendors}.")

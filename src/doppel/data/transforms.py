@@ -70,6 +70,10 @@ class PaperAugment(nn.Module):
     def __init__(self, mirror: bool = True, color_shift: float = 10.0, grayscale_p: float = 0.1,
                  seed: int = 0) -> None:
         super().__init__()
+        if not color_shift >= 0:
+            raise ValueError(f"augment.color_shift={color_shift} must be >= 0 (0 turns it off).")
+        if not 0 <= grayscale_p <= 1:
+            raise ValueError(f"augment.grayscale_p={grayscale_p} must be a probability in [0, 1].")
         self.mirror, self.color_shift, self.grayscale_p = mirror, color_shift, grayscale_p
         self.generator = torch.Generator().manual_seed(seed)
 

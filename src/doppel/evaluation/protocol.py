@@ -16,6 +16,13 @@ import torch.nn.functional as F
 from doppel.evaluation.metrics import classify_by_prototypes, coverage_at_precision, recall_at_k, top1_accuracy
 
 PRECISIONS = (0.99, 0.999)
+SPLITS = ("base", "novel")
+
+
+def metric_names() -> list[str]:
+    """``{split}/{metric}`` of every metric :func:`evaluate_protocol` reports."""
+    return [f"{split}/{metric}" for split in SPLITS
+            for metric in ("top1", *(f"coverage@{p}" for p in PRECISIONS), "recall@1")]
 
 
 class Role(IntEnum):

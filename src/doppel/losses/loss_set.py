@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import math
 
 import torch
 from hydra.utils import get_class, instantiate
@@ -16,7 +17,8 @@ class LossSet(nn.Module):
     """``terms`` maps a name to a term config with ``_target_`` and ``weight``; ``regularizer`` (the
     ``regularizer`` config group) adds more terms of the same form, e.g. SEC on top of any loss.
 
-    Runtime sizes (``embedding_dim``, ``num_classes``) are passed to the terms that take them.
+    Runtime sizes (``embedding_dim``, ``num_classes``) are passed to the terms that take them. A weight
+    is finite and non-negative unless the term's class sets ``allows_negative_weight``.
     Calling the set returns the total loss and a dict of per-term values and trainable scalars,
     named ``loss/<term>`` and ``<term>/<scalar>``.
     """
@@ -32,12 +34,23 @@ class LossSet(nn.Module):
         self.terms = nn.ModuleDict()
         self.weights: dict[str, float] = {}
         runtime = {"embedding_dim": embedding_dim, "num_classes": num_classes}
-        for name, spec in [*terms.items(), *regularizer.items()]:
+        named = [(f"loss.terms.{name}", name, spec) for name, spec in terms.items()]
+        named += [(f"regularizer.{name}", name, spec) for name, spec in regularizer.items()]
+        for key, name, spec in named:
             spec = dict(spec)
-            weight = float(spec.pop("weight", 1.0))
-            accepted = inspect.signature(get_class(spec["_target_"])).parameters
-            self.terms[name] = instantiate(spec, **{k: v for k, v in runtime.items() if k in accepted})
-            self.weights[name] = weight
+            weight = spec.pop("weight", 1.0)
+            term_class = get_class(spec["_target_"])
+            if (isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight)
+                    or (weight < 0 and not getattr(term_class, "allows_negative_weight", False))):
+                raise ValueError(f"{key}.weight={weight} must be a finite number >= 0: a negative weight "
+                                 "maximises the term (0 turns it off).")
+            accepted = inspect.signature(term_class).parameters
+            try:
+                self.terms[name] = instantiate(spec, **{k: v for k, v in runtime.items() if k in accepted})
+            except Exception as error:  # the term's own check: name the config key it came from
+                cause = error.__cause__ or error  # hydra wraps it
+                raise ValueError(f"{key}: {cause}") from None
+            self.weights[name] = float(weight)
 
     @property
     def prototype_term(self) -> PrototypeTerm | None:

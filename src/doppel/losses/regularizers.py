@@ -25,7 +25,8 @@ class SphericalEmbeddingConstraint(nn.Module):
         if not 0 < momentum <= 1:
             raise ValueError(f"SEC momentum must be in (0, 1], got {momentum}.")
         self.mu, self.momentum, self.ramp_steps = mu, momentum, ramp_steps
-        self.register_buffer("running_mu", torch.tensor(float("nan")))
+        self.register_buffer("running_mu", torch.tensor(0.0))
+        self.register_buffer("running_mu_set", torch.tensor(False))  # a flag, not a NaN: checkpoints stay finite
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
         self.last_mu = torch.tensor(0.0)
         self.last_ramp = 1.0
@@ -40,9 +41,9 @@ class SphericalEmbeddingConstraint(nn.Module):
         if self.mu == "batch" or not self.training:
             return batch_mu if self.mu == "batch" else self.running_mu.to(norms)
         with torch.no_grad():
-            first = torch.isnan(self.running_mu)
-            self.running_mu.copy_(torch.where(first, batch_mu, (1 - self.momentum) * self.running_mu
-                                              + self.momentum * batch_mu))
+            self.running_mu.copy_(torch.where(self.running_mu_set, (1 - self.momentum) * self.running_mu
+                                              + self.momentum * batch_mu, batch_mu))
+            self.running_mu_set.fill_(True)
         return self.running_mu.clone()
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:

@@ -10,8 +10,11 @@ family's defaults are the paper's; every option can be overridden from config
 
 from __future__ import annotations
 
+import difflib
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -76,6 +79,73 @@ BACKBONES: dict[str, BackboneSpec] = {
 }
 
 
+def check_backbone(name: str, input_size: int | str | tuple[int, int] | None = None, preprocess: str | None = None,
+                   in_channels: int | None = None, checkpoint: str | None = None, **options: Any) -> None:
+    """The checks of :func:`get_backbone` that need neither the data nor the trunk (run on the config
+    before anything is loaded): the name, every option's key, the head's and preprocessing's values,
+    the input size and local weight files."""
+    spec = _spec(name)
+    size = _input_size(spec, input_size, image_size=None)
+    channels = in_channels if in_channels is not None else spec.in_channels
+    trunk_options, head_options = split_options(name, options)
+    Preprocess(size or (1, 1), preprocess or spec.preprocess, channels)
+    EmbeddingHead(1, (1, 1), **_head_arguments(spec, head_options))
+    for key, path in (("checkpoint", checkpoint), ("pretrained_path", trunk_options.get("pretrained_path"))):
+        if path is not None and not Path(path).is_file():
+            raise FileNotFoundError(f"backbone.{key}={str(path)!r} does not exist; give a local weights file "
+                                    "(nothing is downloaded).")
+
+
+def _spec(name: str) -> BackboneSpec:
+    if name not in BACKBONES:
+        raise ValueError(f"backbone.name={name!r} is not one of {sorted(BACKBONES)}.")
+    return BACKBONES[name]
+
+
+def _input_size(spec: BackboneSpec, input_size, image_size: int | None) -> tuple[int, int] | None:
+    """The network's [H, W]; None while ``input_size=data`` and the data's size is not known yet."""
+    size = spec.input_size if input_size is None else input_size
+    if size in (None, "data"):
+        size = image_size
+    if size is None:
+        return None
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    if len(size) != 2 or not all(isinstance(v, int) and v > 0 for v in size):
+        raise ValueError(f"backbone.input_size={input_size} must be a positive int, [height, width] or 'data'.")
+    return size
+
+
+def _head_arguments(spec: BackboneSpec, head_options: dict[str, Any]) -> dict[str, Any]:
+    arguments = {**spec.head, **head_options}
+    if "head_bias" in arguments:
+        arguments["bias"] = arguments.pop("head_bias")
+    return arguments
+
+
+def split_options(name: str, options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(trunk options, head options) of backbone ``name``: an option the trunk names is the trunk's (WRN's
+    ``dropout`` is its block dropout), else a head option goes to the head (the IR ResNets' ``dropout``
+    is insightface's, before the embedding FC), else to a trunk that takes any keyword (timm models)."""
+    spec = BACKBONES[name]
+    parameters = inspect.signature(spec.trunk).parameters
+    named = {k for k, p in parameters.items() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)} - {"in_channels"}
+    open_ended = any(p.kind == p.VAR_KEYWORD for p in parameters.values())
+    trunk, head = {}, {}
+    for key, value in options.items():
+        if key in named:
+            trunk[key] = value
+        elif key in HEAD_OPTIONS:
+            head[key] = value
+        elif open_ended:
+            trunk[key] = value
+        else:
+            known = sorted(named | set(HEAD_OPTIONS) | {"input_size", "preprocess", "in_channels", "checkpoint"})
+            hint = difflib.get_close_matches(key, known, n=1)
+            raise ValueError(f"backbone.{key} is not an option of backbone {name!r}"
+                             f"{f' (did you mean {hint[0]}?)' if hint else ''}; its options: {', '.join(known)}.")
+    return trunk, head
+
+
 class EmbeddingNet(nn.Module):
     """preprocess -> trunk -> head. ``embedding_dim`` and ``input_size`` describe the network."""
 
@@ -108,23 +178,15 @@ def get_backbone(name: str, image_size: int | None = None, input_size: int | str
     ``input_size`` (an int or [H, W]) overrides the family's; ``"data"`` means ``image_size``, the
     data's (square) image size (no resizing). ``checkpoint`` loads trunk weights
     from a local file in the layout of the family's public reference (BN-Inception: the Caffe port).
-    Any other option goes to the head (:data:`HEAD_OPTIONS`) or the trunk.
+    Any other option goes to the trunk or the head (:func:`split_options`).
     """
-    if name not in BACKBONES:
-        raise ValueError(f"backbone.name={name!r} is not one of {sorted(BACKBONES)}.")
-    spec = BACKBONES[name]
-    size = spec.input_size if input_size is None else input_size
-    if size in (None, "data"):
-        size = image_size
+    spec = _spec(name)
+    size = _input_size(spec, input_size, image_size)
     if size is None:
         raise ValueError(f"backbone {name!r} with input_size=data needs the data's image size.")
-    size = (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
     channels = in_channels if in_channels is not None else spec.in_channels
-
-    head_options = {**spec.head, **{k: options.pop(k) for k in HEAD_OPTIONS if k in options}}
-    if "head_bias" in head_options:
-        head_options["bias"] = head_options.pop("head_bias")
-    trunk = spec.trunk(in_channels=channels, **{**spec.trunk_options, **options})
+    trunk_options, head_options = split_options(name, options)
+    trunk = spec.trunk(in_channels=channels, **{**spec.trunk_options, **trunk_options})
     preprocess_module = Preprocess(size, preprocess or spec.preprocess, channels)
 
     was_training = trunk.training
@@ -138,7 +200,7 @@ def get_backbone(name: str, image_size: int | None = None, input_size: int | str
     if features.numel() == 0:
         raise ValueError(f"backbone.input_size={list(size)} is too small for {name}'s pooling.")
     spatial = tuple(features.shape[-2:]) if features.dim() == 4 else (1, 1)
-    head = EmbeddingHead(trunk.out_channels, spatial, **head_options)
+    head = EmbeddingHead(trunk.out_channels, spatial, **_head_arguments(spec, head_options))
     net = EmbeddingNet(preprocess_module, trunk, head)
     if spec.init is not None:
         spec.init(net)

@@ -30,6 +30,11 @@ class EmbeddingHead(nn.Module):
             raise ValueError(f"backbone.post_bn={post_bn!r} must be one of {POST_BN}.")
         if maxout_group < 1:
             raise ValueError(f"backbone.maxout_group={maxout_group} must be at least 1.")
+        if embedding_dim is not None and (not isinstance(embedding_dim, int) or embedding_dim < 1):
+            raise ValueError(f"backbone.embedding_dim={embedding_dim} must be a positive integer "
+                             "(or null: the pooled features are the embedding).")
+        if not 0 <= dropout < 1:
+            raise ValueError(f"backbone.dropout={dropout} must be in [0, 1).")
         self.pool = pool
         flat = pool == "flatten"
         self.pre_bn = (nn.BatchNorm2d(channels) if flat else nn.BatchNorm1d(channels)) if pre_bn else nn.Identity()

@@ -6,8 +6,9 @@ already computed by the loss, so mining costs one masked top-k over a B x C matr
 
 An update is split in two so that several processes can share one table:
 ``propose`` turns one step's logits into a fixed-size :class:`TableUpdate` (padded to the batch size,
-so it can be all-gathered), and ``apply`` writes any number of gathered updates; duplicates of a class
-are resolved by the highest score, so every rank that applies the same updates ends with the same table.
+so it can be all-gathered), and ``apply`` writes any number of gathered updates, merging the candidates of
+a class proposed by several processes, so every rank that applies the same updates ends with the same
+table, and that table is the one a single process would mine from the whole global batch.
 """
 
 from __future__ import annotations
@@ -46,14 +47,21 @@ class DoppelgangerTable:
     def __init__(self, num_classes: int, top_k: int = 1, reduction: str = "max") -> None:
         if num_classes < 2:
             raise ValueError(f"doppel table needs at least 2 classes, got num_classes={num_classes}.")
-        if not 1 <= top_k < num_classes:
+        self.check_settings(top_k, reduction)
+        if top_k >= num_classes:
             raise ValueError(f"doppel.top_k={top_k} must be between 1 and num_classes - 1 ({num_classes - 1}).")
-        if reduction not in REDUCTIONS:
-            raise ValueError(f"doppel.reduction={reduction!r} is not one of {REDUCTIONS}.")
         self.num_classes = num_classes
         self.top_k = top_k
         self.reduction = reduction
         self.table = torch.full((num_classes, top_k), EMPTY, dtype=torch.long)
+
+    @staticmethod
+    def check_settings(top_k: int, reduction: str) -> None:
+        """The checks that need no data (run on the config before anything is loaded)."""
+        if not isinstance(top_k, int) or top_k < 1:
+            raise ValueError(f"doppel.top_k={top_k} must be a positive integer.")
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"doppel.reduction={reduction!r} is not one of {REDUCTIONS}.")
 
     def propose(self, logits: torch.Tensor, labels: torch.Tensor, pad_to: int | None = None) -> TableUpdate:
         """The doppelganger proposals of one step, from its classifier logits [B, C] and labels [B].
@@ -97,13 +105,37 @@ class DoppelgangerTable:
         return scores, pool[slot]
 
     def apply(self, update: TableUpdate) -> None:
-        """Write proposals into the table; for a class proposed more than once the top score wins."""
+        """Write proposals into the table, replacing the rows of the proposed classes.
+
+        A class proposed by several rows (one per process under DDP) gets the best ``top_k`` of all its
+        rows' candidates, each candidate scored by its highest proposal. With ``reduction="max"`` this is
+        exactly the proposal of one process that saw the whole global batch: a class's global top-k
+        candidates are each in the top-k of the rank that gave them their best score.
+        """
         valid = update.classes >= 0
-        classes = update.classes[valid].to(self.table.device)
-        if len(classes) == 0:
+        if not valid.any():
             return
-        best = _best_rows(classes, update.scores[valid][:, 0].to(self.table.device))
-        self.table[classes[best]] = update.candidates[valid][best].to(self.table.device)
+        device = self.table.device
+        classes = update.classes[valid].to(device)
+        candidates, scores = update.candidates[valid].to(device), update.scores[valid].to(device)
+        # (class, candidate, score) triples; one per (class, candidate), with its best score.
+        cls = classes[:, None].expand_as(candidates).flatten()
+        cand, score = candidates.flatten(), scores.flatten()
+        known = cand != EMPTY
+        cls, cand, score = cls[known], cand[known], score[known]
+        best = _best_rows(cls * self.num_classes + cand, score)
+        cls, cand, score = cls[best], cand[best], score[best]
+        # Each class's candidates by decreasing score (stable: one row's order is kept), the first top_k kept.
+        order = torch.argsort(score, descending=True, stable=True)
+        order = order[torch.argsort(cls[order], stable=True)]
+        cls, cand = cls[order], cand[order]
+        starts = torch.ones_like(cls, dtype=torch.bool)
+        starts[1:] = cls[1:] != cls[:-1]
+        run_start = torch.cummax(torch.where(starts, torch.arange(len(cls), device=device), 0), 0).values
+        slot = torch.arange(len(cls), device=device) - run_start
+        keep = slot < self.top_k
+        self.table[classes.unique()] = EMPTY
+        self.table[cls[keep], slot[keep]] = cand[keep]
 
     def doppelgangers(self, cls: int) -> list[int]:
         """Known doppelgangers of ``cls``, best first."""

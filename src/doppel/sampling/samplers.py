@@ -5,19 +5,26 @@ Sec. 3.1 of the Doppelganger paper: the per-class example counts are drawn first
 class i >= N_r is Doppelganger(class i - N_r), falling back to a random class when it has no
 doppelganger yet or the doppelganger is already in the batch.
 
-Samplers own their randomness: a ``torch.Generator`` seeded from (seed, epoch, rank), the epoch kept
-in their state, so a resumed run draws the same batches as an uninterrupted one.
+Samplers own their randomness: a ``torch.Generator`` seeded from (seed, epoch, rank). Their state holds
+the epoch and, mid-epoch, the position in it (the generator after the last batch drawn and the batches
+drawn ahead of training), so a run resumed from any step draws the batches the interrupted one would have.
 """
 
 from __future__ import annotations
 
 import math
+from collections import deque
 from collections.abc import Iterator, Sequence
 
 import torch
 from torch.utils.data import Sampler
 
 from doppel.sampling.doppelganger import DoppelgangerTable
+from doppel.seeding import stable_seed
+
+# Batches a checkpoint can carry that were drawn ahead of training (DataLoader workers prefetch
+# prefetch_factor x num_workers batches).
+MAX_DRAWN_AHEAD = 256
 
 
 class IdentityBatchSampler(Sampler[list[int]]):
@@ -37,10 +44,9 @@ class IdentityBatchSampler(Sampler[list[int]]):
         seed: int = 0,
         rank: int = 0,
     ) -> None:
+        IdentityBatchSampler.check_settings(batch_size, examples_per_class, batches_per_epoch)
         labels = torch.as_tensor(labels, dtype=torch.long)
         low, high = _count_range(examples_per_class)
-        if batch_size < 2:
-            raise ValueError(f"sampler.batch_size={batch_size} must be at least 2.")
         self.num_classes = int(labels.max()) + 1
         order = torch.argsort(labels, stable=True)
         counts = torch.bincount(labels, minlength=self.num_classes)
@@ -60,6 +66,21 @@ class IdentityBatchSampler(Sampler[list[int]]):
         self.batches_per_epoch = batches_per_epoch or math.ceil(len(labels) / batch_size)
         self.seed, self.rank = seed, rank
         self.epoch = 0
+        # Position in the current epoch: the generator, how many batches it drew, the latest of them.
+        self._stream: torch.Generator | None = None
+        self._drawn = 0
+        self._recent: deque[tuple[int, list[int]]] = deque(maxlen=MAX_DRAWN_AHEAD)
+        self._resume: tuple[int, dict] | None = None
+
+    @classmethod
+    def check_settings(cls, batch_size: int, examples_per_class: int | Sequence[int] = (2, 8),
+                       batches_per_epoch: int | None = None) -> None:
+        """The checks that need no data (run on the config before anything is loaded)."""
+        if not isinstance(batch_size, int) or batch_size < 2:
+            raise ValueError(f"sampler.batch_size={batch_size} must be an integer of at least 2.")
+        _count_range(examples_per_class)
+        if batches_per_epoch is not None and (not isinstance(batches_per_epoch, int) or batches_per_epoch < 1):
+            raise ValueError(f"sampler.batches_per_epoch={batches_per_epoch} must be a positive integer or null.")
 
     # -- state -------------------------------------------------------------------------------
     def set_epoch(self, epoch: int) -> None:
@@ -70,28 +91,50 @@ class IdentityBatchSampler(Sampler[list[int]]):
         # Lightning calls set_epoch on ``dataloader.batch_sampler.sampler``, not on the batch sampler.
         return self
 
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "seed": self.seed}
+    def state_dict(self, consumed: int | None = None) -> dict:
+        """The epoch and, given ``consumed`` (batches of this epoch trained on so far), the position in it:
+        the generator after the last batch drawn and the batches drawn but not yet trained on."""
+        state: dict = {"epoch": self.epoch, "seed": self.seed}
+        if consumed is not None and self._stream is not None:
+            ahead = [batch for index, batch in self._recent if index >= consumed]
+            if len(ahead) != self._drawn - consumed:
+                raise RuntimeError(f"{self._drawn - consumed} batches were drawn ahead of training, more than the "
+                                   f"{MAX_DRAWN_AHEAD} a checkpoint keeps: lower data.num_workers.")
+            state["position"] = {"drawn": self._drawn, "generator": self._stream.get_state(), "ahead": ahead}
+        return state
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore; a saved position is taken up by the next iteration if it is of the same epoch."""
         self.epoch, self.seed = state["epoch"], state["seed"]
+        self._resume = (state["epoch"], state["position"]) if "position" in state else None
 
     def __len__(self) -> int:
         return self.batches_per_epoch
 
-    def _generator(self) -> torch.Generator:
-        # Distinct, reproducible streams for every (seed, epoch, rank).
-        generator = torch.Generator()
-        generator.manual_seed(hash((self.seed, self.epoch, self.rank)) & 0x7FFF_FFFF_FFFF_FFFF)
-        return generator
-
     # -- sampling ----------------------------------------------------------------------------
     def __iter__(self) -> Iterator[list[int]]:
-        generator = self._generator()
-        for _ in range(self.batches_per_epoch):
+        resume, self._resume = self._resume, None
+        generator = torch.Generator()
+        if resume is not None and resume[0] == self.epoch:
+            position = resume[1]
+            generator.set_state(position["generator"])
+            self._drawn, ahead = position["drawn"], [list(batch) for batch in position["ahead"]]
+        else:
+            # Distinct, reproducible streams for every (seed, epoch, rank).
+            generator.manual_seed(stable_seed(self.seed, self.epoch, self.rank))
+            self._drawn, ahead = 0, []
+        self._stream = generator
+        self._recent.clear()
+        for index, batch in enumerate(ahead, start=self._drawn - len(ahead)):
+            self._recent.append((index, batch))
+            yield batch
+        while self._drawn < self.batches_per_epoch:
             counts = self._draw_counts(generator)
             classes = self._choose_classes(len(counts), generator)
-            yield self._fill(classes, counts, generator)
+            batch = self._fill(classes, counts, generator)
+            self._recent.append((self._drawn, batch))
+            self._drawn += 1
+            yield batch
 
     def _draw_counts(self, generator: torch.Generator) -> list[int]:
         low, high = self.count_range
@@ -142,15 +185,26 @@ class DoppelgangerBatchSampler(IdentityBatchSampler):
 
     def __init__(self, labels, batch_size: int, table: DoppelgangerTable, random_ratio: float = 1 / 3,
                  **kwargs) -> None:
+        _check_random_ratio(random_ratio)
         super().__init__(labels, batch_size, **kwargs)
-        if not 0.0 < random_ratio <= 1.0:
-            raise ValueError(f"sampler.random_ratio={random_ratio} must be in (0, 1].")
         if table.num_classes != self.num_classes:
             raise ValueError(f"doppelganger table has {table.num_classes} classes, the data {self.num_classes}.")
         self.table = table
         self.random_ratio = random_ratio
         # Where the classes of recent batches came from; read and reset by the mining callback.
         self.stats = {"random": 0, "table": 0, "fallback_empty": 0, "fallback_taken": 0}
+
+    @classmethod
+    def check_settings(cls, batch_size: int, random_ratio: float = 1 / 3, **settings) -> None:
+        _check_random_ratio(random_ratio)
+        super().check_settings(batch_size, **settings)
+
+    def state_dict(self, consumed: int | None = None) -> dict:
+        return {**super().state_dict(consumed), "stats": dict(self.stats)}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.stats.update(state.get("stats", {}))
 
     def n_random(self, n_classes: int) -> int:
         return max(1, min(n_classes, round(self.random_ratio * n_classes)))
@@ -172,6 +226,11 @@ class DoppelgangerBatchSampler(IdentityBatchSampler):
             chosen.append(cls)
             in_batch.add(cls)
         return chosen
+
+
+def _check_random_ratio(random_ratio: float) -> None:
+    if not 0.0 < random_ratio <= 1.0:
+        raise ValueError(f"sampler.random_ratio={random_ratio} must be in (0, 1].")
 
 
 def _count_range(examples_per_class: int | Sequence[int]) -> tuple[int, int]:

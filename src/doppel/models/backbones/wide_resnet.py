@@ -40,6 +40,8 @@ class WideResNet(nn.Module):
         super().__init__()
         if (depth - 4) % 6:
             raise ValueError(f"backbone.depth={depth} must be 6n + 4 (e.g. 16, 22, 28, 40).")
+        if not 0 <= dropout < 1:
+            raise ValueError(f"backbone.dropout={dropout} must be in [0, 1).")
         per_group = (depth - 4) // 6
         widths = [16 * widen_factor, 32 * widen_factor, 64 * widen_factor]
         self.stem = nn.Conv2d(in_channels, 16, 3, 1, 1, bias=False)

@@ -1,0 +1,109 @@
+"""Lightning callback that keeps ``<run>/checkpoints/last.ckpt`` current, so an interrupted run loses little.
+
+It is written (atomically, see :mod:`doppel.checkpoint`) every ``every_n_steps`` optimizer steps, at every
+epoch end, and when the process receives SIGTERM (a scheduler's preemption or time limit) or SIGINT
+(Ctrl-C): training finishes the step it is in, saves, and stops with :class:`RunInterrupted`; a second
+Ctrl-C stops at once. The save that ends an epoch's last step waits for the epoch end (after validation),
+so every checkpoint is taken at a point a resumed run continues from exactly.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import Checkpoint
+from pytorch_lightning.utilities import rank_zero_info
+
+from doppel.checkpoint import LAST
+
+
+class RunInterrupted(Exception):
+    """Training stopped on a signal after saving the checkpoint to resume from."""
+
+    def __init__(self, signum: int, step: int, path: Path) -> None:
+        self.signum, self.step, self.path = signum, step, path
+        super().__init__(f"interrupted by {signal.Signals(signum).name} at step {step}: saved {path}; "
+                         "resume with ckpt_path=auto (same run directory) or ckpt_path=<that file>.")
+
+
+class LastCheckpoint(Checkpoint):
+    def __init__(self, dirpath: str | Path, every_n_steps: int | None = 500) -> None:
+        self.path = Path(dirpath) / LAST
+        self.every_n_steps = every_n_steps
+        self._received: int | None = None
+        self._previous_handlers: dict[int, Any] = {}
+        self._saved: tuple[int | None, int] | None = None  # (the signal that asked to stop, the step saved)
+
+    # -- signals ------------------------------------------------------------------------------
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Installed here, after Lightning installs its own SIGTERM handler, so that this one decides.
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                self._previous_handlers[signum] = signal.signal(signum, self._on_signal)
+
+    def _on_signal(self, signum: int, _frame: Any) -> None:
+        if self._received is not None and signum == signal.SIGINT:
+            self._restore_handlers()
+            raise KeyboardInterrupt  # the second Ctrl-C: stop without waiting for the step
+        self._received = signum
+        rank_zero_info(f"\n{signal.Signals(signum).name} received: saving a checkpoint at the end of this step, "
+                       "then stopping (Ctrl-C again to stop at once).")
+
+    def _restore_handlers(self) -> None:
+        for signum, handler in self._previous_handlers.items():
+            signal.signal(signum, handler)
+        self._previous_handlers = {}
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._restore_handlers()
+        self._after_save(trainer)
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._restore_handlers()
+
+    def _stop_requested(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> int | None:
+        """The signal that asks this run to stop; under DDP every process agrees (a signal to any one stops all)."""
+        if trainer.world_size == 1:
+            return self._received
+        received = torch.tensor([self._received or 0], device=pl_module.device)
+        torch.distributed.all_reduce(received, op=torch.distributed.ReduceOp.MAX)
+        return int(received) or None
+
+    # -- saving -------------------------------------------------------------------------------
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        stop = self._stop_requested(trainer, pl_module)
+        if batch_idx + 1 >= trainer.num_training_batches:
+            return  # the epoch end saves (and stops) in a moment
+        if stop is not None or (self.every_n_steps and trainer.global_step % self.every_n_steps == 0):
+            self._save(trainer, stop)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._save(trainer, self._stop_requested(trainer, pl_module))
+
+    def _save(self, trainer: pl.Trainer, stop: int | None) -> None:
+        trainer.save_checkpoint(self.path, weights_only=False)  # every process takes part; the first one writes
+        self._saved = (stop, trainer.global_step)
+
+    # Lightning hands a step's (or an epoch's) metrics to the loggers after the hook that saved: the
+    # loggers are flushed, and a stop is raised, at the next hook, so the logs reach the checkpoint's step.
+    def _after_save(self, trainer: pl.Trainer) -> None:
+        if self._saved is None:
+            return
+        (stop, step), self._saved = self._saved, None
+        for logger in trainer.loggers:
+            logger.save()
+        if stop is not None:
+            raise RunInterrupted(stop, step, self.path)
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        self._after_save(trainer)
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._after_save(trainer)

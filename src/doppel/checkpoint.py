@@ -1,0 +1,229 @@
+"""Checkpoints: where a run resumes from, how files are read and written, and whether one fits the run.
+
+Reading: local files only (a remote ``ckpt_path`` is refused: nothing is downloaded at run time), always
+with ``torch.load(weights_only=True)``: tensors and plain data only, so nothing in the file is run.
+Writing: to a temporary file in the same folder, flushed to disk, then renamed over the target, so a
+kill at any moment leaves either the previous checkpoint or the new one, never a broken file.
+Fitting: a checkpoint resumes only the Doppel run that wrote it (its ``doppel`` entry holds that run's
+config); the data, backbone and loss must be the same, every tensor finite, every shape as built.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pickle
+import re
+import tempfile
+import warnings
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
+
+STAMP = "doppel"
+FORMAT = 1
+LAST = "last.ckpt"
+# Settings that decide what the weights mean: a checkpoint made with others cannot be resumed.
+DEFINING = ("data.", "backbone.", "loss.terms.", "regularizer.", "doppel.top_k")
+# Settings of one invocation (where it runs, how it loads), never a difference between runs.
+LOCAL = ("paths.", "ckpt_path", "data.num_workers", "data.eval_batch_size", "callbacks.", "logger.",
+         "trainer.enable_progress_bar", "trainer.enable_model_summary", "trainer.default_root_dir")
+_REMOTE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used, with the reason and what to do."""
+
+
+def checkpoint_dir(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def resolve_ckpt_path(value: str | None, run_dir: str | Path) -> Path | None:
+    """``ckpt_path``: null (a new run), ``auto`` (the run directory's last.ckpt if there is one: what a
+    requeued SLURM job needs) or a local file."""
+    if value is None:
+        return None
+    if str(value) == "auto":
+        last = checkpoint_dir(run_dir) / LAST
+        return last if last.is_file() else None
+    if _REMOTE.match(str(value)) and not str(value).startswith("file://"):
+        raise CheckpointError(f"ckpt_path={value} is a remote address: Doppel reads checkpoints from local files only "
+                              "(nothing is downloaded at run time); download it and pass its local path.")
+    path = Path(str(value).removeprefix("file://"))
+    if not path.is_file():
+        raise FileNotFoundError(f"ckpt_path={str(path)!r} does not exist; give the path of a checkpoint "
+                                "(e.g. <run>/checkpoints/last.ckpt) or ckpt_path=auto.")
+    return path
+
+
+def load_checkpoint(path: str | Path, key: str = "ckpt_path") -> dict[str, Any]:
+    """``torch.load(path, weights_only=True)`` with one clear sentence for every way a file can be unfit."""
+    path = Path(path)
+    name = f"{key}={str(path)!r}"
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{name} does not exist.") from None
+    except pickle.UnpicklingError as error:
+        refused = re.search(r"GLOBAL ([\w.]+)", str(error))
+        if refused:
+            raise CheckpointError(
+                f"{name} holds Python objects, not only tensors and plain data (loading it would call "
+                f"{refused.group(1)}): refused, nothing in it was run. Doppel's checkpoints hold none; the file "
+                "was written by other code (e.g. a whole pickled model) or altered.") from None
+        with open(path, "rb") as f:
+            head = f.read(2)
+        if head[:1] == b"\x80":
+            raise CheckpointError(f"{name} is a plain Python pickle, not a torch.save checkpoint: refused unread "
+                                  "(unpickling can run code); nothing in it was run.") from None
+        raise CheckpointError(f"{name} is not a PyTorch checkpoint (its bytes are not a torch.save archive): "
+                              "it is another kind of file or corrupt.") from None
+    except EOFError:
+        raise CheckpointError(f"{name} is empty: the run that wrote it was killed while creating it; use an "
+                              "earlier checkpoint or start anew.") from None
+    except RuntimeError as error:
+        reason = str(error).split(".")[0]
+        raise CheckpointError(f"{name} is truncated or corrupt ({reason}): use an earlier checkpoint or start "
+                              "anew.") from None
+    if not isinstance(checkpoint, dict):
+        raise CheckpointError(f"{name} holds a {type(checkpoint).__name__}, not a training checkpoint.")
+    return checkpoint
+
+
+def atomic_save(checkpoint: Any, path: str | Path) -> None:
+    """``torch.save`` to a temporary file beside ``path``, fsync, rename over ``path`` (atomic on POSIX)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.chmod(temporary, 0o666 & ~_umask())  # as any new file, not mkstemp's owner-only mode
+        with os.fdopen(descriptor, "wb") as f:
+            torch.save(checkpoint, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary)
+        raise
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)  # the rename itself reaches the disk
+    finally:
+        os.close(folder)
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a writer that was killed
+        with contextlib.suppress(FileNotFoundError):
+            stale.unlink()
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+class SafeCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint reader and writer with :func:`load_checkpoint` and :func:`atomic_save`.
+
+    ``preloaded``: a (path, checkpoint) that ``train()`` already read and checked, handed to Lightning
+    instead of reading the file twice.
+    """
+
+    def __init__(self, preloaded: tuple[Path, dict[str, Any]] | None = None) -> None:
+        self._preloaded = preloaded
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        if storage_options is not None:
+            raise TypeError("SafeCheckpointIO writes local files and takes no storage_options.")
+        atomic_save(checkpoint, path)
+
+    def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
+        if self._preloaded is not None and Path(path) == self._preloaded[0]:
+            checkpoint, self._preloaded = self._preloaded[1], None
+            return checkpoint
+        return load_checkpoint(resolve_ckpt_path(str(path), "."))
+
+
+def flat_config(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a.b": value}`` for every leaf of a nested config (lists are leaves)."""
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        if isinstance(value, Mapping) and value:
+            flat.update(flat_config(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[tuple[str, Any, Any]]:
+    """(key, saved value, current value) for every setting that differs, local ones left out."""
+    before, after = flat_config(saved), flat_config(current)
+    missing = object()
+    return [(key, before.get(key, missing), after.get(key, missing)) for key in sorted(before.keys() | after.keys())
+            if not key.startswith(LOCAL) and before.get(key, missing) != after.get(key, missing)]
+
+
+def _describe(differences: list[tuple[str, Any, Any]]) -> str:
+    def show(value: Any) -> str:
+        return "unset" if not isinstance(value, (str, int, float, bool, list, type(None))) else repr(value)
+
+    return ", ".join(f"{key}: {show(old)} -> {show(new)}" for key, old, new in differences[:6]) + (
+        f" and {len(differences) - 6} more" if len(differences) > 6 else "")
+
+
+def check_checkpoint(checkpoint: Mapping[str, Any], config: Mapping[str, Any], name: str) -> None:
+    """Before anything is built: a Doppel checkpoint of this run, with finite tensors.
+
+    A difference in a :data:`DEFINING` setting is an error; any other difference (e.g. ``optim.lr``) is
+    allowed with a warning, since the resumed run is then no longer the run it continues.
+    """
+    stamp = checkpoint.get(STAMP)
+    if not isinstance(stamp, Mapping) or "state_dict" not in checkpoint:
+        raise CheckpointError(f"{name} was not written by a Doppel run (it has no {STAMP!r} entry): ckpt_path "
+                              "resumes Doppel runs only; to start from other weights use backbone.checkpoint.")
+    if stamp.get("format") != FORMAT:
+        raise CheckpointError(f"{name} has checkpoint format {stamp.get('format')}, this Doppel reads format "
+                              f"{FORMAT}: resume it with the Doppel version that wrote it.")
+    differences = config_differences(stamp["config"], config)
+    defining = [d for d in differences if d[0].startswith(DEFINING) and not d[0].endswith(".seed")]
+    if defining:
+        raise CheckpointError(f"{name} was made by another run ({_describe(defining)}): resume with the settings "
+                              "that wrote it, or start a new run.")
+    if differences:
+        warnings.warn(f"resuming {name} with changed settings ({_describe(differences)}): the resumed run is not "
+                      "the run it continues.", stacklevel=2)
+    for where, tensor in _tensors(checkpoint):
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise CheckpointError(f"{name} has {bad} non-finite values in {where}: the run had diverged before it "
+                                  "was saved (or the file was altered); resume from an earlier checkpoint.")
+
+
+def check_state_dict(checkpoint: Mapping[str, Any], expected: Mapping[str, torch.Tensor], name: str) -> None:
+    """Every parameter and buffer of the built model is in the checkpoint with the same shape, and no other."""
+    saved = checkpoint["state_dict"]
+    missing = [k for k in expected if k not in saved]
+    unexpected = [k for k in saved if k not in expected]
+    if missing or unexpected:
+        raise CheckpointError(f"{name} does not fit the model this config builds: missing {missing[:3]}, "
+                              f"unexpected {unexpected[:3]}.")
+    for key, tensor in expected.items():
+        if tuple(saved[key].shape) != tuple(tensor.shape):
+            raise CheckpointError(f"{name} does not fit the model this config builds: {key} is "
+                                  f"{list(saved[key].shape)} in the checkpoint and {list(tensor.shape)} here.")
+
+
+def _tensors(tree: Any, where: str = "") -> Iterator[tuple[str, torch.Tensor]]:
+    if isinstance(tree, torch.Tensor):
+        yield where, tree
+    elif isinstance(tree, Mapping):
+        for key, value in tree.items():
+            yield from _tensors(value, f"{where}.{key}" if where else str(key))
+    elif isinstance(tree, (list, tuple)):
+        for i, value in enumerate(tree):
+            yield from _tensors(value, f"{where}[{i}]")
+

@@ -1,0 +1,222 @@
+"""Checks of the composed config that need no data, run first by ``train()``.
+
+A setting that cannot work fails within seconds, with one sentence naming the key and the fix, never
+after data loading or training, and never silently: a key that nothing reads is an error, not dropped.
+What is cheap to build is built here with placeholder sizes (loss terms, optimizer, schedule), so each
+component's own checks run early and stay in one place.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.errors import InstantiationException
+from hydra.utils import get_class, get_object, instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from doppel.data.transforms import PaperAugment
+from doppel.evaluation.protocol import metric_names
+from doppel.losses.loss_set import LossSet
+from doppel.models.factory import check_backbone
+from doppel.sampling.doppelganger import DoppelgangerTable
+from doppel.sampling.samplers import DoppelgangerBatchSampler, IdentityBatchSampler
+
+# The Hydra config tree of the repository (editable install / source checkout).
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+# Keys Hydra reads in a node it instantiates.
+HYDRA_KEYS = {"_target_", "_partial_", "_recursive_", "_convert_", "_args_"}
+# Arguments the code passes at run time, per kind of node; a config that sets them is wrong.
+RUNTIME = {
+    "sampler": {"labels", "seed", "rank", "table"},
+    "optim": {"params"},
+    "sched": {"optimizer", "T_max"},
+    "loss": {"embedding_dim", "num_classes"},
+    "trainer": {"callbacks", "logger", "plugins", "use_distributed_sampler"},
+}
+LOSS_KEYS = ("terms", "views")
+# Metrics train() adds to the protocol's test metrics.
+SUMMARY_METRICS = ("train/epochs", "doppel/table_filled")
+# Callbacks that write to a logger and fail without one.
+NEEDS_A_LOGGER = ("pytorch_lightning.callbacks.LearningRateMonitor", "pytorch_lightning.callbacks.DeviceStatsMonitor")
+
+
+def objectives() -> list[str]:
+    """Every metric name ``train()`` returns, any of which ``objective`` may name."""
+    return [f"test/{name}" for name in metric_names()] + list(SUMMARY_METRICS)
+
+
+def check_config(cfg: DictConfig) -> None:
+    _check_known_keys(cfg)
+    _check_values(cfg)
+    if cfg.objective not in objectives():
+        raise ValueError(f"objective={cfg.objective} is not a metric of the run; choose one of: "
+                         f"{', '.join(objectives())}.")
+    _check_output_dir(Path(cfg.paths.output_dir))
+
+
+def build(node: DictConfig, **runtime: Any) -> Any:
+    """``instantiate(node)`` that raises the component's own error (its sentence names the key), not
+    Hydra's wrapper around it."""
+    try:
+        return instantiate(node, **runtime)
+    except InstantiationException as error:
+        raise (error.__cause__ or error) from None
+
+
+def resolve_mining(cfg: DictConfig, has_prototype: bool) -> tuple[bool, DictConfig]:
+    """Whether to mine doppelgangers, and the sampler config to build.
+
+    ``doppel.mine=auto`` mines whenever the loss has a prototype term; ``sampler=auto`` (the default) is
+    the doppel sampler then and the random one for exemplar-only losses, which have no logits to mine.
+    """
+    mine = has_prototype if cfg.doppel.mine == "auto" else bool(cfg.doppel.mine)
+    if mine and not has_prototype:
+        raise ValueError("doppel.mine=true needs a prototype loss term (e.g. loss=l2s_mb); "
+                         "or set doppel.mine=auto with sampler=random.")
+    settings = OmegaConf.to_container(cfg.sampler, resolve=True)
+    if settings.pop("random_without_prototype", False) and not has_prototype:
+        settings.pop("random_ratio", None)  # the one setting of the doppel sampler the random one lacks
+        settings["_target_"] = f"{IdentityBatchSampler.__module__}.{IdentityBatchSampler.__name__}"
+    if issubclass(get_class(settings["_target_"]), DoppelgangerBatchSampler) and not mine:
+        raise ValueError("sampler=doppel needs doppelganger mining, which needs a prototype loss term "
+                         "(e.g. loss=l2s_mb) and doppel.mine=auto or true; use sampler=random otherwise.")
+    return mine, OmegaConf.create(settings)
+
+
+# -- keys ----------------------------------------------------------------------------------------
+def _unknown(key: str, known: set[str] | list[str], what: str) -> ValueError:
+    hint = difflib.get_close_matches(key.rsplit(".", 1)[-1], list(known), n=1)
+    return ValueError(f"{key} is not a setting{f' (did you mean {hint[0]}?)' if hint else ''}; {what} takes: "
+                      f"{', '.join(sorted(known))}.")
+
+
+def _check_known_keys(cfg: DictConfig) -> None:
+    base = OmegaConf.load(CONFIG_DIR / "train.yaml")
+    groups = {next(iter(entry)) for entry in base.defaults if not isinstance(entry, str)}
+    sections = {key for key in base if key != "defaults"}
+    for key in cfg:
+        if key not in groups | sections:
+            raise _unknown(str(key), groups | sections, "the top level")
+    for section in sections - groups:  # train.yaml's own sections: its keys are the schema
+        if OmegaConf.is_dict(base[section]):
+            for key in cfg[section]:
+                if key not in base[section]:
+                    raise _unknown(f"{section}.{key}", set(base[section]), section)
+    for key in cfg.loss:
+        if key not in LOSS_KEYS:
+            raise _unknown(f"loss.{key}", set(LOSS_KEYS), "loss")
+    nodes = [("data", cfg.data, set()), ("sampler", cfg.sampler, {"random_without_prototype"}),
+             ("optim", cfg.optim, set()), ("sched", cfg.sched, set()), ("trainer", cfg.trainer, set())]
+    nodes += [(f"loss.terms.{n}", spec, {"weight"}) for n, spec in (cfg.loss.get("terms") or {}).items()]
+    nodes += [(f"regularizer.{n}", spec, {"weight"}) for n, spec in (cfg.get("regularizer") or {}).items()]
+    nodes += [(f"{group}.{n}", spec, set()) for group in ("logger", "callbacks")
+              for n, spec in (cfg.get(group) or {}).items()]
+    for key, node, extra in nodes:
+        if node:
+            _check_target_keys(key, node, extra)
+
+
+def _check_target_keys(key: str, node: DictConfig, extra: set[str]) -> None:
+    if "_target_" not in node:
+        raise ValueError(f"{key} has no _target_: it must name the class or function to build.")
+    try:
+        target = get_object(node._target_)
+    except Exception:  # any import failure is the same user error
+        raise ValueError(f"{key}._target_={node._target_} cannot be imported: check its spelling.") from None
+    accepted, open_ended = _parameters(target)
+    runtime = RUNTIME.get(key.split(".")[0], set())
+    for name in node:
+        if name in HYDRA_KEYS or name in extra:
+            continue
+        if name in runtime:
+            raise ValueError(f"{key}.{name} is set by Doppel at run time; remove it from the config.")
+        if name not in accepted and not open_ended:
+            raise _unknown(f"{key}.{name}", accepted - runtime, f"{key} ({node._target_})")
+
+
+def _parameters(target: Any) -> tuple[set[str], bool]:
+    """Keyword arguments ``target`` accepts, following ``**kwargs`` up a class's bases; and whether it
+    accepts any keyword (then its keys cannot be checked here)."""
+    classes = target.__mro__ if inspect.isclass(target) else (target,)
+    accepted: set[str] = set()
+    for owner in classes:
+        function = owner.__dict__.get("__init__") if inspect.isclass(owner) else owner
+        if function is None:
+            continue
+        parameters = inspect.signature(function).parameters
+        accepted |= {n for n, p in parameters.items() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)} - {"self"}
+        if not any(p.kind == p.VAR_KEYWORD for p in parameters.values()):
+            return accepted, False
+    return accepted, True
+
+
+# -- values --------------------------------------------------------------------------------------
+def _settings(node: DictConfig, *drop: str) -> dict[str, Any]:
+    return {k: v for k, v in OmegaConf.to_container(node, resolve=True).items()
+            if k not in HYDRA_KEYS and k not in drop}
+
+
+def _check_values(cfg: DictConfig) -> None:
+    if not isinstance(cfg.seed, int) or not 0 <= cfg.seed < 2**32:
+        raise ValueError(f"seed={cfg.seed} must be an integer in [0, 2**32).")
+    backbone = _settings(cfg.backbone)
+    check_backbone(**backbone)
+    views = cfg.loss.get("views", 1)
+    if not isinstance(views, int) or views < 1:
+        raise ValueError(f"loss.views={views} must be a positive integer (2 for NT-Xent's two views).")
+    augment = PaperAugment(**cfg.augment)
+    if views > 1 and not (augment.mirror or augment.color_shift > 0 or augment.grayscale_p > 0):
+        raise ValueError(f"loss.views={views} needs augmentation to make the views differ: enable augment.mirror, "
+                         "augment.color_shift or augment.grayscale_p.")
+    embedding_dim = backbone.get("embedding_dim") if isinstance(backbone.get("embedding_dim"), int) else 8
+    loss_set = LossSet(cfg.loss.get("terms") or {}, embedding_dim=embedding_dim, num_classes=8,
+                       regularizer=cfg.get("regularizer"))
+    DoppelgangerTable.check_settings(cfg.doppel.top_k, cfg.doppel.reduction)
+    if cfg.doppel.mine not in ("auto", True, False):
+        raise ValueError(f"doppel.mine={cfg.doppel.mine} must be auto, true or false.")
+    sampler_cfg = resolve_mining(cfg, loss_set.prototype_term is not None)[1]
+    get_class(sampler_cfg._target_).check_settings(**_settings(sampler_cfg))
+    for key, value in (("doppel.n_hubs", cfg.doppel.n_hubs), ("lsuv.batch_size", cfg.lsuv.batch_size),
+                       ("trainer.log_every_n_steps", cfg.trainer.log_every_n_steps)):
+        if not isinstance(value, int) or value < (0 if key == "doppel.n_hubs" else 1):
+            raise ValueError(f"{key}={value} must be a {'non-negative' if key == 'doppel.n_hubs' else 'positive'} "
+                             "integer.")
+    for key, value in (("checkpoint.every_n_steps", cfg.checkpoint.every_n_steps),
+                       ("trainer.check_val_every_n_epoch", cfg.trainer.check_val_every_n_epoch)):
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise ValueError(f"{key}={value} must be a positive integer or null.")
+    max_epochs, max_steps = cfg.trainer.get("max_epochs"), cfg.trainer.get("max_steps", -1)
+    if not (isinstance(max_epochs, int) and max_epochs >= 1) and not (isinstance(max_steps, int) and max_steps >= 1):
+        raise ValueError(f"trainer.max_epochs={max_epochs} must be a positive integer (or set trainer.max_steps).")
+    optimizer = _build("optim", lambda: instantiate(cfg.optim)([torch.nn.Parameter(torch.zeros(1))]))
+    if cfg.get("sched"):
+        _build("sched", lambda: instantiate(cfg.sched)(optimizer, T_max=1))
+    if not cfg.get("logger"):
+        for name, spec in (cfg.get("callbacks") or {}).items():
+            target = get_object(spec._target_)
+            if inspect.isclass(target) and any(issubclass(target, get_class(t)) for t in NEEDS_A_LOGGER):
+                raise ValueError(f"callbacks.{name} ({spec._target_}) writes to a logger and logger=none has none: "
+                                 f"choose a logger (logger=csv) or remove it (~callbacks.{name}).")
+
+
+def _build(key: str, build: Any) -> Any:
+    try:
+        return build()
+    except Exception as error:  # the component's own check, e.g. torch's "Invalid learning rate"
+        cause = error.__cause__ or error
+        raise ValueError(f"{key}: {cause} (check the {key}.* settings).") from None
+
+
+def _check_output_dir(path: Path) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as error:
+        raise ValueError(f"paths.output_dir={str(path)!r} is not a writable folder ({error.strerror}): choose "
+                         "another run directory (hydra.run.dir=...).") from None

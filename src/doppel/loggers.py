@@ -1,0 +1,48 @@
+"""Loggers with what a resumable run needs."""
+
+from __future__ import annotations
+
+import csv
+import warnings
+from pathlib import Path
+
+from pytorch_lightning.loggers import CSVLogger as LightningCSVLogger
+from pytorch_lightning.loggers.csv_logs import ExperimentWriter
+
+
+class CSVLogger(LightningCSVLogger):
+    """Lightning's CSV logger, except that a resumed run continues its ``metrics.csv``.
+
+    Lightning's writer deletes the file when it starts. After :meth:`resume_before`, the rows logged
+    before the checkpoint's step are kept and the resumed run appends to them; later rows are dropped,
+    since the resumed run does those steps again.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._resume_step: int | None = None
+
+    def resume_before(self, step: int) -> None:
+        self._resume_step = step
+
+    @property
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is not None or self._resume_step is None:
+            return super().experiment
+        path = Path(self.log_dir) / ExperimentWriter.NAME_METRICS_FILE
+        header, rows = [], []
+        if path.is_file():
+            with open(path, newline="") as f:
+                reader = csv.DictReader(f)
+                header = list(reader.fieldnames or [])
+                rows = [row for row in reader if row.get("step") and int(float(row["step"])) < self._resume_step]
+        with warnings.catch_warnings():  # "previous log files will be deleted": not these rows
+            warnings.filterwarnings("ignore", message="Experiment logs directory")
+            writer = super().experiment  # removes the file
+        if header:
+            with open(path, "w", newline="") as f:
+                out = csv.DictWriter(f, fieldnames=header)
+                out.writeheader()
+                out.writerows(rows)
+            writer.metrics_keys = header
+        return writer
