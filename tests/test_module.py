@@ -31,3 +31,38 @@ def test_loss_terms_run_in_float32_under_bf16_autocast():
         value = module.training_step((images, labels), 0)
     assert outputs == [torch.bfloat16]  # the backbone ran under autocast
     assert loss.seen == [(torch.float32, True)] and value.dtype == torch.float32
+
+
+def test_one_dimensional_parameters_are_not_weight_decayed():
+    from functools import partial
+
+    torch.manual_seed(0)
+    backbone = get_backbone("ie_cnn_mnist")
+    module = DoppelModule(backbone, RecordingLoss(), partial(torch.optim.SGD, lr=0.1, weight_decay=0.5))
+    optimizer = module.configure_optimizers()
+    decay, no_decay = optimizer.param_groups
+    assert decay["weight_decay"] == 0.5 and no_decay["weight_decay"] == 0.0
+    assert {id(p) for p in decay["params"]} == {id(p) for p in module.parameters() if p.dim() > 1}
+    assert {id(p) for p in no_decay["params"]} == {id(p) for p in module.parameters() if p.dim() == 1}
+    # one step with zero gradients: only the decayed (matrix and kernel) parameters shrink, by lr * wd
+    before = [p.detach().clone() for p in module.parameters()]
+    for p in module.parameters():
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    for old, new in zip(before, module.parameters()):
+        expected = old * (1 - 0.1 * 0.5) if old.dim() > 1 else old
+        assert torch.allclose(new, expected), old.shape
+
+
+def test_non_finite_evaluation_embeddings_are_an_error_not_metrics():
+    import pytest
+
+    backbone = get_backbone("ie_cnn_mnist")
+    module = DoppelModule(backbone, RecordingLoss(), optimizer=None)
+    module.log_dict = lambda *args, **kwargs: None
+    with torch.no_grad():
+        backbone.head.fc.weight[0, 0] = float("inf")
+    module.eval()
+    module._eval_step((torch.rand(4, 3, 28, 28) * 255, torch.tensor([0, 0, 1, 1]), torch.zeros(4, dtype=torch.long)))
+    with pytest.raises(FloatingPointError, match="4 of 4 val embeddings are not finite"):
+        module._eval_end("val")

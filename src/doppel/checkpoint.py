@@ -1,20 +1,14 @@
-"""Checkpoints: where a run resumes from, how files are read and written, and whether one fits the run.
+"""Checkpoints of runs: where a run resumes from, how Lightning reads and writes them, whether one fits.
 
-Reading: local files only (a remote ``ckpt_path`` is refused: nothing is downloaded at run time), always
-with ``torch.load(weights_only=True)``: tensors and plain data only, so nothing in the file is run.
-Writing: to a temporary file in the same folder, flushed to disk, then renamed over the target, so a
-kill at any moment leaves either the previous checkpoint or the new one, never a broken file.
+Reading: local files only (a remote ``ckpt_path`` is refused: nothing is downloaded at run time), with
+:func:`doppel.serialization.load_checkpoint`; writing with :func:`doppel.serialization.atomic_save`.
 Fitting: a checkpoint resumes only the Doppel run that wrote it (its ``doppel`` entry holds that run's
 config); the data, backbone and loss must be the same, every tensor finite, every shape as built.
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
-import pickle
 import re
-import tempfile
 import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -22,6 +16,8 @@ from typing import Any
 
 import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
+
+from doppel.serialization import CheckpointError, atomic_save, load_checkpoint
 
 STAMP = "doppel"
 FORMAT = 1
@@ -32,10 +28,6 @@ DEFINING = ("data.", "backbone.", "loss.terms.", "regularizer.", "doppel.top_k")
 LOCAL = ("paths.", "ckpt_path", "data.num_workers", "data.eval_batch_size", "callbacks.", "logger.",
          "trainer.enable_progress_bar", "trainer.enable_model_summary", "trainer.default_root_dir")
 _REMOTE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used, with the reason and what to do."""
 
 
 def checkpoint_dir(run_dir: str | Path) -> Path:
@@ -58,72 +50,6 @@ def resolve_ckpt_path(value: str | None, run_dir: str | Path) -> Path | None:
         raise FileNotFoundError(f"ckpt_path={str(path)!r} does not exist; give the path of a checkpoint "
                                 "(e.g. <run>/checkpoints/last.ckpt) or ckpt_path=auto.")
     return path
-
-
-def load_checkpoint(path: str | Path, key: str = "ckpt_path") -> dict[str, Any]:
-    """``torch.load(path, weights_only=True)`` with one clear sentence for every way a file can be unfit."""
-    path = Path(path)
-    name = f"{key}={str(path)!r}"
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{name} does not exist.") from None
-    except pickle.UnpicklingError as error:
-        refused = re.search(r"GLOBAL ([\w.]+)", str(error))
-        if refused:
-            raise CheckpointError(
-                f"{name} holds Python objects, not only tensors and plain data (loading it would call "
-                f"{refused.group(1)}): refused, nothing in it was run. Doppel's checkpoints hold none; the file "
-                "was written by other code (e.g. a whole pickled model) or altered.") from None
-        with open(path, "rb") as f:
-            head = f.read(2)
-        if head[:1] == b"\x80":
-            raise CheckpointError(f"{name} is a plain Python pickle, not a torch.save checkpoint: refused unread "
-                                  "(unpickling can run code); nothing in it was run.") from None
-        raise CheckpointError(f"{name} is not a PyTorch checkpoint (its bytes are not a torch.save archive): "
-                              "it is another kind of file or corrupt.") from None
-    except EOFError:
-        raise CheckpointError(f"{name} is empty: the run that wrote it was killed while creating it; use an "
-                              "earlier checkpoint or start anew.") from None
-    except RuntimeError as error:
-        reason = str(error).split(".")[0]
-        raise CheckpointError(f"{name} is truncated or corrupt ({reason}): use an earlier checkpoint or start "
-                              "anew.") from None
-    if not isinstance(checkpoint, dict):
-        raise CheckpointError(f"{name} holds a {type(checkpoint).__name__}, not a training checkpoint.")
-    return checkpoint
-
-
-def atomic_save(checkpoint: Any, path: str | Path) -> None:
-    """``torch.save`` to a temporary file beside ``path``, fsync, rename over ``path`` (atomic on POSIX)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.chmod(temporary, 0o666 & ~_umask())  # as any new file, not mkstemp's owner-only mode
-        with os.fdopen(descriptor, "wb") as f:
-            torch.save(checkpoint, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temporary)
-        raise
-    folder = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(folder)  # the rename itself reaches the disk
-    finally:
-        os.close(folder)
-    for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a writer that was killed
-        with contextlib.suppress(FileNotFoundError):
-            stale.unlink()
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 class SafeCheckpointIO(TorchCheckpointIO):

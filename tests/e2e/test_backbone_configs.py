@@ -9,6 +9,7 @@ import pytest
 
 from doppel.train import CONFIG_DIR, train
 from tests.conftest import compose_cfg, write_emoji_npz
+from tests.e2e.reference import assert_metrics_are_the_reference
 from tests.e2e.test_loss_configs import logged
 
 BACKBONES = sorted(path.stem for path in (CONFIG_DIR / "backbone").glob("*.yaml"))
@@ -40,7 +41,7 @@ def test_backbone_trains_at_a_small_input_size(tmp_path, backbone):
     metrics = train(cfg)
     losses = logged(tmp_path)["train/loss"]
     assert len(losses) == 2 and all(math.isfinite(v) for v in losses)
-    assert 0.0 <= metrics["test/novel/top1"] <= 1.0
+    assert_metrics_are_the_reference(tmp_path, cfg, metrics)
 
 
 @pytest.mark.parametrize("backbone", ["face_resnet", "ie_face_resnet", "wrn28_10"])
@@ -51,7 +52,7 @@ def test_full_size_backbone_takes_a_training_step(tmp_path, backbone):
     metrics = train(cfg)
     losses = logged(tmp_path)["train/loss"]
     assert len(losses) == 1 and math.isfinite(losses[0])
-    assert 0.0 <= metrics["test/novel/top1"] <= 1.0
+    assert_metrics_are_the_reference(tmp_path, cfg, metrics)
 
 
 @pytest.mark.parametrize("speed", [
@@ -65,4 +66,4 @@ def test_speed_options_train(tmp_path, speed):
     metrics = train(cfg)
     losses = logged(tmp_path)["train/loss"]
     assert len(losses) == 2 and all(math.isfinite(v) for v in losses)
-    assert 0.0 <= metrics["test/novel/top1"] <= 1.0
+    assert_metrics_are_the_reference(tmp_path, cfg, metrics)

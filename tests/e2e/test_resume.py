@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from doppel.callbacks.checkpointing import RunInterrupted
-from doppel.checkpoint import CheckpointError
+from doppel.serialization import CheckpointError
 from doppel.train import train
 from tests.conftest import TINY, compose_cfg
 from tests.e2e.cli import run_cli

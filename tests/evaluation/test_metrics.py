@@ -4,7 +4,7 @@ import torch
 from sklearn.neighbors import NearestNeighbors
 
 from doppel.evaluation.metrics import classify_by_prototypes, coverage_at_precision, recall_at_k, top1_accuracy
-from doppel.evaluation.protocol import Role, evaluate_protocol
+from doppel.evaluation.protocol import Role, evaluate_protocol, metric_names
 
 
 def test_coverage_hand_computed_with_a_tie_and_a_dip():
@@ -75,3 +75,36 @@ def test_protocol_on_a_hand_built_case():
     # recall@1 within base images: 0<->10<->5 fine; 90,100 fine; 45's nearest is 10 (35 deg) vs 90 (45): miss
     assert m["base/recall@1"] == pytest.approx(5 / 6)
     assert m["novel/recall@1"] == pytest.approx(1.0)
+
+
+def test_mirror_trick_sums_the_embeddings_of_the_image_and_its_mirror_then_normalises():
+    from doppel.evaluation.protocol import mirror_embed
+
+    # f(x) = (sum of the left column, sum of the right column): not mirror-invariant
+    def model(images):
+        return torch.stack([images[..., 0].sum((1, 2)), images[..., 1].sum((1, 2))], dim=1)
+
+    image = torch.tensor([[[[3.0, 1.0]]]])  # one 1x1x2 image: left 3, right 1
+    # f(x) = (3, 1), f(mirror) = (1, 3): sum (4, 4), normalised (1/sqrt2, 1/sqrt2)
+    assert torch.allclose(mirror_embed(model, image), torch.tensor([[0.5**0.5, 0.5**0.5]]))
+    lopsided = torch.tensor([[[[4.0, 0.0]]]])
+    assert torch.allclose(mirror_embed(model, lopsided), torch.tensor([[0.5**0.5, 0.5**0.5]]))
+
+
+def test_base_and_novel_prototypes_compete_for_every_query():
+    def at(degrees):
+        return torch.tensor([np.cos(np.radians(degrees)), np.sin(np.radians(degrees))], dtype=torch.float32)
+
+    rows = [  # (angle, label, role)
+        (0, 0, Role.BASE_TRAIN), (2, 0, Role.BASE_TRAIN), (88, 0, Role.BASE_TEST),  # query nearest novel 1's prototype
+        (180, 1, Role.BASE_TRAIN), (182, 1, Role.BASE_TRAIN), (181, 1, Role.BASE_TEST),
+        (90, 2, Role.NOVEL_PROTOTYPE), (3, 2, Role.NOVEL_QUERY),  # query nearest base 0's prototype
+        (270, 3, Role.NOVEL_PROTOTYPE), (265, 3, Role.NOVEL_QUERY),
+    ]
+    x = torch.stack([at(a) for a, _, _ in rows])
+    labels = torch.tensor([r[1] for r in rows])
+    roles = torch.tensor([int(r[2]) for r in rows])
+    m = evaluate_protocol(x, labels, roles)
+    # within its own split each query would be right; among all prototypes one of each split is wrong
+    assert m["base/top1"] == pytest.approx(0.5) and m["novel/top1"] == pytest.approx(0.5)
+    assert sorted(m) == sorted(metric_names())

@@ -145,3 +145,34 @@ def test_margin_loss_with_nothing_to_draw_is_zero():
     loss = term(x, torch.tensor([0, 0, 1, 1]))  # positives at S=1 >= beta+alpha, negatives at -1
     loss.backward()
     assert loss.item() == 0.0
+
+
+def test_loss_set_total_is_the_weighted_sum_of_its_terms():
+    from doppel.losses.loss_set import LossSet
+
+    terms = {"l2": {"_target_": "doppel.losses.regularizers.L2Reg", "weight": 0.5}}
+    regularizer = {"sec": {"_target_": "doppel.losses.regularizers.SphericalEmbeddingConstraint", "weight": 2.0}}
+    loss_set = LossSet(terms, embedding_dim=2, num_classes=2, regularizer=regularizer)
+    embeddings = torch.tensor([[3.0, 4.0], [0.0, 1.0]])  # norms 5 and 1
+    total, logs = loss_set(embeddings, torch.tensor([0, 1]))
+    # L2-reg: (25 + 1) / 2 = 13; SEC: mu = 3, ((5 - 3)^2 + (1 - 3)^2) / 2 = 4; total 0.5 * 13 + 2 * 4
+    assert logs["loss/l2"].item() == pytest.approx(13.0) and logs["loss/sec"].item() == pytest.approx(4.0)
+    assert total.item() == pytest.approx(14.5)
+
+
+@pytest.mark.parametrize("weight", [-1.0, float("nan"), float("inf"), "heavy"])
+def test_loss_set_refuses_weights_that_cannot_be_meant(weight):
+    from doppel.losses.loss_set import LossSet
+
+    terms = {"l2s": {"_target_": "doppel.losses.prototype.L2Softmax", "weight": weight}}
+    with pytest.raises(ValueError, match=r"loss.terms.l2s.weight=.* must be a finite number >= 0"):
+        LossSet(terms, embedding_dim=4, num_classes=3)
+
+
+def test_a_term_may_declare_that_it_takes_negative_weights(monkeypatch):
+    from doppel.losses.loss_set import LossSet
+    from doppel.losses.regularizers import L2Reg
+
+    monkeypatch.setattr(L2Reg, "allows_negative_weight", True, raising=False)
+    loss_set = LossSet({"l2": {"_target_": "doppel.losses.regularizers.L2Reg", "weight": -1.0}}, 2, 2)
+    assert loss_set(torch.tensor([[3.0, 4.0]]), torch.tensor([0]))[0].item() == pytest.approx(-25.0)

@@ -6,6 +6,8 @@ import math
 
 import pytest
 import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
 from torch import nn
 
 from doppel.data.transforms import Preprocess
@@ -223,3 +225,24 @@ def test_config_file_builds_the_registry_network(name):
     assert [(k, v.shape) for k, v in from_config.state_dict().items()] == \
         [(k, v.shape) for k, v in from_code.state_dict().items()]
     assert [p.requires_grad for p in from_config.parameters()] == [p.requires_grad for p in from_code.parameters()]
+
+
+def test_wrn_dropout_is_its_block_dropout_and_ir_dropout_is_the_heads():
+    wrn = get_backbone("wrn28_10", depth=10, widen_factor=1, dropout=0.3)
+    assert {block.dropout for block in wrn.trunk.blocks} == {0.3}
+    assert isinstance(wrn.head.dropout, torch.nn.Identity)
+    ir = get_backbone("resnet50_ir", input_size=32, dropout=0.2)
+    assert isinstance(ir.head.dropout, torch.nn.Dropout) and ir.head.dropout.p == 0.2
+    from doppel.config import CONFIG_DIR
+
+    cfg = OmegaConf.load(CONFIG_DIR / "backbone" / "wrn28_10.yaml")
+    cfg.depth, cfg.widen_factor, cfg.dropout = 10, 1, 0.4  # backbone=wrn28_10 backbone.dropout=0.4
+    assert {block.dropout for block in instantiate(cfg).trunk.blocks} == {0.4}
+
+
+def test_an_unknown_backbone_option_is_named_with_the_nearest_one():
+    with pytest.raises(ValueError, match=r"backbone.dropuot is not an option of backbone 'face_resnet' "
+                                         r"\(did you mean dropout\?\)"):
+        get_backbone("face_resnet", dropuot=0.1)
+    with pytest.raises(ValueError, match=r"backbone.embedding_dim=0 must be a positive integer"):
+        get_backbone("face_resnet", embedding_dim=0)

@@ -1,6 +1,6 @@
 """Lightning callback that keeps ``<run>/checkpoints/last.ckpt`` current, so an interrupted run loses little.
 
-It is written (atomically, see :mod:`doppel.checkpoint`) every ``every_n_steps`` optimizer steps, at every
+It is written (atomically, see :mod:`doppel.serialization`) every ``every_n_steps`` optimizer steps, at every
 epoch end, and when the process receives SIGTERM (a scheduler's preemption or time limit) or SIGINT
 (Ctrl-C): training finishes the step it is in, saves, and stops with :class:`RunInterrupted`; a second
 Ctrl-C stops at once. The save that ends an epoch's last step waits for the epoch end (after validation),

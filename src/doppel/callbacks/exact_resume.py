@@ -22,7 +22,8 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
-from doppel.checkpoint import FORMAT, STAMP, CheckpointError
+from doppel.checkpoint import FORMAT, STAMP
+from doppel.serialization import CheckpointError
 
 
 def global_rng_state() -> dict[str, Any]:

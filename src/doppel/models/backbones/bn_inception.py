@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from doppel.serialization import load_checkpoint
+
 
 class ConvBNReLU(nn.Module):
     def __init__(self, in_ch: int, out_ch: int, kernel: int, stride: int = 1, padding: int = 0) -> None:
@@ -136,7 +138,7 @@ class BNInception(nn.Module):
 
     def load_port_checkpoint(self, path: str | Path) -> None:
         """Load the port's weights file (``bn_inception-*.pth``) from a local path."""
-        state = torch.load(Path(path), map_location="cpu", weights_only=True)
+        state = load_checkpoint(path, key="backbone.checkpoint")
         state = state.get("state_dict", state)
         # Not strict: only the BN step counters can be absent, map_port_state_dict checked the rest.
         self.load_state_dict(self.map_port_state_dict(state), strict=False)

@@ -13,6 +13,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from doppel.serialization import load_checkpoint
+
 
 class TimmTrunk(nn.Module):
     def __init__(self, model: str, pretrained_path: str | None = None, in_channels: int = 3, **timm_options) -> None:
@@ -28,6 +30,8 @@ class TimmTrunk(nn.Module):
             if not path.is_file():
                 raise FileNotFoundError(f"backbone.pretrained_path={str(path)!r} does not exist; give a local "
                                         "weights file of this model (nothing is downloaded).")
+            if path.suffix != ".safetensors":  # a pickle-based file: refused with a clear reason if unsafe
+                load_checkpoint(path, key="backbone.pretrained_path")
             # timm reads the local file and drops the classifier's weights itself (num_classes=0).
             options.update(pretrained=True, pretrained_cfg_overlay={"file": str(path)})
         self.model = timm.create_model(model, **options)

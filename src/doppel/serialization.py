@@ -1,0 +1,89 @@
+"""Reading and writing tensor files safely: nothing in a file is run, and no kill leaves a broken file.
+
+Reading is ``torch.load(weights_only=True)``: tensors and plain data only (a file that holds other Python
+objects is refused unread), with one sentence for every way a file can be unfit. Writing goes to a
+temporary file in the same folder, flushed to disk, then renamed over the target: a kill at any moment
+leaves either the previous file or the new one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pickle
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used, with the reason and what to do."""
+
+
+def load_checkpoint(path: str | Path, key: str = "ckpt_path") -> dict[str, Any]:
+    """``torch.load(path, weights_only=True)`` on the CPU; ``key`` is the setting that named the file."""
+    path = Path(path)
+    name = f"{key}={str(path)!r}"
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{name} does not exist.") from None
+    except pickle.UnpicklingError as error:
+        refused = re.search(r"GLOBAL ([\w.]+)", str(error))
+        if refused:
+            raise CheckpointError(
+                f"{name} holds Python objects, not only tensors and plain data (loading it would call "
+                f"{refused.group(1)}): refused, nothing in it was run. Doppel's checkpoints hold none; the file "
+                "was written by other code (e.g. a whole pickled model) or altered.") from None
+        with open(path, "rb") as f:
+            head = f.read(2)
+        if head[:1] == b"\x80":
+            raise CheckpointError(f"{name} is a plain Python pickle, not a torch.save checkpoint: refused unread "
+                                  "(unpickling can run code); nothing in it was run.") from None
+        raise CheckpointError(f"{name} is not a PyTorch checkpoint (its bytes are not a torch.save archive): "
+                              "it is another kind of file or corrupt.") from None
+    except EOFError:
+        raise CheckpointError(f"{name} is empty: the run that wrote it was killed while creating it; use an "
+                              "earlier checkpoint or start anew.") from None
+    except RuntimeError as error:
+        reason = str(error).split(".")[0]
+        raise CheckpointError(f"{name} is truncated or corrupt ({reason}): use an earlier checkpoint or start "
+                              "anew.") from None
+    if not isinstance(checkpoint, dict):
+        raise CheckpointError(f"{name} holds a {type(checkpoint).__name__}, not a training checkpoint.")
+    return checkpoint
+
+
+def atomic_save(checkpoint: Any, path: str | Path) -> None:
+    """``torch.save`` to a temporary file beside ``path``, fsync, rename over ``path`` (atomic on POSIX)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.chmod(temporary, 0o666 & ~_umask())  # as any new file, not mkstemp's owner-only mode
+        with os.fdopen(descriptor, "wb") as f:
+            torch.save(checkpoint, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary)
+        raise
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)  # the rename itself reaches the disk
+    finally:
+        os.close(folder)
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a writer that was killed
+        with contextlib.suppress(FileNotFoundError):
+            stale.unlink()
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
