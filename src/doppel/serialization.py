@@ -23,14 +23,34 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be used, with the reason and what to do."""
 
 
+# How a torch.save file begins: a zip archive, or (before torch 1.6) torch's magic number pickled.
+_ZIP = b"PK\x03\x04"
+_LEGACY = pickle.dumps(torch.serialization.MAGIC_NUMBER, protocol=2)[:-1]
+
+
 def load_checkpoint(path: str | Path, key: str = "ckpt_path") -> dict[str, Any]:
-    """``torch.load(path, weights_only=True)`` on the CPU; ``key`` is the setting that named the file."""
+    """``torch.load(path, weights_only=True)`` on the CPU; ``key`` is the setting that named the file.
+
+    A file that does not begin as torch.save files do never reaches the unpickler.
+    """
     path = Path(path)
     name = f"{key}={str(path)!r}"
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        with open(path, "rb") as f:
+            head = f.read(len(_LEGACY))
     except FileNotFoundError:
         raise FileNotFoundError(f"{name} does not exist.") from None
+    if not head:
+        raise CheckpointError(f"{name} is empty: the run that wrote it was killed while creating it; use an "
+                              "earlier checkpoint or start anew.")
+    if not head.startswith((_ZIP, _LEGACY)):
+        if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):  # pickle's PROTO opcode
+            raise CheckpointError(f"{name} is a plain Python pickle, not a torch.save checkpoint: refused unread "
+                                  "(unpickling can run code); nothing in it was run.")
+        raise CheckpointError(f"{name} is not a PyTorch checkpoint (its bytes are not a torch.save archive): "
+                              "it is another kind of file or corrupt.")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         refused = re.search(r"GLOBAL ([\w.]+)", str(error))
         if refused:
@@ -38,18 +58,10 @@ def load_checkpoint(path: str | Path, key: str = "ckpt_path") -> dict[str, Any]:
                 f"{name} holds Python objects, not only tensors and plain data (loading it would call "
                 f"{refused.group(1)}): refused, nothing in it was run. Doppel's checkpoints hold none; the file "
                 "was written by other code (e.g. a whole pickled model) or altered.") from None
-        with open(path, "rb") as f:
-            head = f.read(2)
-        if head[:1] == b"\x80":
-            raise CheckpointError(f"{name} is a plain Python pickle, not a torch.save checkpoint: refused unread "
-                                  "(unpickling can run code); nothing in it was run.") from None
-        raise CheckpointError(f"{name} is not a PyTorch checkpoint (its bytes are not a torch.save archive): "
-                              "it is another kind of file or corrupt.") from None
-    except EOFError:
-        raise CheckpointError(f"{name} is empty: the run that wrote it was killed while creating it; use an "
-                              "earlier checkpoint or start anew.") from None
-    except RuntimeError as error:
-        reason = str(error).split(".")[0]
+        raise CheckpointError(f"{name} is corrupt or holds content the safe loader refuses: nothing in it was "
+                              "run; use an earlier checkpoint or start anew.") from None
+    except Exception as error:  # a damaged archive fails in many ways
+        reason = str(error).split(".")[0] or type(error).__name__
         raise CheckpointError(f"{name} is truncated or corrupt ({reason}): use an earlier checkpoint or start "
                               "anew.") from None
     if not isinstance(checkpoint, dict):

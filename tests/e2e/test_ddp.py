@@ -54,3 +54,11 @@ def test_a_two_process_run_stopped_by_sigterm_resumes_to_byte_identical_metrics(
                            f"hydra.run.dir={tmp_path}/cut", "ckpt_path=auto"], cwd=tmp_path)
     assert one_process.returncode == 1
     assert "written by 2 processes and this run has 1" in one_process.stderr
+
+
+def test_mean_reduction_is_refused_across_processes(tmp_path):
+    result = run_cli([*TINY, *DDP, "doppel.reduction=mean", "trainer.max_epochs=1", f"hydra.run.dir={tmp_path}/run"],
+                     cwd=tmp_path)
+    assert result.returncode == 1
+    assert ("doppel.reduction='mean' cannot be mined exactly by 2 processes (a class's mean needs all its logits "
+            "in one place): use doppel.reduction=max or one process.") in result.stderr

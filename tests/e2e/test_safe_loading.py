@@ -2,6 +2,7 @@
 
 import http.server
 import os
+import random
 import subprocess
 import sys
 import threading
@@ -88,7 +89,7 @@ def test_a_checkpoint_served_over_http_is_refused_without_a_request(crafted, tmp
 
 def test_random_bytes_as_a_checkpoint_get_a_clear_error(tmp_path):
     path = tmp_path / "random.ckpt"
-    path.write_bytes(os.urandom(4096))
+    path.write_bytes(random.Random(4096).randbytes(4096))
     with pytest.raises(CheckpointError, match="is not a PyTorch checkpoint"):
         train(compose_cfg(tmp_path / "run", [*SHORT, f"ckpt_path={path}"]))
 

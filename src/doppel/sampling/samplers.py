@@ -242,5 +242,6 @@ def _count_range(examples_per_class: int | Sequence[int]) -> tuple[int, int]:
             raise ValueError(f"sampler.examples_per_class={values} must be an int or [low, high].")
         low, high = int(values[0]), int(values[1])
     if not 1 <= low <= high:
-        raise ValueError(f"sampler.examples_per_class=[{low}, {high}] needs 1 <= low <= high.")
+        raise ValueError(f"sampler.examples_per_class={examples_per_class} needs 1 <= low <= high "
+                         "(an int: that many of every class).")
     return low, high
