@@ -36,6 +36,7 @@ RUNTIME = {
     "optim": {"params"},
     "sched": {"optimizer", "T_max"},
     "loss": {"embedding_dim", "num_classes"},
+    "regularizer": {"embedding_dim", "num_classes"},
     "trainer": {"callbacks", "logger", "plugins", "use_distributed_sampler"},
 }
 LOSS_KEYS = ("terms", "views")

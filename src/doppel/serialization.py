@@ -12,7 +12,7 @@ import contextlib
 import os
 import pickle
 import re
-import tempfile
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -73,9 +73,10 @@ def atomic_save(checkpoint: Any, path: str | Path) -> None:
     """``torch.save`` to a temporary file beside ``path``, fsync, rename over ``path`` (atomic on POSIX)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    # A new name beside the target; mode 0o666 under the process's umask, as any new file.
+    temporary = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
-        os.chmod(temporary, 0o666 & ~_umask())  # as any new file, not mkstemp's owner-only mode
         with os.fdopen(descriptor, "wb") as f:
             torch.save(checkpoint, f)
             f.flush()
@@ -93,9 +94,3 @@ def atomic_save(checkpoint: Any, path: str | Path) -> None:
     for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a writer that was killed
         with contextlib.suppress(FileNotFoundError):
             stale.unlink()
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask

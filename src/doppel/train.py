@@ -17,20 +17,14 @@ from pytorch_lightning.utilities import rank_zero_info, rank_zero_only
 from doppel.callbacks.checkpointing import LastCheckpoint, RunInterrupted
 from doppel.callbacks.doppelganger_mining import DoppelgangerMining
 from doppel.callbacks.exact_resume import ExactResume
-from doppel.checkpoint import (
-    SafeCheckpointIO,
-    check_checkpoint,
-    check_state_dict,
-    checkpoint_dir,
-    load_checkpoint,
-    resolve_ckpt_path,
-)
+from doppel.checkpoint import SafeCheckpointIO, check_checkpoint, check_state_dict, checkpoint_dir, resolve_ckpt_path
 from doppel.config import CONFIG_DIR, build, check_config, resolve_mining
 from doppel.data.transforms import PaperAugment
 from doppel.losses.loss_set import LossSet
 from doppel.models.layers import lsuv_init_
 from doppel.module import DoppelModule
 from doppel.sampling.doppelganger import DoppelgangerTable
+from doppel.serialization import load_checkpoint
 
 __all__ = ["CONFIG_DIR", "RunInterrupted", "train"]
 
