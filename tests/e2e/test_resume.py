@@ -54,10 +54,11 @@ def test_a_run_stopped_mid_epoch_resumes_to_byte_identical_metrics(uninterrupted
     assert (run / "metrics.json").read_bytes() == uninterrupted, f"{signum} at step {step}"
 
 
-def test_table_and_batches_after_a_resume_are_those_of_the_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("workers", [0, 2])  # with workers, batches are drawn ahead of training
+def test_table_and_batches_after_a_resume_are_those_of_the_uninterrupted_run(tmp_path, workers):
     from tests.e2e.recorder import BatchRecorder
 
-    record = ["+callbacks.recorder._target_=tests.e2e.recorder.BatchRecorder"]
+    record = ["+callbacks.recorder._target_=tests.e2e.recorder.BatchRecorder", f"data.num_workers={workers}"]
     BatchRecorder.batches = []
     full_metrics = train(compose_cfg(tmp_path / "full", [*RUN, *record]))
     full_batches = list(BatchRecorder.batches)
@@ -66,7 +67,7 @@ def test_table_and_batches_after_a_resume_are_those_of_the_uninterrupted_run(tmp
     full = torch.load(tmp_path / "full" / "checkpoints" / "last.ckpt", weights_only=True)
 
     with pytest.raises(RunInterrupted, match="SIGTERM at step 9"):
-        train(compose_cfg(tmp_path / "cut", [*RUN, *fault(9, "SIGTERM")]))
+        train(compose_cfg(tmp_path / "cut", [*RUN, *fault(9, "SIGTERM"), f"data.num_workers={workers}"]))
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers given back
     BatchRecorder.batches = []
     resumed_metrics = train(compose_cfg(tmp_path / "cut", [*RUN, *record, "ckpt_path=auto"]))
