@@ -85,11 +85,13 @@ def test_table_and_batches_after_a_resume_are_those_of_the_uninterrupted_run(tmp
 
 def test_a_finished_run_is_not_extended_under_a_schedule(tmp_path):
     train(compose_cfg(tmp_path, ["trainer.max_epochs=1"]))
-    with pytest.raises(CheckpointError, match="planned for 6 optimizer steps and this one for 12"):
+    changed = pytest.warns(UserWarning, match=r"changed settings \(trainer.max_epochs: 1 -> 2\)")
+    with changed, pytest.raises(CheckpointError, match="planned for 6 optimizer steps and this one for 12"):
         train(compose_cfg(tmp_path, ["trainer.max_epochs=2", "ckpt_path=auto"]))
     # without a schedule nothing depends on the planned length: the run goes on
     train(compose_cfg(tmp_path / "constant", ["trainer.max_epochs=1", "sched=none"]))
-    metrics = train(compose_cfg(tmp_path / "constant", ["trainer.max_epochs=2", "sched=none", "ckpt_path=auto"]))
+    with pytest.warns(UserWarning, match="changed settings"):
+        metrics = train(compose_cfg(tmp_path / "constant", ["trainer.max_epochs=2", "sched=none", "ckpt_path=auto"]))
     assert metrics["train/epochs"] == 2.0
 
 
