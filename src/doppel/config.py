@@ -2,7 +2,7 @@
 
 A setting that cannot work fails within seconds, with one sentence naming the key and the fix, never
 after data loading or training, and never silently: a key that nothing reads is an error, not dropped.
-What is cheap to build is built here with placeholder sizes (loss terms, optimizer, schedule), so each
+What is cheap to build is built here with small stand-in sizes (loss terms, optimizer, schedule), so each
 component's own checks run early and stay in one place.
 """
 

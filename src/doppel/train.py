@@ -35,8 +35,6 @@ def train(cfg: DictConfig) -> dict[str, float]:
     Raises :class:`RunInterrupted` when SIGTERM / SIGINT stopped training (a checkpoint was saved).
     """
     check_config(cfg)  # seconds, before anything is loaded
-    # ExactResume restores the sampler's position in the epoch, which Lightning cannot see.
-    warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
     output_dir = Path(cfg.paths.output_dir)
     datamodule = build(cfg.data)  # checks its settings; loads nothing until setup()
     ckpt_path = resolve_ckpt_path(cfg.ckpt_path, output_dir)
@@ -97,7 +95,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
                                       use_distributed_sampler=False, plugins=[io])
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        with warnings.catch_warnings():
+            # ExactResume restores the sampler's position in the epoch, which Lightning cannot see.
+            warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch")
+            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
         if module.val_step == trainer.global_step:  # the last epoch was validated: same weights, same data
             metrics = {"test/" + k[4:]: float(v) for k, v in module.final_metrics.items() if k.startswith("val/")}
         else:
