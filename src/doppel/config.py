@@ -157,9 +157,8 @@ def _parameters(target: Any) -> tuple[set[str], bool]:
 
 
 # -- values --------------------------------------------------------------------------------------
-def _settings(node: DictConfig, *drop: str) -> dict[str, Any]:
-    return {k: v for k, v in OmegaConf.to_container(node, resolve=True).items()
-            if k not in HYDRA_KEYS and k not in drop}
+def _settings(node: DictConfig) -> dict[str, Any]:
+    return {k: v for k, v in OmegaConf.to_container(node, resolve=True).items() if k not in HYDRA_KEYS}
 
 
 def _check_values(cfg: DictConfig) -> None:

@@ -118,8 +118,10 @@ class ExactResume(pl.Callback):
         self._planned_steps = stamp["planned_steps"]
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._planned_steps is None or not trainer.lr_scheduler_configs:
+            return  # a new run, or nothing depends on the planned length
         planned = trainer.estimated_stepping_batches
-        if self._planned_steps is not None and trainer.lr_scheduler_configs and planned != self._planned_steps:
+        if planned != self._planned_steps:
             raise CheckpointError(
                 f"the checkpoint's run was planned for {self._planned_steps} optimizer steps and this one for "
                 f"{planned} (trainer.max_epochs, trainer.limit_train_batches, trainer.max_steps or the batch "
