@@ -37,19 +37,31 @@ def test_a_run_stopped_mid_epoch_resumes_to_byte_identical_metrics(uninterrupted
     total = STEPS_PER_EPOCH * EPOCHS
     step = random.SystemRandom().choice([s for s in range(2, total) if s % STEPS_PER_EPOCH])  # not an epoch end
     run = tmp_path / "run"
-    stopped = run_cli([*RUN, f"hydra.run.dir={run}", *fault(step, signum)], cwd=tmp_path)
-    checkpoint = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
-    if signum == "SIGKILL":  # killed in the middle of the step: the newest checkpoint is an older one
+    stop_and_resume(run, tmp_path, signum, step, uninterrupted)
+
+
+@pytest.mark.parametrize("step", [2, 5])
+def test_a_run_killed_before_or_just_after_its_first_checkpoint_resumes_exactly(uninterrupted, tmp_path, step):
+    stop_and_resume(tmp_path / "run", tmp_path, "SIGKILL", step, uninterrupted)
+
+
+def stop_and_resume(run, cwd, signum, step, uninterrupted):
+    stopped = run_cli([*RUN, f"hydra.run.dir={run}", *fault(step, signum)], cwd=cwd)
+    last = run / "checkpoints" / "last.ckpt"
+    if signum == "SIGKILL":  # killed in the middle of the step: the newest checkpoint is an older one, if any
         assert stopped.returncode == -signal.SIGKILL, f"step {step}"
-        assert checkpoint["global_step"] == max(EVERY * ((step - 1) // EVERY),
-                                                STEPS_PER_EPOCH * ((step - 1) // STEPS_PER_EPOCH)), f"step {step}"
+        saved = max(EVERY * ((step - 1) // EVERY), STEPS_PER_EPOCH * ((step - 1) // STEPS_PER_EPOCH))
+        if saved == 0:
+            assert not last.exists()  # nothing to resume: ckpt_path=auto starts the run anew
+        else:
+            assert torch.load(last, weights_only=True)["global_step"] == saved, f"step {step}"
     else:  # the step is finished, saved, and the process ends with the shell's code for the signal
         assert stopped.returncode == 128 + getattr(signal, signum), f"step {step}: {stopped.stderr[-2000:]}"
         assert f"interrupted by {signum} at step {step}: saved {run}/checkpoints/last.ckpt" in stopped.stderr
-        assert checkpoint["global_step"] == step
+        assert torch.load(last, weights_only=True)["global_step"] == step
     assert not (run / "metrics.json").exists()
 
-    resumed = run_cli([*RUN, f"hydra.run.dir={run}", "ckpt_path=auto"], cwd=tmp_path)
+    resumed = run_cli([*RUN, f"hydra.run.dir={run}", "ckpt_path=auto"], cwd=cwd)
     assert resumed.returncode == 0, f"step {step}: {resumed.stderr[-3000:]}"
     assert (run / "metrics.json").read_bytes() == uninterrupted, f"{signum} at step {step}"
 
