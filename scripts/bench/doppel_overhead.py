@@ -19,15 +19,16 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
-from doppel.data.emoji import load_emoji_npz, split_emoji
+from doppel.data.readers.emoji_npz import read_emoji_npz
+from doppel.data.split import split_dataset
 from doppel.losses.loss_set import LossSet
 from doppel.sampling.doppelganger import DoppelgangerTable
-from doppel.sampling.samplers import DoppelgangerBatchSampler, IdentityBatchSampler
+from doppel.sampling.samplers import DoppelgangerBatchSampler, IdentityBatchSampler, SamplerContext
 from doppel.train import CONFIG_DIR
 
 
 def emoji_class_count() -> int:
-    return split_emoji(load_emoji_npz()).num_classes
+    return split_dataset(read_emoji_npz()).num_classes
 
 
 def build(num_classes: int, device: torch.device, images_per_class: int = 3):
@@ -41,9 +42,9 @@ def build(num_classes: int, device: torch.device, images_per_class: int = 3):
     images = torch.randint(0, 256, (len(labels), 3, 32, 32), dtype=torch.uint8)
     table = DoppelgangerTable(num_classes)
     samplers = {
-        "random": IdentityBatchSampler(labels, cfg.sampler.batch_size, [2, 4], batches_per_epoch=10**9),
-        "doppel": DoppelgangerBatchSampler(labels, cfg.sampler.batch_size, table, random_ratio=1 / 3,
-                                           examples_per_class=[2, 4], batches_per_epoch=10**9),
+        "random": IdentityBatchSampler(SamplerContext(labels), cfg.sampler.batch_size, [2, 4], batches_per_epoch=10**9),
+        "doppel": DoppelgangerBatchSampler(SamplerContext(labels, table=table), cfg.sampler.batch_size,
+                                           random_ratio=1 / 3, examples_per_class=[2, 4], batches_per_epoch=10**9),
     }
     return backbone, loss_set, optimizer, images, labels, table, {k: iter(s) for k, s in samplers.items()}
 

@@ -24,7 +24,6 @@ from doppel.evaluation.protocol import metric_names
 from doppel.losses.loss_set import LossSet
 from doppel.models.factory import check_backbone
 from doppel.sampling.doppelganger import DoppelgangerTable
-from doppel.sampling.samplers import DoppelgangerBatchSampler, IdentityBatchSampler
 
 # The Hydra config tree of the repository (editable install / source checkout).
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
@@ -32,7 +31,7 @@ CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 HYDRA_KEYS = {"_target_", "_partial_", "_recursive_", "_convert_", "_args_"}
 # Arguments the code passes at run time, per kind of node; a config that sets them is wrong.
 RUNTIME = {
-    "sampler": {"labels", "seed", "rank", "table"},
+    "sampler": {"context"},
     "optim": {"params"},
     "sched": {"optimizer", "T_max"},
     "loss": {"embedding_dim", "num_classes"},
@@ -80,13 +79,12 @@ def resolve_mining(cfg: DictConfig, has_prototype: bool) -> tuple[bool, DictConf
         raise ValueError("doppel.mine=true needs a prototype loss term (e.g. loss=l2s_mb); "
                          "or set doppel.mine=auto with sampler=random.")
     settings = OmegaConf.to_container(cfg.sampler, resolve=True)
-    if settings.pop("random_without_prototype", False) and not has_prototype:
-        settings.pop("random_ratio", None)  # the one setting of the doppel sampler the random one lacks
-        settings["_target_"] = f"{IdentityBatchSampler.__module__}.{IdentityBatchSampler.__name__}"
-    if issubclass(get_class(settings["_target_"]), DoppelgangerBatchSampler) and not mine:
-        raise ValueError("sampler=doppel needs doppelganger mining, which needs a prototype loss term "
-                         "(e.g. loss=l2s_mb) and doppel.mine=auto or true; use sampler=random otherwise.")
-    return mine, OmegaConf.create(settings)
+    sampler_class, settings = get_class(settings.pop("_target_")).resolve(settings, has_prototype)
+    if sampler_class.uses_table and not mine:
+        raise ValueError(f"the sampler {sampler_class.__name__} needs doppelganger mining, which needs a prototype "
+                         "loss term (e.g. loss=l2s_mb) and doppel.mine=auto or true; use sampler=random otherwise.")
+    return mine, OmegaConf.create({"_target_": f"{sampler_class.__module__}.{sampler_class.__qualname__}",
+                                   **settings})
 
 
 # -- keys ----------------------------------------------------------------------------------------
@@ -111,7 +109,8 @@ def _check_known_keys(cfg: DictConfig) -> None:
     for key in cfg.loss:
         if key not in LOSS_KEYS:
             raise _unknown(f"loss.{key}", set(LOSS_KEYS), "loss")
-    nodes = [("data", cfg.data, set()), ("sampler", cfg.sampler, {"random_without_prototype"}),
+    # data's keys are checked when it is built, against its reader's settings (train() does it next).
+    nodes = [("sampler", cfg.sampler, set()),
              ("optim", cfg.optim, set()), ("sched", cfg.sched, set()), ("trainer", cfg.trainer, set())]
     nodes += [(f"loss.terms.{n}", spec, {"weight"}) for n, spec in (cfg.loss.get("terms") or {}).items()]
     nodes += [(f"regularizer.{n}", spec, {"weight"}) for n, spec in (cfg.get("regularizer") or {}).items()]

@@ -11,6 +11,7 @@ from torch import nn
 from doppel.data.transforms import PaperAugment
 from doppel.evaluation.protocol import evaluate_protocol, mirror_embed
 from doppel.losses.loss_set import LossSet
+from doppel.seeding import seed_for_rank
 
 
 class DoppelModule(pl.LightningModule):
@@ -27,6 +28,10 @@ class DoppelModule(pl.LightningModule):
         self._eval_outputs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         self.final_metrics: dict[str, float] = {}
         self.val_step: int | None = None  # global step of the latest validation
+
+    def setup(self, stage: str) -> None:
+        if stage == "fit":  # before a resumed run restores the streams it saved
+            seed_for_rank(self, self.global_rank)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.backbone(images)

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import hashlib
 
+import torch
+from torch import nn
+
 
 def _digest64(text: str) -> int:
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big")
@@ -18,3 +21,22 @@ def stable_fraction(key: str) -> float:
 def stable_seed(*parts: object) -> int:
     """A 63-bit seed fixed by ``parts`` (e.g. seed, epoch, rank): distinct streams for distinct tuples."""
     return _digest64(":".join(str(p) for p in parts)) >> 1
+
+
+def named_generators(module: nn.Module) -> dict[str, torch.Generator]:
+    """Every ``torch.Generator`` held as an attribute by ``module`` or a submodule, by dotted name."""
+    found = {}
+    for prefix, submodule in module.named_modules():
+        for attribute, value in vars(submodule).items():
+            if isinstance(value, torch.Generator):
+                found[f"{prefix}.{attribute}" if prefix else attribute] = value
+    return found
+
+
+def seed_for_rank(module: nn.Module, rank: int) -> None:
+    """Give process ``rank`` its own stream in every generator of ``module`` (augmentation, pair sampling),
+    derived from the seed each was built with; rank 0 keeps it, so one process draws as before."""
+    if rank == 0:
+        return
+    for name, generator in named_generators(module).items():
+        generator.manual_seed(stable_seed(generator.initial_seed(), name, rank))

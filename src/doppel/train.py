@@ -61,10 +61,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     datamodule.build_sampler()  # the sampler checks its own settings against the data
 
     if cfg.lsuv.enabled and checkpoint is None:
-        train_images = datamodule.split.training_set()[0]
         generator = torch.Generator().manual_seed(cfg.seed)
-        pick = torch.randperm(len(train_images), generator=generator)[: cfg.lsuv.batch_size]
-        lsuv_init_(backbone, train_images[pick])
+        lsuv_init_(backbone, datamodule.training_images(cfg.lsuv.batch_size, generator))
     if cfg.speed.channels_last:
         backbone.to_channels_last()
     if cfg.speed.compile:
@@ -82,7 +80,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if not cfg.trainer.get("enable_progress_bar", True):
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
     if mine:
-        callbacks.append(DoppelgangerMining(table, datamodule.split.names, cfg.doppel.n_hubs))
+        callbacks.append(DoppelgangerMining(table, datamodule.class_names, cfg.doppel.n_hubs))
     callbacks += [ExactResume(config), LastCheckpoint(checkpoint_dir(output_dir), cfg.checkpoint.every_n_steps)]
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
     if checkpoint is not None:

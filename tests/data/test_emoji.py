@@ -2,8 +2,9 @@ import numpy as np
 import pytest
 import torch
 
-from doppel.data.emoji import bundled_path, load_emoji_npz, split_emoji
-from doppel.evaluation.protocol import Role
+from doppel.data.dataset import Role
+from doppel.data.readers.emoji_npz import bundled_path, load_emoji_npz, read_emoji_npz
+from doppel.data.split import split_dataset
 from tests.conftest import load_script, write_emoji_npz
 
 
@@ -17,7 +18,7 @@ def test_family_key_groups_skin_tone_gender_and_hair_variants():
 
 def test_split_keeps_families_whole_and_roles_consistent(tiny_npz):
     data = load_emoji_npz(tiny_npz)
-    split = split_emoji(data, novel_fraction=0.4)
+    split = split_dataset(read_emoji_npz(tiny_npz), novel_fraction=0.4)
     base = split.label[split.role <= Role.BASE_TEST].unique()
     novel = split.label[split.role >= Role.NOVEL_PROTOTYPE].unique()
     assert torch.equal(base, torch.arange(split.num_classes))
@@ -39,14 +40,17 @@ def test_split_keeps_families_whole_and_roles_consistent(tiny_npz):
         n_test = int((roles == Role.BASE_TEST).sum())
         assert n_test == (1 if len(roles) >= 3 else 0)
         assert (roles == Role.BASE_TRAIN).sum() >= 2
-    assert split.images.dtype == torch.uint8 and split.images.shape[1:] == (3, 16, 16)
+    assert (data.vendor[split.index[split.role == Role.NOVEL_PROTOTYPE]] == 0).all()
+    image = read_emoji_npz(tiny_npz).images[0]
+    assert image.dtype == torch.uint8 and image.shape == (3, 16, 16)
+    assert torch.equal(image, torch.from_numpy(data.images[0]).permute(2, 0, 1))
 
 
-def test_split_is_stable_and_max_families_subsets(tiny_npz):
-    data = load_emoji_npz(tiny_npz)
-    a, b = split_emoji(data, 0.4), split_emoji(data, 0.4)
+def test_split_is_stable_and_max_groups_subsets(tiny_npz):
+    data = read_emoji_npz(tiny_npz)
+    a, b = split_dataset(data, 0.4), split_dataset(data, 0.4)
     assert a.names == b.names and torch.equal(a.role, b.role)
-    small = split_emoji(data, 0.4, max_families=8)
+    small = split_dataset(data, 0.4, max_groups=8)
     assert len(small.names) < len(a.names)
 
 
@@ -58,7 +62,7 @@ def test_bad_files_get_clear_errors(tmp_path):
         load_emoji_npz(tmp_path / "partial.npz")
     path = write_emoji_npz(tmp_path / "ok.npz")
     with pytest.raises(ValueError, match="prototype_vendor"):
-        split_emoji(load_emoji_npz(path), prototype_vendor="apple")
+        read_emoji_npz(path, prototype_vendor="apple")
 
 
 def test_bundled_dataset_is_the_documented_one():
@@ -72,5 +76,5 @@ def test_bundled_dataset_is_the_documented_one():
     flags = {i for i, n in enumerate(data.identity_name) if str(n).endswith("Flag")}
     outline = data.identity[data.vendor == vendors.index("openmoji_outline")]
     assert not flags & set(outline.tolist())
-    split = split_emoji(data)
+    split = split_dataset(read_emoji_npz())
     assert 0.15 < (split.label >= split.num_classes).float().mean() < 0.3

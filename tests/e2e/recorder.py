@@ -31,3 +31,61 @@ class MiningRecorder(pl.Callback):
         torch.save(mining.table.table, f"{self.folder}/table_rank{trainer.global_rank}.pt")
         if trainer.global_rank == 0:
             torch.save(self.steps, f"{self.folder}/global_batches.pt")
+
+
+class ParallelRecorder(pl.Callback):
+    """Saves, per process, every step's batch (indices into the training set, as the sampler drew them),
+    the doppelganger table the step's batch was drawn with, and the model's random generators at the start
+    of training."""
+
+    def __init__(self, folder: str) -> None:
+        self.folder, self.steps = folder, []
+
+    def on_train_start(self, trainer, pl_module):
+        from doppel.seeding import named_generators
+
+        self.generators = {name: g.get_state() for name, g in named_generators(pl_module).items()}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        sampler = trainer.datamodule.train_sampler
+        indices = next(b for i, b in sampler._recent if i == batch_idx)
+        mining = next(c for c in trainer.callbacks if type(c).__name__ == "DoppelgangerMining")
+        self.steps.append({"indices": list(indices), "labels": batch[1].cpu(), "table": mining.table.table.clone()})
+
+    def on_train_end(self, trainer, pl_module):
+        import torch
+
+        labels = trainer.datamodule.split.label[trainer.datamodule.split.training]
+        torch.save({"steps": self.steps, "generators": self.generators, "training_labels": labels},
+                   f"{self.folder}/rank{trainer.global_rank}.pt")
+
+
+class MemoryRecorder(pl.Callback):
+    """Writes the process's anonymous resident memory (RssAnon: what holding data would take; the page cache
+    of files it reads is not counted) at the start of training, after every batch and at the end, and the
+    bytes it read through read calls (rchar), to ``<folder>/memory.json``."""
+
+    def __init__(self, folder: str) -> None:
+        self.folder, self.samples = folder, []
+
+    @staticmethod
+    def _status() -> dict:
+        from pathlib import Path
+
+        status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
+        io = dict(line.split(":", 1) for line in Path("/proc/self/io").read_text().splitlines())
+        return {"rss_anon": int(status["RssAnon"].split()[0]) * 1024, "rchar": int(io["rchar"])}
+
+    def on_fit_start(self, trainer, pl_module):
+        self.samples.append(self._status())
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.samples.append(self._status())
+
+    def on_fit_end(self, trainer, pl_module):
+        import json
+
+        self.samples.append(self._status())
+        peak = max(s["rss_anon"] for s in self.samples)
+        with open(f"{self.folder}/memory.json", "w") as file:
+            json.dump({"peak_rss_anon": peak, "rchar": self.samples[-1]["rchar"]}, file)

@@ -18,8 +18,9 @@ import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
 
-from doppel.data.emoji import load_emoji_npz, split_emoji
-from doppel.evaluation.protocol import Role
+from doppel.data.dataset import Role
+from doppel.data.readers.emoji_npz import read_emoji_npz
+from doppel.data.split import split_dataset
 
 TIE = 1e-5
 
@@ -62,8 +63,10 @@ def _recall_at_1(vectors, labels):
 
 def reference_bounds(run_dir: Path, cfg) -> dict[str, tuple[float, float]]:
     data = cfg.data
-    split = split_emoji(load_emoji_npz(data.path), data.novel_fraction, data.prototype_vendor, data.max_families)
-    net = instantiate(cfg.backbone, image_size=split.images.shape[-1])
+    emoji = read_emoji_npz(data.path, data.prototype_vendor)
+    split = split_dataset(emoji, data.novel_fraction, data.max_groups)
+    images = emoji.images.images[split.index]
+    net = instantiate(cfg.backbone, image_size=images.shape[-1])
     state = torch.load(Path(run_dir) / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     net.load_state_dict({k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")})
     net.eval()
@@ -72,7 +75,7 @@ def reference_bounds(run_dir: Path, cfg) -> dict[str, tuple[float, float]]:
     half = "bf16" in str(cfg.trainer.precision)  # the run embedded under bfloat16 autocast
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=half):
         # the batches of the run's evaluation (batch norm is per image in eval mode anyway)
-        batches = split.images.split(data.eval_batch_size)
+        batches = images.split(data.eval_batch_size)
         chunks = [F.normalize(net(x) + net(x.flip(-1)), dim=1).float() for x in batches]
     embeddings = torch.cat(chunks).double()
     labels, roles = split.label.tolist(), split.role.tolist()

@@ -46,3 +46,36 @@ def write_files(folder: Path) -> None:
     atomic_save(two, folder / "two_processes.ckpt")
     torch.save({"conv1_7x7_s2.weight": torch.zeros(1), "extra": SystemCall()}, folder / "crafted.pth")
     (folder / "a_file").write_text("not a folder")
+    write_data_files(folder)
+
+
+def write_data_files(folder: Path) -> None:
+    """Datasets with the faults real ones have: an empty class folder, a truncated JPEG, damaged RecordIO
+    packs, a manifest without a label column."""
+    import shutil
+
+    from doppel.data.readers.recordio import frame, pack, read_index, write_recordio
+    from tests.data.formats import encode, identities, write_folder
+
+    classes = identities(20, 4)
+    write_folder(folder / "faces_with_empty_class", classes, "jpg")
+    (folder / "faces_with_empty_class" / "empty").mkdir()
+    faces = write_folder(folder / "faces_with_truncated_jpeg", classes, "jpg")
+    broken = faces / "id003" / "01.jpg"
+    broken.write_bytes(broken.read_bytes()[:100])  # a copy cut short
+    good = folder / "good.rec"
+    write_recordio(good, enumerate([encode(image, "jpg") for image in images] for images in classes))
+    for name in ("truncated", "offset_past_end", "shifted"):
+        shutil.copy(good, folder / f"{name}.rec")
+        shutil.copy(good.with_suffix(".idx"), folder / f"{name}.idx")
+    (folder / "truncated.rec").write_bytes(good.read_bytes()[:-100])
+    keys, offsets = read_index(good.with_suffix(".idx"))
+    lines = [f"{k}\t{o}" for k, o in zip(keys.tolist(), offsets.tolist())]
+    (folder / "offset_past_end.idx").write_text("\n".join(lines[:5] + [f"5\t{10**9}"] + lines[6:]) + "\n")
+    (folder / "shifted.idx").write_text("\n".join(lines[:5] + [f"5\t{offsets[5] + 4}"] + lines[6:]) + "\n")
+    records = [frame(pack(float(c), encode(images[0], "jpg"), c)) for c, images in enumerate(classes)]
+    records[7] = frame(pack(2.0**24, encode(classes[7][0], "jpg"), 7))
+    starts = [sum(map(len, records[:i])) for i in range(len(records))]
+    (folder / "huge_label.rec").write_bytes(b"".join(records))
+    (folder / "huge_label.idx").write_text("".join(f"{i}\t{o}\n" for i, o in enumerate(starts)))
+    (folder / "no_label.csv").write_text("path,class\nfaces_with_empty_class/id000/00.jpg,a\n")

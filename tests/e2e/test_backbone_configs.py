@@ -26,7 +26,7 @@ SMALL = {  # a reduced input size the architecture accepts (None: its own size i
 }
 # Paper-size networks that do not shrink (valid convolutions, or 32x32 is their size): one step, few images.
 FULL_SIZE = ["trainer.max_epochs=1", "trainer.limit_train_batches=1", "sampler.batch_size=8", "lsuv.batch_size=2",
-             "data.eval_batch_size=16", "data.max_families=null"]
+             "data.eval_batch_size=16", "data.max_groups=null"]
 
 
 def test_every_backbone_config_is_covered():
@@ -37,7 +37,7 @@ def test_every_backbone_config_is_covered():
 def test_backbone_trains_at_a_small_input_size(tmp_path, backbone):
     cfg = compose_cfg(tmp_path, [f"backbone={backbone}", *SMALL[backbone], "trainer.max_epochs=1",
                                  "trainer.limit_train_batches=2",
-                                 "data.max_families=20"], tiny_backbone=backbone == "face_resnet_small")
+                                 "data.max_groups=20"], tiny_backbone=backbone == "face_resnet_small")
     metrics = train(cfg)
     losses = logged(tmp_path)["train/loss"]
     assert len(losses) == 2 and all(math.isfinite(v) for v in losses)
@@ -62,7 +62,7 @@ def test_full_size_backbone_takes_a_training_step(tmp_path, backbone):
 ])
 def test_speed_options_train(tmp_path, speed):
     cfg = compose_cfg(tmp_path, [*speed, "trainer.max_epochs=1", "trainer.limit_train_batches=2",
-                                 "data.max_families=20"])
+                                 "data.max_groups=20"])
     metrics = train(cfg)
     losses = logged(tmp_path)["train/loss"]
     assert len(losses) == 2 and all(math.isfinite(v) for v in losses)

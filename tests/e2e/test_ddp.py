@@ -2,11 +2,13 @@
 batches; and a stopped run resumes exactly, each process with its own streams."""
 
 import json
+import math
 import signal
 
 import torch
 
 from doppel.sampling.doppelganger import DoppelgangerTable
+from doppel.sampling.samplers import DoppelgangerBatchSampler, SamplerContext
 from tests.conftest import TINY
 from tests.e2e.cli import run_cli
 
@@ -62,3 +64,39 @@ def test_mean_reduction_is_refused_across_processes(tmp_path):
     assert result.returncode == 1
     assert ("doppel.reduction='mean' cannot be mined exactly by 2 processes (a class's mean needs all its logits "
             "in one place): use doppel.reduction=max or one process.") in result.stderr
+
+
+def test_two_processes_split_each_global_batch_and_draw_their_own_augmentation(tmp_path):
+    """One epoch of 2 processes draws the images of one epoch in total (not one per process); process r's
+    batch at step s is sub-batch 2s + r of the stream one process draws with the same tables, so each
+    doppelganger chain stays in one process; augmentation and pair sampling differ between processes."""
+    run = tmp_path / "run"
+    result = run_cli([*TINY, *DDP, "trainer.max_epochs=1", "trainer.limit_train_batches=1.0",
+                      "+callbacks.recorder._target_=tests.e2e.recorder.ParallelRecorder",
+                      f"+callbacks.recorder.folder={run}", f"hydra.run.dir={run}"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [torch.load(run / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+    labels = ranks[0]["training_labels"]
+    steps = len(ranks[0]["steps"])
+    assert steps == len(ranks[1]["steps"]) == math.ceil(len(labels) / (2 * 24))  # the documented epoch
+    assert sum(len(s["indices"]) for r in ranks for s in r["steps"]) == steps * 2 * 24
+    for rank in ranks:
+        for step in rank["steps"]:
+            assert torch.equal(labels[step["indices"]], step["labels"])
+    assert all(a["indices"] != b["indices"] for a, b in zip(ranks[0]["steps"], ranks[1]["steps"]))
+
+    # Replay: one process's doppel sampler, its table set to each step's, draws both processes' batches.
+    table = DoppelgangerTable(int(labels.max()) + 1)
+    replay = iter(DoppelgangerBatchSampler(SamplerContext(labels, seed=0, table=table), 24,
+                                           examples_per_class=[2, 4], batches_per_epoch=2 * steps))
+    for s in range(steps):
+        assert torch.equal(ranks[0]["steps"][s]["table"], ranks[1]["steps"][s]["table"])
+        table.table.copy_(ranks[0]["steps"][s]["table"])
+        assert [next(replay), next(replay)] == [ranks[0]["steps"][s]["indices"], ranks[1]["steps"][s]["indices"]]
+    assert any((step["table"] >= 0).any() for step in ranks[0]["steps"][1:])  # chains were drawn from the table
+
+    generators = [r["generators"] for r in ranks]
+    assert generators[0].keys() == generators[1].keys() and len(generators[0]) >= 2  # augmentation, pair sampling
+    for name in generators[0]:
+        assert not torch.equal(generators[0][name], generators[1][name])
+    assert torch.equal(generators[0]["augment.generator"], torch.Generator().manual_seed(0).get_state())

@@ -59,7 +59,7 @@ def test_regularisers_add_to_any_family(tmp_path, overrides):
 
 
 def test_explicit_doppel_sampler_with_an_exemplar_only_loss_fails_early(tmp_path):
-    with pytest.raises(ValueError, match="sampler=doppel needs doppelganger mining"):
+    with pytest.raises(ValueError, match="the sampler DoppelgangerBatchSampler needs doppelganger mining"):
         train(compose_cfg(tmp_path, ["loss=triplet", "sampler=doppel", *SHORT]))
 
 

@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from doppel.config import objectives
 from doppel.train import train
@@ -16,7 +17,10 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_default_run_trains_mines_and_evaluates(tmp_path):
     cfg = compose_cfg(tmp_path)
-    assert cfg.loss.terms.keys() == {"l2s", "mb"} and "Doppelganger" in cfg.sampler._target_
+    assert cfg.loss.terms.keys() == {"l2s", "mb"} and cfg.sampler._target_.endswith("AutoBatchSampler")
+    from doppel.config import resolve_mining
+
+    assert resolve_mining(cfg, has_prototype=True)[1]._target_.endswith(".DoppelgangerBatchSampler")
     metrics = train(cfg)
     assert_metrics_are_the_reference(tmp_path, cfg, metrics)
     assert sorted(metrics) == sorted(objectives())  # every name objective may take, and no other
@@ -84,3 +88,16 @@ def test_final_metrics_reuse_a_last_epoch_validation_exactly(tmp_path):
     validated = train(compose_cfg(tmp_path / "val", ["trainer.check_val_every_n_epoch=1"]))
     tested = train(compose_cfg(tmp_path / "test", ["trainer.check_val_every_n_epoch=100"]))
     assert validated == pytest.approx(tested, abs=1e-6)
+
+
+def test_a_new_sampler_class_is_built_from_the_config_with_the_table_it_declares(tmp_path):
+    """No edit of train() or the DataModule: the class says it uses the table and gets it in its context."""
+    from tests.e2e.recorder import BatchRecorder
+
+    BatchRecorder.batches.clear()
+    train(compose_cfg(tmp_path, ["sampler._target_=tests.sampling.custom.PairsFromTheTable", "~sampler.random_ratio",
+                                 "~sampler.examples_per_class", "+callbacks.recorder._target_=tests.e2e.recorder."
+                                 "BatchRecorder", "trainer.max_epochs=1", "trainer.limit_train_batches=4"]))
+    assert len(BatchRecorder.batches) == 4
+    for _, labels in BatchRecorder.batches:
+        assert len(labels) == 24 and (torch.bincount(torch.tensor(labels)) % 2 == 0).all()  # 2 examples per class

@@ -1,10 +1,11 @@
+import math
 from collections import Counter
 
 import pytest
 import torch
 
 from doppel.sampling.doppelganger import DoppelgangerTable
-from doppel.sampling.samplers import DoppelgangerBatchSampler, IdentityBatchSampler
+from doppel.sampling.samplers import DoppelgangerBatchSampler, IdentityBatchSampler, SamplerContext
 
 LABELS = torch.arange(40).repeat_interleave(3)  # 40 classes x 3 images
 
@@ -20,7 +21,7 @@ def classes_in_order(batch, labels=LABELS):
 
 @pytest.mark.parametrize("counts", [(2, 8), 3, (1, 1)])
 def test_every_batch_has_exactly_batch_size_and_counts_in_range(counts):
-    sampler = IdentityBatchSampler(LABELS, batch_size=30, examples_per_class=counts, seed=3)
+    sampler = IdentityBatchSampler(SamplerContext(LABELS, seed=3), batch_size=30, examples_per_class=counts)
     low, high = (counts, counts) if isinstance(counts, int) else counts
     batches = list(sampler)
     assert len(batches) == len(sampler) == 4  # ceil(120 / 30)
@@ -35,27 +36,45 @@ def test_every_batch_has_exactly_batch_size_and_counts_in_range(counts):
 
 
 def test_repeats_only_when_count_exceeds_class_size():
-    sampler = IdentityBatchSampler(LABELS, batch_size=24, examples_per_class=3, seed=0)
+    sampler = IdentityBatchSampler(SamplerContext(LABELS, seed=0), batch_size=24, examples_per_class=3)
     for batch in sampler:
         assert len(set(batch)) == 24  # 3 images per class: no repeats needed
-    sampler = IdentityBatchSampler(LABELS, batch_size=24, examples_per_class=6, seed=0)
+    sampler = IdentityBatchSampler(SamplerContext(LABELS, seed=0), batch_size=24, examples_per_class=6)
     for batch in sampler:
         per_class = Counter(batch)
         assert set(per_class.values()) == {2}  # each of the 3 images twice
 
 
-def test_stream_is_fixed_by_seed_epoch_and_rank():
-    def draw(seed=0, epoch=0, rank=0):
-        sampler = IdentityBatchSampler(LABELS, 30, seed=seed, rank=rank)
+def test_stream_is_fixed_by_seed_and_epoch():
+    def draw(seed=0, epoch=0):
+        sampler = IdentityBatchSampler(SamplerContext(LABELS, seed=seed), 30)
         sampler.set_epoch(epoch)
         return list(sampler)
 
     assert draw() == draw()
     assert draw(epoch=1) != draw()
-    assert draw(rank=1) != draw()
     assert draw(seed=1) != draw()
-    restored = IdentityBatchSampler(LABELS, 30)
-    source = IdentityBatchSampler(LABELS, 30, seed=5)
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_processes_split_each_global_batch_of_one_stream(world_size):
+    """Process r's batch at step s is sub-batch s * world_size + r of the one stream a single process
+    draws: together the processes draw the data once per epoch, each its own part, and the doppelganger
+    chains of a sub-batch (tested on one process above) stay in that process."""
+    table = DoppelgangerTable(40)
+    table.table[:, 0] = torch.arange(40) ^ 1  # every class has a doppelganger
+    steps = 3
+    single = list(DoppelgangerBatchSampler(SamplerContext(LABELS, seed=7, table=table), 12,
+                                           batches_per_epoch=steps * world_size))
+    ranks = [list(DoppelgangerBatchSampler(SamplerContext(LABELS, seed=7, rank=r, world_size=world_size, table=table),
+                                           12, batches_per_epoch=steps)) for r in range(world_size)]
+    assert [ranks[r][s] for s in range(steps) for r in range(world_size)] == single
+    default = IdentityBatchSampler(SamplerContext(LABELS, rank=1, world_size=world_size), 12)
+    assert len(default) == math.ceil(len(LABELS) / (world_size * 12))
+    with pytest.raises(ValueError, match="rank 2 is not one of world_size=2"):
+        IdentityBatchSampler(SamplerContext(LABELS, rank=2, world_size=2), 12)
+    restored = IdentityBatchSampler(SamplerContext(LABELS), 30)
+    source = IdentityBatchSampler(SamplerContext(LABELS, seed=5), 30)
     source.set_epoch(7)
     restored.load_state_dict(source.state_dict())
     assert list(restored) == list(source)
@@ -65,7 +84,8 @@ def test_doppel_sampler_first_n_random_then_chains():
     table = DoppelgangerTable(40)
     # a chain 0 -> 1 -> 2 -> ... -> 39 -> 0: every class has a doppelganger not yet in the batch
     table.table[:, 0] = (torch.arange(40) + 1) % 40
-    sampler = DoppelgangerBatchSampler(LABELS, 27, table, random_ratio=1 / 3, examples_per_class=3, seed=1)
+    sampler = DoppelgangerBatchSampler(SamplerContext(LABELS, seed=1, table=table),
+                                       27, random_ratio=1 / 3, examples_per_class=3)
     for batch in sampler:
         classes = classes_in_order(batch)
         assert len(classes) == 9
@@ -82,7 +102,8 @@ def test_doppel_sampler_first_n_random_then_chains():
 
 def test_fallback_when_no_doppelganger_yet():
     table = DoppelgangerTable(40)  # empty
-    sampler = DoppelgangerBatchSampler(LABELS, 27, table, random_ratio=1 / 3, examples_per_class=3, seed=2)
+    sampler = DoppelgangerBatchSampler(SamplerContext(LABELS, seed=2, table=table),
+                                       27, random_ratio=1 / 3, examples_per_class=3)
     for batch in sampler:
         classes = classes_in_order(batch)
         assert len(set(classes)) == 9  # fallbacks are random classes not yet in the batch
@@ -95,7 +116,8 @@ def test_fallback_when_doppelganger_already_in_batch():
     # pairs: 2c <-> 2c+1; a chain of length 3 from a random class hits its origin again
     partner = torch.arange(40) ^ 1
     table.table[:, 0] = partner
-    sampler = DoppelgangerBatchSampler(LABELS, 27, table, random_ratio=1 / 3, examples_per_class=3, seed=4)
+    sampler = DoppelgangerBatchSampler(SamplerContext(LABELS, seed=4, table=table),
+                                       27, random_ratio=1 / 3, examples_per_class=3)
     for batch in sampler:
         classes = classes_in_order(batch)
         assert len(set(classes)) == 9
@@ -111,20 +133,20 @@ def test_fallback_when_doppelganger_already_in_batch():
 def test_random_ratio_one_is_random_sampling():
     table = DoppelgangerTable(40)
     table.table[:, 0] = (torch.arange(40) + 1) % 40
-    sampler = DoppelgangerBatchSampler(LABELS, 27, table, random_ratio=1.0, examples_per_class=3)
+    sampler = DoppelgangerBatchSampler(SamplerContext(LABELS, table=table), 27, random_ratio=1.0, examples_per_class=3)
     list(sampler)
     assert sampler.stats["table"] == 0
 
 
 def test_impossible_settings_raise_clear_errors():
     with pytest.raises(ValueError, match="sampler.batch_size"):
-        IdentityBatchSampler(torch.arange(5).repeat(2), batch_size=40, examples_per_class=2)
+        IdentityBatchSampler(SamplerContext(torch.arange(5).repeat(2)), batch_size=40, examples_per_class=2)
     with pytest.raises(ValueError, match="examples_per_class"):
-        IdentityBatchSampler(LABELS, 30, examples_per_class=(5, 2))
+        IdentityBatchSampler(SamplerContext(LABELS), 30, examples_per_class=(5, 2))
     with pytest.raises(ValueError, match="random_ratio"):
-        DoppelgangerBatchSampler(LABELS, 30, DoppelgangerTable(40), random_ratio=0.0)
+        DoppelgangerBatchSampler(SamplerContext(LABELS, table=DoppelgangerTable(40)), 30, random_ratio=0.0)
     with pytest.raises(ValueError, match="no training images"):
-        IdentityBatchSampler(torch.tensor([0, 0, 2, 2]), 2)
+        IdentityBatchSampler(SamplerContext(torch.tensor([0, 0, 2, 2])), 2)
 
 
 def test_top_k_table_takes_the_best_doppelganger_not_in_the_batch():
@@ -132,7 +154,8 @@ def test_top_k_table_takes_the_best_doppelganger_not_in_the_batch():
     # first choice points back into a pair (2c <-> 2c+1), second choice is c + 20 (mod 40)
     table.table[:, 0] = torch.arange(40) ^ 1
     table.table[:, 1] = (torch.arange(40) + 20) % 40
-    sampler = DoppelgangerBatchSampler(LABELS, 9, table, random_ratio=1 / 3, examples_per_class=3, seed=5)
+    sampler = DoppelgangerBatchSampler(SamplerContext(LABELS, seed=5, table=table),
+                                       9, random_ratio=1 / 3, examples_per_class=3)
     for batch in sampler:
         classes = classes_in_order(batch)  # 3 classes: 1 random, then two links
         first, second, third = classes
@@ -167,7 +190,8 @@ def _consume(sampler, table, prefetch, stop=None, start=0):
 @pytest.mark.parametrize("stop", [1, 4, 9])
 def test_position_state_resumes_mid_epoch_exactly(prefetch, stop):
     def sampler(table):
-        s = DoppelgangerBatchSampler(LABELS, 12, table, examples_per_class=(2, 4), batches_per_epoch=10, seed=3)
+        s = DoppelgangerBatchSampler(SamplerContext(LABELS, seed=3, table=table),
+                                     12, examples_per_class=(2, 4), batches_per_epoch=10)
         s.set_epoch(2)
         return s
 
@@ -181,7 +205,8 @@ def test_position_state_resumes_mid_epoch_exactly(prefetch, stop):
     assert len(state["position"]["ahead"]) == min(prefetch, 10 - stop)
     resumed_table = DoppelgangerTable(40)
     resumed_table.load_state_dict(table.state_dict())
-    resumed = DoppelgangerBatchSampler(LABELS, 12, resumed_table, examples_per_class=(2, 4), batches_per_epoch=10)
+    resumed = DoppelgangerBatchSampler(SamplerContext(LABELS, table=resumed_table),
+                                       12, examples_per_class=(2, 4), batches_per_epoch=10)
     resumed.load_state_dict(state)
     resumed.set_epoch(2)
     tail = _consume(resumed, resumed_table, prefetch, start=stop)
@@ -190,14 +215,14 @@ def test_position_state_resumes_mid_epoch_exactly(prefetch, stop):
 
 
 def test_a_position_of_another_epoch_is_not_taken_up():
-    source = IdentityBatchSampler(LABELS, 30, seed=1)
+    source = IdentityBatchSampler(SamplerContext(LABELS, seed=1), 30)
     it = iter(source)
     next(it)
     state = source.state_dict(consumed=1)
-    restored = IdentityBatchSampler(LABELS, 30)
+    restored = IdentityBatchSampler(SamplerContext(LABELS), 30)
     restored.load_state_dict(state)
     restored.set_epoch(1)  # the checkpoint ended epoch 0: the next epoch starts afresh
-    fresh = IdentityBatchSampler(LABELS, 30, seed=1)
+    fresh = IdentityBatchSampler(SamplerContext(LABELS, seed=1), 30)
     fresh.set_epoch(1)
     assert list(restored) == list(fresh)
 
@@ -215,7 +240,7 @@ def test_stream_seed_is_sha256_of_seed_epoch_rank_not_python_hash(monkeypatch):
     import doppel.sampling.samplers as samplers
 
     monkeypatch.setattr(samplers, "hash", no_hash, raising=False)  # found before the builtin
-    sampler = IdentityBatchSampler(LABELS, 30, seed=3)
+    sampler = IdentityBatchSampler(SamplerContext(LABELS, seed=3), 30)
     sampler.set_epoch(1)
     drawn = list(sampler)
     expected = torch.Generator().manual_seed(stable_seed(3, 1, 0))

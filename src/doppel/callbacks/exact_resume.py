@@ -20,9 +20,9 @@ from typing import Any
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from torch import nn
 
 from doppel.checkpoint import FORMAT, STAMP
+from doppel.seeding import named_generators
 from doppel.serialization import CheckpointError
 
 
@@ -45,16 +45,6 @@ def set_global_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if state["cuda"]:
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def named_generators(module: nn.Module) -> dict[str, torch.Generator]:
-    """Every ``torch.Generator`` held as an attribute by ``module`` or a submodule, by dotted name."""
-    found = {}
-    for prefix, submodule in module.named_modules():
-        for attribute, value in vars(submodule).items():
-            if isinstance(value, torch.Generator):
-                found[f"{prefix}.{attribute}" if prefix else attribute] = value
-    return found
 
 
 class ExactResume(pl.Callback):

@@ -1,20 +1,51 @@
-"""The DataModule: training images through an identity batch sampler, evaluation images in order."""
+"""One DataModule for every format: a reader's dataset, the run's split, the training loader through an
+identity batch sampler, and the evaluation images in order with their roles."""
 
 from __future__ import annotations
 
+import difflib
 import inspect
-from collections.abc import Iterator
+import warnings
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from hydra.utils import get_class
+from hydra.utils import get_class, get_method
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Dataset
 
-from doppel.data.emoji import Split, check_novel_fraction, load_emoji_npz, resolve_path, split_emoji
+from doppel.data.dataset import CorruptImage, DataError, IdentityData, Role
+from doppel.data.split import Split, check_novel_fraction, split_dataset
+from doppel.data.transforms import ImageTransform
 from doppel.sampling.doppelganger import DoppelgangerTable
+from doppel.sampling.samplers import SamplerContext
 from doppel.seeding import stable_seed
+
+
+class KeyedBatches:
+    """A batch sampler's batches with a seed for every image: the per-image random transforms (crops)
+    draw from it, so they are fixed by (seed, epoch, rank, batch, slot) whichever worker decodes the image,
+    and a resumed run crops as the interrupted one would have."""
+
+    def __init__(self, sampler: Any) -> None:
+        self.sampler = sampler
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        sampler = self.sampler
+        for batch in sampler:
+            base = stable_seed("image", sampler.seed, sampler.epoch, sampler.rank, sampler.current_batch)
+            yield [(index, (base + slot) % 2**63) for slot, index in enumerate(batch)]
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def state_dict(self, consumed: int | None = None) -> dict:
+        return self.sampler.state_dict(consumed)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sampler.load_state_dict(state)
 
 
 class TrainLoader(DataLoader):
@@ -27,31 +58,96 @@ class TrainLoader(DataLoader):
     """
 
     def __iter__(self) -> Iterator[Any]:
-        sampler = self.batch_sampler
+        sampler = self.batch_sampler.sampler
         self.generator.manual_seed(stable_seed("loader", sampler.seed, sampler.epoch, sampler.rank))
         yield from super().__iter__()
 
 
-class EmojiDataModule(pl.LightningDataModule):
-    """Base / novel emoji identities (see :mod:`doppel.data.emoji`).
+class _Images(Dataset):
+    """Images of the split at ``positions``, transformed; a corrupt image is an error, or with
+    ``skip_corrupt`` replaced by the next readable image of its class (each replacement is reported)."""
 
-    Training batches come from the sampler config (``sampler=random`` or ``sampler=doppel``), built in
-    :meth:`train_dataloader` where the process's rank is known. Evaluation batches carry
-    (images, label, role) for :func:`doppel.evaluation.protocol.evaluate_protocol`.
+    def __init__(self, data: IdentityData, split: Split, positions: torch.Tensor, transform: ImageTransform,
+                 train: bool, skip_corrupt: bool) -> None:
+        self.images, self.index = data.images, split.index[positions]
+        self.label, self.role = split.label[positions], split.role[positions]
+        self.transform, self.train, self.skip_corrupt = transform, train, skip_corrupt
+        self.skipped = 0
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def load(self, position: int, seed: int | None) -> torch.Tensor:
+        try:
+            image = self.images[int(self.index[position])]
+        except CorruptImage as error:
+            if not self.skip_corrupt:
+                raise
+            image = self._replacement(position, error)
+        return self.transform(image, seed if self.train else None)
+
+    def _replacement(self, position: int, error: CorruptImage) -> torch.Tensor:
+        self.skipped += 1
+        warnings.warn(f"data.skip_corrupt: {error.where} is unreadable and was replaced by the next readable image of "
+                      f"its class ({self.skipped} replacements so far in this process).", stacklevel=2)
+        same_class = torch.nonzero(self.label == self.label[position]).flatten().tolist()
+        start = same_class.index(position)
+        for other in same_class[start + 1:] + same_class[:start]:
+            try:
+                return self.images[int(self.index[other])]
+            except CorruptImage:
+                continue
+        raise DataError(f"every image of class {int(self.label[position])} is unreadable ({error}).")
+
+    def __getitem__(self, item: Any) -> tuple[torch.Tensor, ...]:
+        if self.train:
+            position, seed = item
+            return self.load(position, seed), self.label[position]
+        return self.load(item, None), self.label[item], self.role[item]
+
+
+def collate(samples: list[tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor, ...]:
+    images, *rest = zip(*samples)
+    sizes = {tuple(image.shape) for image in images}
+    if len(sizes) > 1:
+        raise DataError(f"the images of a batch have different sizes {sorted(sizes)[:3]}: set data.resize and "
+                        "data.crop so that every image is cropped to one size.")
+    return (torch.stack(images), *(torch.stack(column) for column in rest))
+
+
+class IdentityDataModule(pl.LightningDataModule):
+    """Training and evaluation data from any reader (``data.reader``: a function returning
+    :class:`IdentityData`; its own settings, e.g. ``data.path`` or ``data.root``, are passed through).
+
+    Training batches come from the sampler config, built in :meth:`train_dataloader` where the process's
+    rank is known; evaluation batches carry (images, label, role) for the evaluation protocol.
     """
 
-    def __init__(self, path: str | None = None, novel_fraction: float = 0.2, prototype_vendor: str = "twitter",
-                 max_families: int | None = None, eval_batch_size: int = 512, num_workers: int = 0) -> None:
+    def __init__(self, reader: str, novel_fraction: float = 0.2, max_groups: int | None = None,
+                 base_queries: bool = True, resize: int | None = None, crop: int | None = None,
+                 crop_scale: tuple[float, float] = (0.08, 1.0), skip_corrupt: bool = False,
+                 eval_batch_size: int = 512, num_workers: int = 0, pin_memory: bool | None = None,
+                 persistent_workers: bool = False, **reader_settings: Any) -> None:
         super().__init__()
-        resolve_path(path)  # settings are checked here, before setup() loads anything
+        self.read = _reader(reader, reader_settings)
+        for key in ("path", "root"):  # a path that is given must exist: checked before anything is read
+            value = reader_settings.get(key)
+            if value is not None and not Path(value).expanduser().exists():
+                raise FileNotFoundError(f"data.{key}={str(value)!r} does not exist: point it at your data "
+                                        "(docs/data.md gives each format's layout).")
         check_novel_fraction(novel_fraction)
         for key, value, low in (("eval_batch_size", eval_batch_size, 1), ("num_workers", num_workers, 0),
-                                ("max_families", max_families, 1)):
+                                ("max_groups", max_groups, 1)):
             if value is not None and (not isinstance(value, int) or value < low):
                 raise ValueError(f"data.{key}={value} must be an integer >= {low}"
-                                 f"{' or null' if key == 'max_families' else ''}.")
-        self.path, self.novel_fraction, self.prototype_vendor = path, novel_fraction, prototype_vendor
-        self.max_families, self.eval_batch_size, self.num_workers = max_families, eval_batch_size, num_workers
+                                 f"{' or null' if key == 'max_groups' else ''}.")
+        self.transform = ImageTransform(resize, crop, tuple(crop_scale))
+        self.reader_settings = reader_settings
+        self.novel_fraction, self.max_groups, self.base_queries = novel_fraction, max_groups, base_queries
+        self.skip_corrupt, self.eval_batch_size, self.num_workers = skip_corrupt, eval_batch_size, num_workers
+        self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
+        self.persistent_workers = persistent_workers and num_workers > 0
+        self.data: IdentityData | None = None
         self.split: Split | None = None
         self.sampler_cfg: DictConfig | None = None
         self.table: DoppelgangerTable | None = None
@@ -59,46 +155,87 @@ class EmojiDataModule(pl.LightningDataModule):
         self.train_sampler = None
 
     def setup(self, stage: str | None = None) -> None:
-        if self.split is None:
-            self.split = split_emoji(load_emoji_npz(self.path), self.novel_fraction, self.prototype_vendor,
-                                     self.max_families)
+        if self.data is None:
+            self.data = self.read(**self.reader_settings)
+            self.split = split_dataset(self.data, self.novel_fraction, self.max_groups, self.base_queries)
 
     @property
     def num_classes(self) -> int:
         self.setup()
         return self.split.num_classes
 
-    def image_shape(self) -> tuple[int, int, int]:
+    @property
+    def class_names(self) -> list[str]:
+        """Name of every run label (base classes first)."""
         self.setup()
-        return tuple(self.split.images.shape[1:])
+        return self.split.names
 
+    def _dataset(self, positions: torch.Tensor, train: bool) -> _Images:
+        return _Images(self.data, self.split, positions, self.transform, train, self.skip_corrupt)
+
+    def image_shape(self) -> tuple[int, ...]:
+        """Shape of one image as the network receives it."""
+        self.setup()
+        return tuple(self._dataset(self.split.training[:1], train=False)[0][0].shape)
+
+    def training_images(self, count: int, generator: torch.Generator) -> torch.Tensor:
+        """``count`` random training images as one batch, without random transforms (LSUV's batch)."""
+        self.setup()
+        training = self.split.training
+        pick = torch.randperm(len(training), generator=generator)[:count]
+        dataset = self._dataset(training, train=False)
+        return collate([dataset[int(p)][:1] for p in pick])[0]
+
+    # -- samplers ----------------------------------------------------------------------------
     def attach_sampler(self, sampler_cfg: DictConfig, table: DoppelgangerTable, seed: int) -> None:
         """Runtime wiring done by ``train()``: the sampler config, the shared table and the seed."""
         self.sampler_cfg, self.table, self.seed = sampler_cfg, table, seed
 
-    def build_sampler(self, rank: int = 0) -> Any:
+    def build_sampler(self, rank: int = 0, world_size: int = 1) -> Any:
         self.setup()
-        kwargs: dict[str, Any] = {"labels": self.split.training_set()[1], "seed": self.seed, "rank": rank}
         sampler_class = get_class(self.sampler_cfg._target_)
-        if "table" in inspect.signature(sampler_class).parameters:
-            kwargs["table"] = self.table
+        labels = self.split.label[self.split.training]
+        context = SamplerContext(labels, self.seed, rank, world_size, self.table if sampler_class.uses_table else None)
         # Called directly, not through hydra.instantiate, so the sampler's own error reaches the user.
         settings = {k: v for k, v in OmegaConf.to_container(self.sampler_cfg).items() if k != "_target_"}
-        return sampler_class(**settings, **kwargs)
+        return sampler_class(context, **settings)
+
+    # -- loaders -----------------------------------------------------------------------------
+    def _loader_options(self) -> dict[str, Any]:
+        return {"num_workers": self.num_workers, "pin_memory": self.pin_memory, "collate_fn": collate,
+                "persistent_workers": self.persistent_workers}
 
     def train_dataloader(self) -> DataLoader:
         if self.sampler_cfg is None:
-            raise RuntimeError("EmojiDataModule.attach_sampler() must be called before training.")
-        self.train_sampler = self.build_sampler(self.trainer.global_rank if self.trainer is not None else 0)
-        return TrainLoader(TensorDataset(*self.split.training_set()), batch_sampler=self.train_sampler,
-                           num_workers=self.num_workers, generator=torch.Generator())
+            raise RuntimeError("IdentityDataModule.attach_sampler() must be called before training.")
+        trainer = self.trainer
+        self.train_sampler = self.build_sampler(trainer.global_rank if trainer else 0, trainer.world_size if trainer
+                                                else 1)
+        return TrainLoader(self._dataset(self.split.training, train=True), batch_sampler=KeyedBatches(
+            self.train_sampler), generator=torch.Generator(), **self._loader_options())
 
     def _eval_loader(self) -> DataLoader:
-        dataset = TensorDataset(self.split.images, self.split.label, self.split.role)
-        return DataLoader(dataset, batch_size=self.eval_batch_size, shuffle=False, num_workers=self.num_workers)
+        with_training = bool((self.split.role == Role.BASE_TEST).any())  # base queries need their classes' prototypes
+        dataset = self._dataset(self.split.evaluated(with_training), train=False)
+        return DataLoader(dataset, batch_size=self.eval_batch_size, shuffle=False, **self._loader_options())
 
     def val_dataloader(self) -> DataLoader:
         return self._eval_loader()
 
     def test_dataloader(self) -> DataLoader:
         return self._eval_loader()
+
+
+def _reader(name: str, settings: dict[str, Any]) -> Callable[..., IdentityData]:
+    """The reader function ``name``, with ``settings`` checked against its parameters."""
+    try:
+        read = get_method(name)
+    except Exception:
+        raise ValueError(f"data.reader={name} cannot be imported: check its spelling.") from None
+    parameters = inspect.signature(read).parameters
+    for key in settings:
+        if key not in parameters:
+            hint = difflib.get_close_matches(key, list(parameters), n=1)
+            raise ValueError(f"data.{key} is not a setting{f' (did you mean {hint[0]}?)' if hint else ''}; this "
+                             f"format ({name}) takes: {', '.join(sorted(parameters))} besides the DataModule's own.")
+    return read

@@ -87,3 +87,73 @@ class PaperAugment(nn.Module):
         images = torch.where(flip[:, None, None, None], images.flip(-1), images)
         images = torch.where(gray[:, None, None, None], luma(images).expand_as(images), images)
         return (images + shift[:, :, None, None]).clamp(0, 255)
+
+
+class ImageTransform:
+    """Per-image work done in the DataLoader workers, before images of different sizes can be batched.
+
+    ``resize``: the shorter side is scaled to it (aspect kept). ``crop``: training images get a random
+    resized crop (area fraction in ``crop_scale``, aspect ratio in [3/4, 4/3], then scaled to crop x crop),
+    evaluation images the centre crop: the DML convention is ``resize=256 crop=227`` (BN-Inception).
+    A training image's draws come from ``seed`` (fixed per image slot by the loader), never a global RNG.
+    Neither set: images pass unchanged (formats of one size: faces, emoji, MNIST, CIFAR).
+    """
+
+    def __init__(self, resize: int | None = None, crop: int | None = None,
+                 crop_scale: tuple[float, float] = (0.08, 1.0)) -> None:
+        for key, value in (("resize", resize), ("crop", crop)):
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"data.{key}={value} must be a positive integer or null.")
+        low, high = (float(v) for v in crop_scale)
+        if not 0 < low <= high <= 1:
+            raise ValueError(f"data.crop_scale={list(crop_scale)} must be [low, high] with 0 < low <= high <= 1.")
+        self.resize, self.crop, self.crop_scale = resize, crop, (low, high)
+
+    def __call__(self, image: torch.Tensor, seed: int | None = None) -> torch.Tensor:
+        """uint8 [3, H, W] -> uint8 [3, h, w]; ``seed`` None: no randomness (evaluation)."""
+        if self.resize is not None:
+            image = _resize(image, self.resize)
+        if self.crop is None:
+            return image
+        if seed is None:
+            return _centre_crop(image, self.crop)
+        top, left, height, width = self._random_box(image.shape[-2], image.shape[-1], seed)
+        return _scaled(image[:, top:top + height, left:left + width], (self.crop, self.crop))
+
+    def _random_box(self, height: int, width: int, seed: int) -> tuple[int, int, int, int]:
+        generator = torch.Generator().manual_seed(seed)
+        area = height * width
+        log_ratio = torch.log(torch.tensor([3 / 4, 4 / 3]))
+        for _ in range(10):
+            target = area * float(torch.empty(1).uniform_(*self.crop_scale, generator=generator))
+            ratio = float(torch.exp(torch.empty(1).uniform_(*log_ratio.tolist(), generator=generator)))
+            w, h = round((target * ratio) ** 0.5), round((target / ratio) ** 0.5)
+            if 0 < w <= width and 0 < h <= height:
+                top = int(torch.randint(0, height - h + 1, (1,), generator=generator))
+                left = int(torch.randint(0, width - w + 1, (1,), generator=generator))
+                return top, left, h, w
+        side = min(height, width)  # no box fitted in 10 tries: the largest centred square
+        return (height - side) // 2, (width - side) // 2, side, side
+
+
+def _scaled(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    if tuple(image.shape[-2:]) == size:
+        return image
+    shrinking = image.shape[-2] > size[0] or image.shape[-1] > size[1]
+    out = F.interpolate(image[None].float(), size=size, mode="bilinear", align_corners=False, antialias=shrinking)
+    return out[0].round().clamp(0, 255).to(torch.uint8)
+
+
+def _resize(image: torch.Tensor, shorter: int) -> torch.Tensor:
+    height, width = image.shape[-2:]
+    scale = shorter / min(height, width)
+    return _scaled(image, (max(1, round(height * scale)), max(1, round(width * scale))))
+
+
+def _centre_crop(image: torch.Tensor, size: int) -> torch.Tensor:
+    height, width = image.shape[-2:]
+    if height < size or width < size:  # smaller than the crop: scale up first (set data.resize to avoid it)
+        image = _resize(image, size)
+        height, width = image.shape[-2:]
+    top, left = (height - size) // 2, (width - size) // 2
+    return image[:, top:top + size, left:left + size]

@@ -8,11 +8,10 @@ precision are reported per split, with Recall@1 over all images of the split.
 
 from __future__ import annotations
 
-from enum import IntEnum
-
 import torch
 import torch.nn.functional as F
 
+from doppel.data.dataset import Role
 from doppel.evaluation.metrics import classify_by_prototypes, coverage_at_precision, recall_at_k, top1_accuracy
 
 PRECISIONS = (0.99, 0.999)
@@ -23,13 +22,6 @@ def metric_names() -> list[str]:
     """``{split}/{metric}`` of every metric :func:`evaluate_protocol` reports."""
     return [f"{split}/{metric}" for split in SPLITS
             for metric in ("top1", *(f"coverage@{p}" for p in PRECISIONS), "recall@1")]
-
-
-class Role(IntEnum):
-    BASE_TRAIN = 0  # trained on; averaged into the base prototype
-    BASE_TEST = 1  # held-out image of a training identity: base query
-    NOVEL_PROTOTYPE = 2  # the one-shot image of a held-out identity
-    NOVEL_QUERY = 3
 
 
 def mirror_embed(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:

@@ -5,9 +5,19 @@ Sec. 3.1 of the Doppelganger paper: the per-class example counts are drawn first
 class i >= N_r is Doppelganger(class i - N_r), falling back to a random class when it has no
 doppelganger yet or the doppelganger is already in the batch.
 
-Samplers own their randomness: a ``torch.Generator`` seeded from (seed, epoch, rank). Their state holds
-the epoch and, mid-epoch, the position in it (the generator after the last batch drawn and the batches
+Data parallelism is exact: a step's global batch is world_size x ``batch_size`` images, drawn as
+world_size sub-batches, one after the other, from one stream that every process follows (seeded from
+(seed, epoch)); each process trains on its own sub-batch, so a doppelganger chain stays in one process
+(whose exemplar loss then sees both classes), and one epoch is ceil(images / (world_size x batch_size))
+steps: the data once in total, not once per process.
+
+Samplers own their randomness: a ``torch.Generator`` seeded from (seed, epoch). Their state holds the
+epoch and, mid-epoch, the position in it (the generator after the last batch drawn and the batches
 drawn ahead of training), so a run resumed from any step draws the batches the interrupted one would have.
+
+A sampler is built from a :class:`SamplerContext` (what the run knows) and its config settings; what it
+needs beyond the labels it declares as class attributes (``uses_table``), and ``resolve`` lets a sampler
+choice depend on the loss (``sampler=auto``).
 """
 
 from __future__ import annotations
@@ -15,6 +25,8 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 from torch.utils.data import Sampler
@@ -27,25 +39,40 @@ from doppel.seeding import stable_seed
 MAX_DRAWN_AHEAD = 256
 
 
+@dataclass
+class SamplerContext:
+    """What the run gives a sampler: the training labels (classes 0..C-1), the seed, this process's rank
+    among ``world_size``, and the doppelganger table when the sampler's class has ``uses_table``."""
+
+    labels: Sequence[int] | torch.Tensor
+    seed: int = 0
+    rank: int = 0
+    world_size: int = 1
+    table: DoppelgangerTable | None = None
+
+
 class IdentityBatchSampler(Sampler[list[int]]):
     """Random classes, each with a random number of examples, until the batch holds ``batch_size``.
 
     ``examples_per_class`` is an int (fixed count) or a ``[low, high]`` range (inclusive). A class with
     fewer images than its count repeats them (each repeat is augmented anew); the last class of a batch
-    is cut to fit. ``batches_per_epoch`` defaults to ceil(number of images / batch_size).
+    is cut to fit. ``batch_size`` is per process. ``batches_per_epoch`` (steps) defaults to
+    ceil(number of images / (world_size x batch_size)).
     """
+
+    uses_table: ClassVar[bool] = False  # True: the run must mine the doppelganger table for it
 
     def __init__(
         self,
-        labels: Sequence[int] | torch.Tensor,
+        context: SamplerContext,
         batch_size: int,
         examples_per_class: int | Sequence[int] = (2, 8),
         batches_per_epoch: int | None = None,
-        seed: int = 0,
-        rank: int = 0,
     ) -> None:
         IdentityBatchSampler.check_settings(batch_size, examples_per_class, batches_per_epoch)
-        labels = torch.as_tensor(labels, dtype=torch.long)
+        if not 0 <= context.rank < context.world_size:
+            raise ValueError(f"rank {context.rank} is not one of world_size={context.world_size} processes.")
+        labels = torch.as_tensor(context.labels, dtype=torch.long)
         low, high = _count_range(examples_per_class)
         self.num_classes = int(labels.max()) + 1
         order = torch.argsort(labels, stable=True)
@@ -63,14 +90,19 @@ class IdentityBatchSampler(Sampler[list[int]]):
             )
         self.batch_size = batch_size
         self.count_range = (low, high)
-        self.batches_per_epoch = batches_per_epoch or math.ceil(len(labels) / batch_size)
-        self.seed, self.rank = seed, rank
+        self.seed, self.rank, self.world_size = context.seed, context.rank, context.world_size
+        self.batches_per_epoch = batches_per_epoch or math.ceil(len(labels) / (self.world_size * batch_size))
         self.epoch = 0
         # Position in the current epoch: the generator, how many batches it drew, the latest of them.
         self._stream: torch.Generator | None = None
         self._drawn = 0
         self._recent: deque[tuple[int, list[int]]] = deque(maxlen=MAX_DRAWN_AHEAD)
         self._resume: tuple[int, dict] | None = None
+
+    @classmethod
+    def resolve(cls, settings: dict[str, Any], has_prototype: bool) -> tuple[type[IdentityBatchSampler], dict]:
+        """The class and settings to build for a loss with or without a prototype term."""
+        return cls, settings
 
     @classmethod
     def check_settings(cls, batch_size: int, examples_per_class: int | Sequence[int] = (2, 8),
@@ -120,8 +152,9 @@ class IdentityBatchSampler(Sampler[list[int]]):
             generator.set_state(position["generator"])
             self._drawn, ahead = position["drawn"], [list(batch) for batch in position["ahead"]]
         else:
-            # Distinct, reproducible streams for every (seed, epoch, rank).
-            generator.manual_seed(stable_seed(self.seed, self.epoch, self.rank))
+            # One reproducible stream per (seed, epoch), which every process follows; the trailing 0 keeps
+            # the stream a single process drew before data parallelism was exact.
+            generator.manual_seed(stable_seed(self.seed, self.epoch, 0))
             self._drawn, ahead = 0, []
         self._stream = generator
         self._recent.clear()
@@ -129,12 +162,20 @@ class IdentityBatchSampler(Sampler[list[int]]):
             self._recent.append((index, batch))
             yield batch
         while self._drawn < self.batches_per_epoch:
-            counts = self._draw_counts(generator)
-            classes = self._choose_classes(len(counts), generator)
-            batch = self._fill(classes, counts, generator)
+            for rank in range(self.world_size):  # every process draws all sub-batches, keeps its own
+                counts = self._draw_counts(generator)
+                classes = self._choose_classes(len(counts), generator)
+                drawn = self._fill(classes, counts, generator)
+                if rank == self.rank:
+                    batch = drawn
             self._recent.append((self._drawn, batch))
             self._drawn += 1
             yield batch
+
+    @property
+    def current_batch(self) -> int:
+        """Index in the epoch of the batch yielded last."""
+        return self._drawn - 1
 
     def _draw_counts(self, generator: torch.Generator) -> list[int]:
         low, high = self.count_range
@@ -180,13 +221,18 @@ class DoppelgangerBatchSampler(IdentityBatchSampler):
 
     ``random_ratio`` is N_r / N_c (Table 5 sweeps it; 1.0 is random sampling with the table still
     mined). N_r = max(1, round(random_ratio * N_c)). With ``doppel.top_k > 1`` the best of the class's
-    doppelgangers that is not yet in the batch is taken before falling back to a random class.
+    doppelgangers that is not yet in the batch is taken before falling back to a random class. Under
+    data parallelism each process's sub-batch is drawn this way, so chains never cross processes.
     """
 
-    def __init__(self, labels, batch_size: int, table: DoppelgangerTable, random_ratio: float = 1 / 3,
-                 **kwargs) -> None:
+    uses_table = True
+
+    def __init__(self, context: SamplerContext, batch_size: int, random_ratio: float = 1 / 3, **kwargs) -> None:
         _check_random_ratio(random_ratio)
-        super().__init__(labels, batch_size, **kwargs)
+        super().__init__(context, batch_size, **kwargs)
+        table = context.table
+        if table is None:
+            raise ValueError(f"{type(self).__name__} samples from the doppelganger table: the run must mine one.")
         if table.num_classes != self.num_classes:
             raise ValueError(f"doppelganger table has {table.num_classes} classes, the data {self.num_classes}.")
         self.table = table
@@ -226,6 +272,17 @@ class DoppelgangerBatchSampler(IdentityBatchSampler):
             chosen.append(cls)
             in_batch.add(cls)
         return chosen
+
+
+class AutoBatchSampler(DoppelgangerBatchSampler):
+    """``sampler=auto``: doppelganger sampling when the loss has a prototype (classifier) term to mine
+    from, random identity sampling otherwise (exemplar-only losses have no logits to mine)."""
+
+    @classmethod
+    def resolve(cls, settings: dict[str, Any], has_prototype: bool) -> tuple[type[IdentityBatchSampler], dict]:
+        if has_prototype:
+            return DoppelgangerBatchSampler, settings
+        return IdentityBatchSampler, {k: v for k, v in settings.items() if k != "random_ratio"}
 
 
 def _check_random_ratio(random_ratio: float) -> None:

@@ -1,0 +1,164 @@
+"""What every reader returns: the label of every image, the classes, and lazy access to the pixels.
+
+Samplers only ever see :attr:`IdentityData.labels` (an int64 tensor: cheap at millions of images);
+pixels are decoded one image at a time, in DataLoader workers, from whatever the format stores.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from enum import IntEnum
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+
+class Role(IntEnum):
+    """What an image is for in a run (the evaluation protocols read these)."""
+
+    BASE_TRAIN = 0  # trained on; averaged into its class's prototype
+    BASE_TEST = 1  # held-out image of a training class: a base query
+    NOVEL_PROTOTYPE = 2  # reference image of a held-out class (a one-shot prototype, or a gallery item)
+    NOVEL_QUERY = 3  # query of a held-out class
+
+
+# A role a file gives to an image of a held-out class without saying which: the split decides.
+NOVEL = -1
+# A role a file gives to an image that is in no split of the run (e.g. CUB's test images with split=train).
+UNUSED = -2
+
+
+class DataError(ValueError):
+    """A data file that cannot be used as it is; the message names the file, the record and the fix."""
+
+
+class ImageSource(Protocol):
+    """Random access to the images of a dataset, decoded to uint8 [3, H, W] RGB."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int) -> torch.Tensor: ...
+
+
+@dataclass
+class IdentityData:
+    """A dataset of identities, as every reader returns it.
+
+    ``groups`` puts known look-alike classes together (emoji skin-tone families): a split never separates
+    a group. ``class_keys`` are the stable strings the split hashes (default: the names). ``roles``, when
+    the format defines its splits (CUB's test classes, In-Shop's query / gallery), holds a :class:`Role`,
+    :data:`NOVEL` or :data:`UNUSED` per image. ``prototype_preference`` marks, per image, the one to take as
+    a held-out class's prototype (emoji: the Twemoji drawing); otherwise its first image is.
+    """
+
+    labels: torch.Tensor  # int64 [N]
+    class_names: list[str]
+    images: ImageSource
+    source: str  # the file or folder, for messages
+    groups: list[str] | None = None
+    class_keys: list[str] | None = None
+    roles: torch.Tensor | None = None
+    prototype_preference: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        self.labels = torch.as_tensor(self.labels, dtype=torch.long)
+        if len(self.labels) != len(self.images):
+            raise DataError(f"{self.source}: {len(self.labels)} labels for {len(self.images)} images.")
+        if len(self.labels) == 0:
+            raise DataError(f"{self.source} holds no images: check data.path / data.root.")
+        low, high = int(self.labels.min()), int(self.labels.max())
+        if low < 0 or high >= len(self.class_names):
+            raise DataError(f"{self.source}: labels span [{low}, {high}] but there are {len(self.class_names)} "
+                            "classes; the file's labels and class list disagree.")
+        for name, per_class in (("groups", self.groups), ("class_keys", self.class_keys)):
+            if per_class is not None and len(per_class) != len(self.class_names):
+                raise DataError(f"{self.source}: {len(per_class)} {name} for {len(self.class_names)} classes.")
+
+    @property
+    def keys(self) -> list[str]:
+        return self.class_keys if self.class_keys is not None else self.class_names
+
+
+class TensorImages:
+    """Images held in memory as one uint8 [N, 3, H, W] tensor (small sets: emoji, MNIST, CIFAR)."""
+
+    def __init__(self, images: torch.Tensor) -> None:
+        self.images = images
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return self.images[index]
+
+
+def decode(data: bytes, where: str) -> torch.Tensor:
+    """Encoded JPEG / PNG / WebP / GIF / BMP bytes -> uint8 [3, H, W] RGB (Pillow, libjpeg-turbo); ``where``
+    names the file or record in the error a corrupt or truncated image raises."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            pixels = np.array(image.convert("RGB"))
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as error:
+        raise CorruptImage(f"{where} is not a readable image ({str(error).splitlines()[0]}): replace or remove it, "
+                           "or set data.skip_corrupt=true to skip unreadable images.", where) from None
+    return torch.from_numpy(pixels).permute(2, 0, 1)
+
+
+class CorruptImage(DataError):
+    def __init__(self, message: str, where: str = "") -> None:
+        super().__init__(message)
+        self.where = where
+
+
+class EncodedImages:
+    """Images stored encoded (files, records), decoded on access. ``fetch(i)`` returns the bytes of image
+    ``i``; ``name(i)`` names it in messages."""
+
+    def __init__(self, count: int, fetch: Callable[[int], bytes], name: Callable[[int], str]) -> None:
+        self.count, self.fetch, self.name = count, fetch, name
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return decode(self.fetch(index), self.name(index))
+
+
+class FileImages(EncodedImages):
+    """One image file per image."""
+
+    def __init__(self, paths: Sequence[str]) -> None:
+        self.paths = list(paths)
+        super().__init__(len(self.paths), self._read, lambda i: self.paths[i])
+
+    def _read(self, index: int) -> bytes:
+        try:
+            with open(self.paths[index], "rb") as file:
+                return file.read()
+        except OSError as error:
+            raise CorruptImage(f"{self.paths[index]} cannot be read ({error.strerror}): restore the file or "
+                               "set data.skip_corrupt=true to skip unreadable images.", self.paths[index]) from None
+
+
+# Where readers look when data.root / data.path is not given: $DOPPEL_DATA/<the format's usual name>.
+DATA_ENV = "DOPPEL_DATA"
+
+
+def require(path: str | Path | None, key: str, what: str, usual_name: str | None = None) -> Path:
+    """The existing file or folder ``data.<key>`` names (else ``$DOPPEL_DATA/<usual_name>``); one sentence
+    naming the key, the path and the fix otherwise."""
+    if path is None and usual_name and os.environ.get(DATA_ENV):
+        path = Path(os.environ[DATA_ENV]) / usual_name
+    if path is None:
+        hint = f" (or set {DATA_ENV} to the folder that holds {usual_name})" if usual_name else ""
+        raise FileNotFoundError(f"data.{key} is not set: point it at {what}{hint}.")
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"data.{key}={str(path)!r} does not exist: point it at {what}.")
+    return path

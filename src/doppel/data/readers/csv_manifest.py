@@ -1,0 +1,75 @@
+"""A CSV / TSV manifest (``data=csv``): the simplest way to describe any dataset and any split.
+
+The first line names the columns; ``path`` and ``label`` are required, ``split`` and ``role`` optional:
+
+    path,label,split,role
+    alice/001.jpg,alice,train,
+    alice/002.jpg,alice,train,query
+    carol/001.jpg,carol,test,prototype
+    carol/002.jpg,carol,test,query
+
+Paths are relative to the manifest's folder (or absolute). ``label`` is any class name. ``split``:
+``train`` (trained on; role ``query`` keeps the image out of training as a base query) or ``test`` (a
+held-out class; role ``prototype`` / ``gallery`` for reference images, ``query`` for queries, empty for
+the first image as prototype and the others as queries). Without a ``split`` column the DataModule
+splits by hash (``data.novel_fraction``). A ``.tsv`` is tab-separated.
+"""
+
+from __future__ import annotations
+
+import csv
+
+import torch
+
+from doppel.data.dataset import NOVEL, DataError, FileImages, IdentityData, Role, require
+
+ROLES = {("train", ""): Role.BASE_TRAIN, ("train", "query"): Role.BASE_TEST, ("test", ""): NOVEL,
+         ("test", "prototype"): Role.NOVEL_PROTOTYPE, ("test", "gallery"): Role.NOVEL_PROTOTYPE,
+         ("test", "query"): Role.NOVEL_QUERY}
+
+
+def _class_order(names: set[str]) -> list[str]:
+    """Whole numbers in numeric order, other names alphabetically."""
+    if all(n.lstrip("-").isdigit() for n in names):
+        return sorted(names, key=int)
+    return sorted(names)
+
+
+def read_csv(path: str | None = None) -> IdentityData:
+    path = require(path, "path", "a CSV / TSV file with a header line: path,label[,split][,role]")
+    delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
+    with open(path, newline="") as file:
+        rows = csv.reader(file, delimiter=delimiter)
+        header = [h.strip().lower() for h in next(rows, [])]
+        for column in ("path", "label"):
+            if column not in header:
+                raise DataError(f"{path}: the first line {header} has no {column!r} column; it must name the columns, "
+                                "e.g. path,label,split,role.")
+        unknown = set(header) - {"path", "label", "split", "role"}
+        if unknown:
+            raise DataError(f"{path}: unknown columns {sorted(unknown)}; the columns are path, label, split, role.")
+        column = {name: header.index(name) for name in header}
+        paths, names, roles = [], [], []
+        for number, row in enumerate(rows, 2):
+            if not row or not "".join(row).strip():
+                continue
+            if len(row) < len(header):
+                raise DataError(f"{path}, line {number}: {len(row)} fields for the {len(header)} columns {header}.")
+            cell = {name: row[i].strip() for name, i in column.items()}
+            if not cell["path"] or not cell["label"]:
+                raise DataError(f"{path}, line {number}: empty path or label.")
+            key = (cell.get("split", "train").lower() or "train", cell.get("role", "").lower())
+            if key not in ROLES:
+                raise DataError(f"{path}, line {number}: split={key[0]!r} role={key[1]!r} is not a known combination: "
+                                "split is train or test; role is empty or query (train), prototype, gallery or "
+                                "query (test).")
+            paths.append(str(path.parent / cell["path"]))
+            names.append(cell["label"])
+            roles.append(int(ROLES[key]))
+    if not paths:
+        raise DataError(f"{path} lists no images.")
+    classes = _class_order(set(names))
+    index = {name: i for i, name in enumerate(classes)}
+    has_split = "split" in column or "role" in column
+    return IdentityData(labels=torch.tensor([index[n] for n in names]), class_names=classes, images=FileImages(paths),
+                        source=str(path), roles=torch.tensor(roles) if has_split else None)

@@ -1,0 +1,106 @@
+"""One short run per on-disk format, on files the test writes in that format: train a few steps with
+``loss=l2s_mb sampler=doppel`` and evaluate, exactly as ``python train.py data=<format> ...`` does."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from doppel.data.readers.recordio import write_recordio
+from doppel.train import train
+from tests.conftest import compose_cfg
+from tests.data.formats import (
+    encode,
+    identities,
+    write_cars,
+    write_cifar,
+    write_cub,
+    write_folder,
+    write_inshop,
+    write_mnist,
+    write_mslowshot,
+    write_sop,
+)
+
+RUN = ["loss=l2s_mb", "sampler=doppel", "data.num_workers=0", "trainer.max_epochs=1", "trainer.limit_train_batches=3",
+       "data.eval_batch_size=16"]
+
+
+def folder(tmp_path: Path) -> list[str]:
+    return ["data=folder", f"data.root={write_folder(tmp_path / 'faces', identities(), 'jpg')}",
+            "data.novel_fraction=0.25"]
+
+
+def csv_with_split(tmp_path: Path) -> list[str]:
+    write_folder(tmp_path / "faces", identities(), "png")
+    lines = ["path,label,split,role"]
+    for c in range(20):
+        for i in range(4):
+            split, role = ("train", "query" if i == 3 else "") if c < 15 else ("test", "prototype" if i == 0 else "")
+            lines.append(f"faces/id{c:03d}/{i:02d}.png,person {c},{split},{role}")
+    (tmp_path / "list.csv").write_text("\n".join(lines) + "\n")
+    return ["data=csv", f"data.path={tmp_path / 'list.csv'}"]
+
+
+def recordio(tmp_path: Path) -> list[str]:
+    classes = enumerate([encode(image, "jpg") for image in images] for images in identities())
+    write_recordio(tmp_path / "train.rec", classes)
+    return ["data=recordio", f"data.root={tmp_path / 'train.rec'}", "data.novel_fraction=0.25",
+            "data.num_workers=2"]  # each worker opens the pack itself
+
+
+CROP = ["data.resize=18", "data.crop=16", "data.num_workers=0", "data.persistent_workers=false"]
+
+
+def cub(tmp_path: Path) -> list[str]:  # 110 classes: CUB's 1-100 train, 101-110 test
+    return ["data=cub", f"data.root={write_cub(tmp_path / 'CUB_200_2011', identities(110, 3))}", *CROP]
+
+
+def cars(tmp_path: Path) -> list[str]:  # 1-98 train, 99-106 test
+    return ["data=cars", f"data.root={write_cars(tmp_path / 'cars', identities(106, 3))}", *CROP]
+
+
+def sop(tmp_path: Path) -> list[str]:
+    return ["data=sop", f"data.root={write_sop(tmp_path / 'sop', identities(20, 3), train_classes=14)}", *CROP]
+
+
+def inshop(tmp_path: Path) -> list[str]:
+    return ["data=inshop", f"data.root={write_inshop(tmp_path / 'inshop', identities(20, 4), train_classes=14)}",
+            *CROP]
+
+
+def cifar10(tmp_path: Path) -> list[str]:
+    return ["data=cifar10", f"data.root={write_cifar(tmp_path / 'cifar', identities(16, 8, size=32))}"]
+
+
+def cifar100(tmp_path: Path) -> list[str]:
+    return ["data=cifar100", f"data.root={write_cifar(tmp_path / 'cifar', identities(16, 8, size=32), True)}"]
+
+
+def mnist(tmp_path: Path) -> list[str]:
+    return ["data=mnist", f"data.root={write_mnist(tmp_path / 'mnist', identities(10, 12, size=28))}",
+            "sampler.examples_per_class=[3,4]"]  # 10 digits: at most 8 classes per batch
+
+
+def mslowshot(tmp_path: Path) -> list[str]:
+    return ["data=mslowshot", f"data.root={write_mslowshot(tmp_path / 'ms', identities(20, 4), n_base=15)}",
+            "data.dev=DevSet.tsv", "data.persistent_workers=false"]
+
+
+FORMATS = {"folder": folder, "csv": csv_with_split, "recordio": recordio, "cub": cub, "cars": cars, "sop": sop,
+           "inshop": inshop, "cifar10": cifar10, "cifar100": cifar100, "mnist": mnist,
+           "mslowshot": mslowshot}
+# Formats whose test images are base queries of the training classes (classification, the IE paper).
+CLASSIFICATION = {"cifar10", "cifar100", "mnist"}
+
+
+@pytest.mark.parametrize("name", sorted(FORMATS))
+def test_a_short_run_trains_and_evaluates_on_each_format(name, tmp_path):
+    metrics = train(compose_cfg(tmp_path, [*RUN, *FORMATS[name](tmp_path)]))
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert saved == pytest.approx(metrics)
+    assert metrics["doppel/table_filled"] > 0  # the doppel sampler was fed by mining
+    split = "base" if name in CLASSIFICATION else "novel"
+    assert 0 < metrics[f"test/{split}/recall@1"] and f"test/{split}/coverage@0.99" in metrics
