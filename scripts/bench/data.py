@@ -72,6 +72,19 @@ def write_formats(folder: Path, images: list[bytes], per_class: int) -> dict[str
             "verification .bin": {"pairs": str(folder / "pairs.bin")}}
 
 
+class _Constant(torch.utils.data.Dataset):
+    """One decoded face, copied per item: what the DataLoader's machinery alone costs (no file, no decode)."""
+
+    def __init__(self, image: torch.Tensor, count: int) -> None:
+        self.image, self.count = image, count
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, index: int):
+        return self.image.clone(), index
+
+
 class _Pairs(torch.utils.data.Dataset):
     def __init__(self, path: str) -> None:
         self.pack = read_verification_bin(path)
@@ -80,7 +93,7 @@ class _Pairs(torch.utils.data.Dataset):
         return len(self.pack.images)
 
     def __getitem__(self, index: int):
-        return self.pack.images[index], torch.tensor(index)
+        return self.pack.images[index], index
 
 
 def dataset_of(settings: dict):
@@ -106,6 +119,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=3000)
     parser.add_argument("--per-class", type=int, default=10)
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[128, 512])
     args = parser.parse_args()
     torch.set_num_threads(1)
     images = faces(args.images, args.per_class)
@@ -114,13 +128,23 @@ def main() -> None:
         formats = write_formats(Path(folder), images, args.per_class)
         raw = raw_decode_rate(images)
         print(f"raw decode (bytes in memory, one process): {raw:.0f} images/s\n")
-        print("| format | workers | images/s | per worker | per worker / raw decode |")
-        print("|---|---|---|---|---|")
+        constant = _Constant(decode(images[0], "bench"), len(images))
+        loader_rate(constant, 1)  # discarded: the first loader of a process runs slower
+        for batch_size in args.batch_sizes:
+            rate = loader_rate(constant, 1, batch_size)
+            print(f"DataLoader alone (a decoded image copied per item), batch {batch_size}, 1 worker: {rate:.0f} "
+                  f"images/s = {1e6 / rate:.0f} us per image; with raw decode that bounds the ratio at "
+                  f"{(1 / raw) / (1 / raw + 1 / rate):.2f}")
+        print()
+        print("| format | batch | workers | images/s | per worker | per worker / raw decode |")
+        print("|---|---|---|---|---|---|")
         for name, settings in formats.items():
             dataset = dataset_of(settings)
-            for workers in args.workers:
-                rate = loader_rate(dataset, workers)
-                print(f"| {name} | {workers} | {rate:.0f} | {rate / workers:.0f} | {rate / workers / raw:.2f} |")
+            for batch_size in args.batch_sizes:
+                for workers in args.workers:
+                    rate = loader_rate(dataset, workers, batch_size)
+                    print(f"| {name} | {batch_size} | {workers} | {rate:.0f} | {rate / workers:.0f} | "
+                          f"{rate / workers / raw:.2f} |")
         raw_after = raw_decode_rate(images)
         print(f"\nraw decode again at the end: {raw_after:.0f} images/s ({raw_after / raw:.2f} of the first)")
 

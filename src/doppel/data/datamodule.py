@@ -14,7 +14,7 @@ import pytorch_lightning as pl
 import torch
 from hydra.utils import get_class, get_method
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from doppel.data.dataset import CorruptImage, DataError, IdentityData, Role
 from doppel.data.split import Split, check_novel_fraction, split_dataset
@@ -69,8 +69,9 @@ class _Images(Dataset):
 
     def __init__(self, data: IdentityData, split: Split, positions: torch.Tensor, transform: ImageTransform,
                  train: bool, skip_corrupt: bool) -> None:
-        self.images, self.index = data.images, split.index[positions]
-        self.label, self.role = split.label[positions], split.role[positions]
+        # Python lists: indexing them per image costs a fraction of indexing tensors.
+        self.images, self.index = data.images, split.index[positions].tolist()
+        self.label, self.role = split.label[positions].tolist(), split.role[positions].tolist()
         self.transform, self.train, self.skip_corrupt = transform, train, skip_corrupt
         self.skipped = 0
 
@@ -79,7 +80,7 @@ class _Images(Dataset):
 
     def load(self, position: int, seed: int | None) -> torch.Tensor:
         try:
-            image = self.images[int(self.index[position])]
+            image = self.images[self.index[position]]
         except CorruptImage as error:
             if not self.skip_corrupt:
                 raise
@@ -90,14 +91,14 @@ class _Images(Dataset):
         self.skipped += 1
         warnings.warn(f"data.skip_corrupt: {error.where} is unreadable and was replaced by the next readable image of "
                       f"its class ({self.skipped} replacements so far in this process).", stacklevel=2)
-        same_class = torch.nonzero(self.label == self.label[position]).flatten().tolist()
+        same_class = [i for i, label in enumerate(self.label) if label == self.label[position]]
         start = same_class.index(position)
         for other in same_class[start + 1:] + same_class[:start]:
             try:
-                return self.images[int(self.index[other])]
+                return self.images[self.index[other]]
             except CorruptImage:
                 continue
-        raise DataError(f"every image of class {int(self.label[position])} is unreadable ({error}).")
+        raise DataError(f"every image of class {self.label[position]} is unreadable ({error}).")
 
     def __getitem__(self, item: Any) -> tuple[torch.Tensor, ...]:
         if self.train:
@@ -107,12 +108,23 @@ class _Images(Dataset):
 
 
 def collate(samples: list[tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor, ...]:
+    """Stack a batch. Decoded images are [3, H, W] views of [H, W, 3] memory: those are stacked as they lie
+    (one plain copy, not a strided gather per image) into an [N, 3, H, W] channels-last batch; in a
+    worker, straight into shared memory (no second copy on the way to the main process)."""
     images, *rest = zip(*samples)
     sizes = {tuple(image.shape) for image in images}
     if len(sizes) > 1:
         raise DataError(f"the images of a batch have different sizes {sorted(sizes)[:3]}: set data.resize and "
                         "data.crop so that every image is cropped to one size.")
-    return (torch.stack(images), *(torch.stack(column) for column in rest))
+    channels_last = all(image.permute(1, 2, 0).is_contiguous() for image in images)
+    planes = [image.permute(1, 2, 0) for image in images] if channels_last else list(images)
+    out = None
+    if get_worker_info() is not None:
+        numel = len(planes) * planes[0].numel()
+        out = planes[0].new(planes[0].untyped_storage()._new_shared(numel * planes[0].element_size()))
+        out = out.view(len(planes), *planes[0].shape)
+    batch = torch.stack(planes, out=out)
+    return (batch.permute(0, 3, 1, 2) if channels_last else batch, *(torch.tensor(column) for column in rest))
 
 
 class IdentityDataModule(pl.LightningDataModule):
