@@ -246,3 +246,18 @@ def test_stream_seed_is_sha256_of_seed_epoch_rank_not_python_hash(monkeypatch):
     expected = torch.Generator().manual_seed(stable_seed(3, 1, 0))
     assert int(torch.randint(2, 9, (1,), generator=expected)) == len(
         [i for i in drawn[0] if int(LABELS[i]) == int(LABELS[drawn[0][0]])])
+
+
+def test_image_seeds_of_a_resumed_epoch_are_those_of_the_uninterrupted_one():
+    """Per-image crop seeds are fixed by (seed, epoch, rank, batch, slot); batches drawn ahead before a stop
+    are replayed first after a resume, with their own batch numbers."""
+    from doppel.data.datamodule import KeyedBatches
+
+    whole = list(KeyedBatches(IdentityBatchSampler(SamplerContext(LABELS, seed=2), 12, batches_per_epoch=8)))
+    source = IdentityBatchSampler(SamplerContext(LABELS, seed=2), 12, batches_per_epoch=8)
+    keyed = iter(KeyedBatches(source))
+    seen = [next(keyed) for _ in range(5)]  # 5 drawn, 3 trained on: 2 drawn ahead (workers prefetching)
+    restored = IdentityBatchSampler(SamplerContext(LABELS, seed=2), 12, batches_per_epoch=8)
+    restored.load_state_dict(source.state_dict(consumed=3))
+    assert seen == whole[:5] and list(KeyedBatches(restored)) == whole[3:]
+    assert len({seed for batch in whole for _, seed in batch}) == 8 * 12  # every slot its own seed

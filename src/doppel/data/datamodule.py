@@ -221,8 +221,8 @@ class IdentityDataModule(pl.LightningDataModule):
         if self.sampler_cfg is None:
             raise RuntimeError("IdentityDataModule.attach_sampler() must be called before training.")
         trainer = self.trainer
-        self.train_sampler = self.build_sampler(trainer.global_rank if trainer else 0, trainer.world_size if trainer
-                                                else 1)
+        rank, world_size = (trainer.global_rank, trainer.world_size) if trainer else (0, 1)
+        self.train_sampler = self.build_sampler(rank, world_size)
         return TrainLoader(self._dataset(self.split.training, train=True), batch_sampler=KeyedBatches(
             self.train_sampler), generator=torch.Generator(), **self._loader_options())
 

@@ -96,6 +96,7 @@ class IdentityBatchSampler(Sampler[list[int]]):
         # Position in the current epoch: the generator, how many batches it drew, the latest of them.
         self._stream: torch.Generator | None = None
         self._drawn = 0
+        self._current = -1
         self._recent: deque[tuple[int, list[int]]] = deque(maxlen=MAX_DRAWN_AHEAD)
         self._resume: tuple[int, dict] | None = None
 
@@ -160,6 +161,7 @@ class IdentityBatchSampler(Sampler[list[int]]):
         self._recent.clear()
         for index, batch in enumerate(ahead, start=self._drawn - len(ahead)):
             self._recent.append((index, batch))
+            self._current = index
             yield batch
         while self._drawn < self.batches_per_epoch:
             for rank in range(self.world_size):  # every process draws all sub-batches, keeps its own
@@ -169,13 +171,14 @@ class IdentityBatchSampler(Sampler[list[int]]):
                 if rank == self.rank:
                     batch = drawn
             self._recent.append((self._drawn, batch))
+            self._current = self._drawn
             self._drawn += 1
             yield batch
 
     @property
     def current_batch(self) -> int:
-        """Index in the epoch of the batch yielded last."""
-        return self._drawn - 1
+        """Index in the epoch of the batch yielded last (a resumed epoch first yields those drawn ahead)."""
+        return self._current
 
     def _draw_counts(self, generator: torch.Generator) -> list[int]:
         low, high = self.count_range
