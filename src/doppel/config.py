@@ -19,6 +19,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import get_class, get_object, instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from doppel.data.datamodule import verification_name
 from doppel.data.transforms import PaperAugment
 from doppel.evaluation.protocol import metric_names
 from doppel.losses.loss_set import LossSet
@@ -45,17 +46,20 @@ SUMMARY_METRICS = ("train/epochs", "doppel/table_filled")
 NEEDS_A_LOGGER = ("pytorch_lightning.callbacks.LearningRateMonitor", "pytorch_lightning.callbacks.DeviceStatsMonitor")
 
 
-def objectives() -> list[str]:
-    """Every metric name ``train()`` returns, any of which ``objective`` may name."""
-    return [f"test/{name}" for name in metric_names()] + list(SUMMARY_METRICS)
+def objectives(cfg: DictConfig | None = None) -> list[str]:
+    """Every metric name ``train()`` returns, any of which ``objective`` may name (with ``cfg``: also those of
+    its verification packs)."""
+    packs = (cfg.data.get("verification") or []) if cfg is not None else []
+    verification = [f"test/{verification_name(Path(p))}/{m}" for p in packs for m in ("accuracy", "accuracy_std")]
+    return [f"test/{name}" for name in metric_names()] + verification + list(SUMMARY_METRICS)
 
 
 def check_config(cfg: DictConfig) -> None:
     _check_known_keys(cfg)
     _check_values(cfg)
-    if cfg.objective not in objectives():
+    if cfg.objective not in objectives(cfg):
         raise ValueError(f"objective={cfg.objective} is not a metric of the run; choose one of: "
-                         f"{', '.join(objectives())}.")
+                         f"{', '.join(objectives(cfg))}.")
     _check_output_dir(Path(cfg.paths.output_dir))
 
 

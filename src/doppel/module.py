@@ -10,13 +10,15 @@ from torch import nn
 
 from doppel.data.transforms import PaperAugment
 from doppel.evaluation.protocol import evaluate_protocol, mirror_embed
+from doppel.evaluation.verification import verification_accuracy
 from doppel.losses.loss_set import LossSet
 from doppel.seeding import seed_for_rank
 
 
 class DoppelModule(pl.LightningModule):
     def __init__(self, backbone: nn.Module, loss_set: LossSet, optimizer: Any, scheduler: Any | None = None,
-                 augment: PaperAugment | None = None, views: int = 1) -> None:
+                 augment: PaperAugment | None = None, views: int = 1,
+                 verification: list[tuple[str, torch.Tensor]] | None = None) -> None:
         super().__init__()
         self.backbone = backbone
         self.loss_set = loss_set
@@ -25,7 +27,9 @@ class DoppelModule(pl.LightningModule):
         self.augment = augment or nn.Identity()
         self.views = views  # > 1: each image is augmented this many times, views stacked (NT-Xent)
         self.last_labels: torch.Tensor | None = None
-        self._eval_outputs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        # (name, issame) of each verification pack, evaluated from the evaluation loaders 1, 2, ...
+        self.verification = verification or []
+        self._eval_outputs: dict[int, list[tuple[torch.Tensor, ...]]] = {}
         self.final_metrics: dict[str, float] = {}
         self.val_step: int | None = None  # global step of the latest validation
 
@@ -57,35 +61,43 @@ class DoppelModule(pl.LightningModule):
         return loss
 
     # -- evaluation --------------------------------------------------------------------------
-    def _eval_step(self, batch: tuple[torch.Tensor, ...]) -> None:
-        images, labels, roles = batch
-        self._eval_outputs.append((mirror_embed(self.backbone, images).float().cpu(),
-                                   labels.cpu(), roles.cpu()))
+    def _eval_step(self, batch: tuple[torch.Tensor, ...], dataloader_idx: int = 0) -> None:
+        images, *columns = batch
+        self._eval_outputs.setdefault(dataloader_idx, []).append(
+            (mirror_embed(self.backbone, images).float().cpu(), *(c.cpu() for c in columns)))
 
     def _eval_end(self, prefix: str) -> None:
-        embeddings, labels, roles = (torch.cat(parts) for parts in zip(*self._eval_outputs))
-        self._eval_outputs.clear()
-        finite = torch.isfinite(embeddings).all(dim=1)
-        if not finite.all():
-            raise FloatingPointError(
-                f"{int((~finite).sum())} of {len(finite)} {prefix} embeddings are not finite: the network "
-                "diverged (lower optim.lr) or its weights overflow; no metrics are computed from them.")
-        metrics = {f"{prefix}/{k}": v for k, v in evaluate_protocol(embeddings, labels, roles).items()}
-        # Every rank evaluated the full set: the numbers are identical, no reduction needed.
+        outputs, self._eval_outputs = self._eval_outputs, {}
+        metrics: dict[str, float] = {}
+        for loader, parts in sorted(outputs.items()):
+            embeddings, *columns = (torch.cat(column) for column in zip(*parts))
+            where = f"{prefix} embeddings of {self.verification[loader - 1][0]}" if loader else f"{prefix} embeddings"
+            finite = torch.isfinite(embeddings).all(dim=1)
+            if not finite.all():
+                raise FloatingPointError(
+                    f"{int((~finite).sum())} of {len(finite)} {where} are not finite: the network diverged (lower "
+                    "optim.lr) or its weights overflow; no metrics are computed from them.")
+            if loader == 0:
+                metrics.update({f"{prefix}/{k}": v for k, v in evaluate_protocol(embeddings, *columns).items()})
+            else:
+                name, pairs = self.verification[loader - 1]
+                metrics.update({f"{prefix}/{name}/{k}": v
+                                for k, v in verification_accuracy(embeddings[columns[0].argsort()], pairs).items()})
+        # Every rank evaluated the full sets: the numbers are identical, no reduction needed.
         self.log_dict(metrics, sync_dist=False, rank_zero_only=False)
         self.final_metrics.update(metrics)
         if prefix == "val":
             self.val_step = self.global_step
 
-    def validation_step(self, batch, batch_idx) -> None:
-        self._eval_step(batch)
+    def validation_step(self, batch, batch_idx, dataloader_idx: int = 0) -> None:
+        self._eval_step(batch, dataloader_idx)
 
     def on_validation_epoch_end(self) -> None:
         if self._eval_outputs:
             self._eval_end("val")
 
-    def test_step(self, batch, batch_idx) -> None:
-        self._eval_step(batch)
+    def test_step(self, batch, batch_idx, dataloader_idx: int = 0) -> None:
+        self._eval_step(batch, dataloader_idx)
 
     def on_test_epoch_end(self) -> None:
         self._eval_end("test")

@@ -72,7 +72,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     optimizer = instantiate(cfg.optim)
     scheduler = instantiate(cfg.sched) if cfg.sched else None
     module = DoppelModule(backbone, loss_set, optimizer, scheduler,
-                          augment=PaperAugment(**cfg.augment, seed=cfg.seed), views=cfg.loss.views)
+                          augment=PaperAugment(**cfg.augment, seed=cfg.seed), views=cfg.loss.views,
+                          verification=[(name, pairs.issame) for name, pairs in datamodule.verification])
     if checkpoint is not None:
         check_state_dict(checkpoint, module.state_dict(), f"ckpt_path={str(ckpt_path)!r}")
 
@@ -126,10 +127,13 @@ def report(metrics: dict[str, float], output_dir: Path) -> None:
     table.add_column("metric")
     for split in ("base", "novel"):
         table.add_column(split, justify="right")
-    names = sorted({k.split("/", 2)[2] for k in metrics if k.startswith("test/")})
+    names = sorted({k.split("/", 2)[2] for k in metrics if k.split("/")[:2] in (["test", "base"], ["test", "novel"])})
     for name in names:
         table.add_row(name, *(_percent(metrics.get(f"test/{s}/{name}")) for s in ("base", "novel")))
     Console().print(table)
+    for name in sorted({k.split("/")[1] for k in metrics if k.endswith("/accuracy") and k.startswith("test/")}):
+        Console().print(f"{name}: 10-fold verification accuracy {_percent(metrics[f'test/{name}/accuracy'])} "
+                        f"+- {_percent(metrics[f'test/{name}/accuracy_std'])}")
 
 
 def _percent(value: float | None) -> str:

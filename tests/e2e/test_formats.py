@@ -104,3 +104,26 @@ def test_a_short_run_trains_and_evaluates_on_each_format(name, tmp_path):
     assert metrics["doppel/table_filled"] > 0  # the doppel sampler was fed by mining
     split = "base" if name in CLASSIFICATION else "novel"
     assert 0 < metrics[f"test/{split}/recall@1"] and f"test/{split}/coverage@0.99" in metrics
+
+
+def test_verification_packs_beside_the_data_are_evaluated_pair_by_pair(tmp_path):
+    """Two packs of the same 40 pairs, one labelled right (a 'same' pair is one image twice, a 'different'
+    pair two identities) and one with every label flipped: right labels verify near 100%, flipped ones at
+    best 50% (threshold 0: all 'different'); so the pairs and their labels reach the metric in order."""
+    from doppel.data.readers.verification_bin import write_verification_bin
+
+    classes = identities()
+    root = write_folder(tmp_path / "faces", classes, "png")
+    images, issame = [], []
+    for c in range(20):
+        images += [encode(classes[c][3], "jpg"), encode(classes[c][3], "jpg")]
+        images += [encode(classes[c][2], "jpg"), encode(classes[(c + 7) % 20][2], "jpg")]
+        issame += [True, False]
+    write_verification_bin(root / "right.bin", images, issame)
+    write_verification_bin(tmp_path / "flipped.bin", images, [not s for s in issame], protocol=2)
+    metrics = train(compose_cfg(tmp_path, [*RUN, "data=folder", f"data.root={root}", "data.novel_fraction=0.25",
+                                           f"data.verification=[right.bin,{tmp_path / 'flipped.bin'}]",
+                                           "objective=test/right/accuracy"]))
+    assert metrics["test/right/accuracy"] >= 0.9
+    assert metrics["test/flipped/accuracy"] <= 0.6
+    assert metrics.keys() >= {"test/right/accuracy_std", "test/novel/top1"}

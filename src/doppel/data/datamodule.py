@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from doppel.data.dataset import CorruptImage, DataError, IdentityData, Role
+from doppel.data.readers.verification_bin import VerificationPairs, read_verification_bin
 from doppel.data.split import Split, check_novel_fraction, split_dataset
 from doppel.data.transforms import ImageTransform
 from doppel.sampling.doppelganger import DoppelgangerTable
@@ -139,7 +140,8 @@ class IdentityDataModule(pl.LightningDataModule):
                  base_queries: bool = True, resize: int | None = None, crop: int | None = None,
                  crop_scale: tuple[float, float] = (0.08, 1.0), skip_corrupt: bool = False,
                  eval_batch_size: int = 512, num_workers: int = 0, pin_memory: bool | None = None,
-                 persistent_workers: bool = False, **reader_settings: Any) -> None:
+                 persistent_workers: bool = False, verification: list[str] | None = None,
+                 **reader_settings: Any) -> None:
         super().__init__()
         self.read = _reader(reader, reader_settings)
         for key in ("path", "root"):  # a path that is given must exist: checked before anything is read
@@ -159,6 +161,12 @@ class IdentityDataModule(pl.LightningDataModule):
         self.skip_corrupt, self.eval_batch_size, self.num_workers = skip_corrupt, eval_batch_size, num_workers
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.persistent_workers = persistent_workers and num_workers > 0
+        self.verification_paths = [self._locate(p) for p in verification or []]
+        names = [verification_name(p) for p in self.verification_paths]
+        if len(set(names)) != len(names):
+            raise ValueError(f"data.verification={list(verification)} names two packs {sorted(names)}: the file names "
+                             "(without .bin) name their metrics and must differ.")
+        self.verification: list[tuple[str, VerificationPairs]] = []
         self.data: IdentityData | None = None
         self.split: Split | None = None
         self.sampler_cfg: DictConfig | None = None
@@ -166,10 +174,24 @@ class IdentityDataModule(pl.LightningDataModule):
         self.seed = 0
         self.train_sampler = None
 
+    def _locate(self, path: str) -> Path:
+        """A verification pack: as given, else in the data folder (InsightFace ships lfw.bin beside train.rec)."""
+        candidates = [Path(path).expanduser()]
+        given = self.reader_settings.get("root") or self.reader_settings.get("path")
+        if given is not None and not candidates[0].is_absolute():
+            folder = Path(given).expanduser()
+            candidates.append((folder if folder.is_dir() else folder.parent) / path)
+        for candidate in candidates:
+            if candidate.is_file():
+                return candidate
+        raise FileNotFoundError(f"data.verification: {path!r} is neither a file nor in the data folder "
+                                f"({', '.join(str(c) for c in candidates)}).")
+
     def setup(self, stage: str | None = None) -> None:
         if self.data is None:
             self.data = self.read(**self.reader_settings)
             self.split = split_dataset(self.data, self.novel_fraction, self.max_groups, self.base_queries)
+            self.verification = [(verification_name(p), read_verification_bin(p)) for p in self.verification_paths]
 
     @property
     def num_classes(self) -> int:
@@ -226,16 +248,38 @@ class IdentityDataModule(pl.LightningDataModule):
         return TrainLoader(self._dataset(self.split.training, train=True), batch_sampler=KeyedBatches(
             self.train_sampler), generator=torch.Generator(), **self._loader_options())
 
-    def _eval_loader(self) -> DataLoader:
+    def _eval_loaders(self) -> DataLoader | list[DataLoader]:
+        """The split's evaluation images, then each verification pack's images in pair order."""
         with_training = bool((self.split.role == Role.BASE_TEST).any())  # base queries need their classes' prototypes
-        dataset = self._dataset(self.split.evaluated(with_training), train=False)
-        return DataLoader(dataset, batch_size=self.eval_batch_size, shuffle=False, **self._loader_options())
+        datasets = [self._dataset(self.split.evaluated(with_training), train=False)]
+        datasets += [_PairImages(pairs, self.transform) for _, pairs in self.verification]
+        loaders = [DataLoader(d, batch_size=self.eval_batch_size, shuffle=False, **self._loader_options())
+                   for d in datasets]
+        return loaders if self.verification else loaders[0]
 
-    def val_dataloader(self) -> DataLoader:
-        return self._eval_loader()
+    def val_dataloader(self) -> DataLoader | list[DataLoader]:
+        return self._eval_loaders()
 
-    def test_dataloader(self) -> DataLoader:
-        return self._eval_loader()
+    def test_dataloader(self) -> DataLoader | list[DataLoader]:
+        return self._eval_loaders()
+
+
+def verification_name(path: Path) -> str:
+    """The metric name of a pack: its file name without ``.bin`` (``lfw``, ``cfp_fp``, ``agedb_30``)."""
+    return Path(path).name.removesuffix(".bin")
+
+
+class _PairImages(Dataset):
+    """A verification pack's images in order (pair i = items 2i, 2i + 1), with the evaluation transform."""
+
+    def __init__(self, pairs: VerificationPairs, transform: ImageTransform) -> None:
+        self.pairs, self.transform = pairs, transform
+
+    def __len__(self) -> int:
+        return len(self.pairs.images)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.transform(self.pairs.images[index], None), index
 
 
 def _reader(name: str, settings: dict[str, Any]) -> Callable[..., IdentityData]:
