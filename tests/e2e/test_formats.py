@@ -98,7 +98,9 @@ CLASSIFICATION = {"cifar10", "cifar100", "mnist"}
 
 @pytest.mark.parametrize("name", sorted(FORMATS))
 def test_a_short_run_trains_and_evaluates_on_each_format(name, tmp_path):
-    metrics = train(compose_cfg(tmp_path, [*RUN, *FORMATS[name](tmp_path)]))
+    cfg = compose_cfg(tmp_path, [*RUN, *FORMATS[name](tmp_path)])
+    metrics = train(cfg)
+    assert cfg.objective in metrics  # each format's default objective is computed (train.py returns it)
     saved = json.loads((tmp_path / "metrics.json").read_text())
     assert saved == pytest.approx(metrics)
     assert metrics["doppel/table_filled"] > 0  # the doppel sampler was fed by mining
