@@ -115,8 +115,9 @@ def test_only_the_run_that_wrote_a_checkpoint_resumes_it():
     other = {**CONFIG, "backbone": {"embedding_dim": 32}}
     with pytest.raises(CheckpointError, match=r"was made by another run \(backbone.embedding_dim: 16 -> 32\)"):
         check_checkpoint(stamped(), other, "x")
-    # run-local settings are no difference; others are allowed with a warning
-    local = {**CONFIG, "paths": {"output_dir": "/b"}, "data": {"path": None, "eval_batch_size": 64}}
+    # run-local settings are no difference (the data copied to another node's disk); others warn
+    local = {**CONFIG, "paths": {"output_dir": "/b"},
+             "data": {**CONFIG["data"], "root": "/scratch/job2/faces", "eval_batch_size": 64, "num_workers": 2}}
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         check_checkpoint(stamped(), local, "x")
