@@ -207,3 +207,26 @@ def test_doppel_data_is_the_default_root(tmp_path, monkeypatch):
         read_folder(None)
     monkeypatch.setenv("DOPPEL_DATA", str(tmp_path))
     assert read_folder(None).class_names == ["id000", "id001"]
+
+
+def test_lazy_images_pickle_into_spawned_workers(tmp_path):
+    """Workers started by spawn (macOS, Windows) receive the dataset pickled: no lambdas, no open files."""
+    import pickle
+
+    from doppel.data.readers.mslowshot_tsv import read_mslowshot
+    from doppel.data.readers.recordio import read_recordio, write_recordio
+    from doppel.data.readers.verification_bin import read_verification_bin, write_verification_bin
+    from tests.data.formats import encode
+
+    classes = identities(3, 2)
+    folder = read_folder(str(write_folder(tmp_path / "f", classes, "png")))
+    write_recordio(tmp_path / "train.rec", enumerate([encode(i, "jpg") for i in images] for images in classes))
+    record = read_recordio(str(tmp_path / "train.rec"))
+    record.images.fetch(0)  # the pack is open in this process now
+    tsv = read_mslowshot(str(write_mslowshot(tmp_path / "ms", identities(4, 2), n_base=3)), dev="DevSet.tsv")
+    tsv.images.fetch(0)
+    write_verification_bin(tmp_path / "p.bin", [encode(classes[0][0])] * 2, [True])
+    pairs = read_verification_bin(tmp_path / "p.bin")
+    for images in (folder.images, record.images, tsv.images, pairs.images):
+        copy = pickle.loads(pickle.dumps(images))
+        assert copy.fetch(1) == images.fetch(1) and torch.equal(copy[1], images[1])

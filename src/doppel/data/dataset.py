@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import io
 import os
-from collections.abc import Callable, Sequence
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import IntEnum
 from pathlib import Path
@@ -116,18 +117,38 @@ class CorruptImage(DataError):
         self.where = where
 
 
-class EncodedImages:
-    """Images stored encoded (files, records), decoded on access. ``fetch(i)`` returns the bytes of image
-    ``i``; ``name(i)`` names it in messages."""
+class EncodedImages(ABC):
+    """Images stored encoded (files, records, pickled bytes), decoded on access. Subclasses say how to
+    ``fetch`` image ``i``'s bytes and how to ``name`` it in messages; they hold plain data only, so they
+    pickle into DataLoader workers under any start method."""
 
-    def __init__(self, count: int, fetch: Callable[[int], bytes], name: Callable[[int], str]) -> None:
-        self.count, self.fetch, self.name = count, fetch, name
+    @abstractmethod
+    def __len__(self) -> int: ...
 
-    def __len__(self) -> int:
-        return self.count
+    @abstractmethod
+    def fetch(self, index: int) -> bytes: ...
+
+    @abstractmethod
+    def name(self, index: int) -> str: ...
 
     def __getitem__(self, index: int) -> torch.Tensor:
         return decode(self.fetch(index), self.name(index))
+
+
+class BytesImages(EncodedImages):
+    """Encoded images held in a list (a verification pack's)."""
+
+    def __init__(self, images: list[bytes], source: str) -> None:
+        self.images, self.source = images, source
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def fetch(self, index: int) -> bytes:
+        return self.images[index]
+
+    def name(self, index: int) -> str:
+        return f"{self.source} image {index}"
 
 
 class FileImages(EncodedImages):
@@ -135,9 +156,14 @@ class FileImages(EncodedImages):
 
     def __init__(self, paths: Sequence[str]) -> None:
         self.paths = list(paths)
-        super().__init__(len(self.paths), self._read, lambda i: self.paths[i])
 
-    def _read(self, index: int) -> bytes:
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def name(self, index: int) -> str:
+        return self.paths[index]
+
+    def fetch(self, index: int) -> bytes:
         try:
             with open(self.paths[index], "rb") as file:
                 return file.read()

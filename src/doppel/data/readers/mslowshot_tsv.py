@@ -68,12 +68,17 @@ class TsvFaces(EncodedImages):
         self.files, self.file_of, self.offsets, self.lengths = files, file_of, offsets, lengths
         self._fds: dict[int, int] = {}
         self._pid = -1
-        super().__init__(len(offsets), self._face, lambda i: f"{files[file_of[i]]} line at byte {offsets[i]}")
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+    def name(self, index: int) -> str:
+        return f"{self.files[self.file_of[index]]} line at byte {self.offsets[index]}"
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_fds": {}, "_pid": -1}
 
-    def _face(self, index: int) -> bytes:
+    def fetch(self, index: int) -> bytes:
         if self._pid != os.getpid():
             self._fds, self._pid = {}, os.getpid()
         file = int(self.file_of[index])

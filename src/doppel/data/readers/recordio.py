@@ -217,9 +217,14 @@ def read_recordio(root: str | None = None, idx: str | None = None) -> IdentityDa
 class RecordImages(EncodedImages):
     def __init__(self, rec: RecordFile, offsets: np.ndarray, keys: np.ndarray) -> None:
         self.rec, self.offsets, self.keys = rec, offsets, keys
-        super().__init__(len(keys), self._payload, lambda i: f"{rec.path} record {int(keys[i])}")
 
-    def _payload(self, index: int) -> bytes:
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def name(self, index: int) -> str:
+        return f"{self.rec.path} record {int(self.keys[index])}"
+
+    def fetch(self, index: int) -> bytes:
         what = f"record {int(self.keys[index])}"
         return unpack(self.rec.read(int(self.offsets[index]), what), f"{self.rec.path} {what}")[1]
 

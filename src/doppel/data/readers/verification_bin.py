@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from doppel.data.dataset import DataError, EncodedImages, require
+from doppel.data.dataset import BytesImages, DataError, require
 from doppel.data.readers.safe_pickle import safe_load
 
 SIGNATURES = {b"\xff\xd8\xff": "JPEG", b"\x89PNG\r\n\x1a\n": "PNG"}
@@ -20,7 +20,7 @@ SIGNATURES = {b"\xff\xd8\xff": "JPEG", b"\x89PNG\r\n\x1a\n": "PNG"}
 
 @dataclass
 class VerificationPairs:
-    images: EncodedImages  # 2 x pairs, pair i = images 2i, 2i + 1
+    images: BytesImages  # 2 x pairs, pair i = images 2i, 2i + 1
     issame: torch.Tensor  # bool [pairs]
     source: str
 
@@ -43,9 +43,7 @@ def read_verification_bin(path: str | Path) -> VerificationPairs:
     for i, image in enumerate(images):
         if not isinstance(image, (bytes, bytearray)) or not any(image.startswith(s) for s in SIGNATURES):
             raise DataError(f"{path}: image {i} (pair {i // 2}) is not JPEG or PNG data.")
-    source = str(path)
-    return VerificationPairs(EncodedImages(len(images), images.__getitem__, lambda i: f"{source} image {i}"),
-                             torch.tensor(issame, dtype=torch.bool), source)
+    return VerificationPairs(BytesImages(images, str(path)), torch.tensor(issame, dtype=torch.bool), str(path))
 
 
 def write_verification_bin(path: str | Path, images: list[bytes], issame: list[bool], protocol: int = 4) -> None:
