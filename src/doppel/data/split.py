@@ -40,10 +40,9 @@ class Split:
     def evaluated(self, with_training_images: bool) -> torch.Tensor:
         """Positions of the images the evaluation embeds (training images only when base queries need
         their prototypes)."""
-        keep = self.role != Role.BASE_TRAIN
         if with_training_images:
-            keep |= self.role == Role.BASE_TRAIN
-        return torch.nonzero(keep).flatten()
+            return torch.arange(len(self.role))
+        return torch.nonzero(self.role != Role.BASE_TRAIN).flatten()
 
 
 def check_novel_fraction(novel_fraction: float) -> None:
