@@ -230,3 +230,17 @@ def test_lazy_images_pickle_into_spawned_workers(tmp_path):
     for images in (folder.images, record.images, tsv.images, pairs.images):
         copy = pickle.loads(pickle.dumps(images))
         assert copy.fetch(1) == images.fetch(1) and torch.equal(copy[1], images[1])
+
+
+def test_a_split_that_trains_on_a_test_class_is_refused(tmp_path):
+    write_folder(tmp_path / "faces", identities(3, 2), "png")
+    rows = ["faces/id000/00.png,ann,train", "faces/id001/00.png,bo,train", "faces/id000/01.png,ann,test"]
+    (tmp_path / "l.csv").write_text("path,label,split\n" + "\n".join(rows) + "\n")
+    with pytest.raises(DataError, match="image 2 is a held-out \\(test\\) image of class 'ann', which is also "
+                                        "trained on"):
+        split_dataset(read_csv(str(tmp_path / "l.csv")))
+    rows[2] = "faces/id002/01.png,cy,train,query"
+    (tmp_path / "q.csv").write_text("path,label,split,role\n" + "\n".join(r + ("" if r.count(",") == 3 else ",")
+                                                                         for r in rows) + "\n")
+    with pytest.raises(DataError, match="image 2 is a base query of class 'cy', which has no training images"):
+        split_dataset(read_csv(str(tmp_path / "q.csv")))
