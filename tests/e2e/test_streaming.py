@@ -28,7 +28,7 @@ def run(tmp_path, rec, name):
     folder = tmp_path / name
     result = run_cli([*TINY, "data=recordio", f"data.root={rec}", "data.max_groups=null", "data.num_workers=0",
                       "data.persistent_workers=false", "data.novel_fraction=0.02", "trainer.max_epochs=1",
-                      "trainer.limit_train_batches=5", "lsuv.batch_size=32",
+                      "trainer.limit_train_batches=5", "lsuv.batch_size=32", "data.eval_batch_size=64",
                       "+callbacks.memory._target_=tests.e2e.recorder.MemoryRecorder",
                       f"+callbacks.memory.folder={folder}", f"hydra.run.dir={folder}"], cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -41,6 +41,8 @@ def test_a_pack_of_20000_images_trains_in_the_memory_of_a_pack_of_200(tmp_path):
     assert big > 230 * 2**20
     small_run, big_run = run(tmp_path, tmp_path / "small" / "train.rec", "s"), run(tmp_path, tmp_path / "big", "b")
     # loading the pack would add its size (~240 MB, encoded or decoded); the big run holds 20,000 labels more
+    print(f"peak anonymous memory: {small_run['peak_rss_anon'] / 2**20:.0f} MB (200 images), "
+          f"{big_run['peak_rss_anon'] / 2**20:.0f} MB (20,000 images, pack {big / 2**20:.0f} MB)")
     assert big_run["peak_rss_anon"] - small_run["peak_rss_anon"] < 64 * 2**20, (big_run, small_run, big)
     # bytes read beyond those of the small run (imports read the same): the images used, not the pack
     assert big_run["rchar"] - small_run["rchar"] < 0.1 * big, (big_run, small_run, big)
