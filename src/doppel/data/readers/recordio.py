@@ -290,9 +290,9 @@ def write_recordio(rec_path: str | Path, classes: Iterable[tuple[int, Iterable[b
     offsets: list[tuple[int, int]] = []
     ranges: list[tuple[int, int]] = []
     with open(rec_path, "wb") as rec:
-        placeholder = frame(pack([0.0, 0.0], b""))
+        provisional = frame(pack([0.0, 0.0], b""))  # record 0, rewritten once the key ranges are known
         offsets.append((0, 0))
-        rec.write(placeholder)
+        rec.write(provisional)
         key = 1
         for expected, (cls, images) in enumerate(classes):
             if cls != expected:
@@ -308,9 +308,7 @@ def write_recordio(rec_path: str | Path, classes: Iterable[tuple[int, Iterable[b
             offsets.append((first + cls, rec.tell()))
             rec.write(frame(pack([float(start), float(end)], b"", first + cls)))
         rec.seek(0)
-        header0 = frame(pack([float(first), float(first + len(ranges))], b""))
-        assert len(header0) == len(placeholder)
-        rec.write(header0)
+        rec.write(frame(pack([float(first), float(first + len(ranges))], b"")))  # the same size: 2 floats
     with open(rec_path.with_suffix(".idx"), "w") as idx:
         idx.writelines(f"{k}\t{o}\n" for k, o in offsets)
     return first - 1

@@ -166,7 +166,7 @@ def _key(key: Any) -> Any:
 
 
 def _finish(value: Any, where: str) -> Any:
-    """Replace the array placeholders by arrays."""
+    """The loaded value with each array stand-in rebuilt as an array."""
     if isinstance(value, _Array):
         return value.build(where)
     if isinstance(value, list):
