@@ -56,16 +56,51 @@ def recall_at_k(embeddings: torch.Tensor, labels: torch.Tensor, k: int = 1, chun
     Images whose label occurs once are skipped (they cannot be retrieved). Cosine similarity on
     L2-normalised embeddings, computed in chunks so no N x N matrix is held.
     """
-    counts = torch.bincount(labels - labels.min())
-    has_pair = counts[labels - labels.min()] > 1
-    hits, total = 0, 0
-    for start in range(0, len(embeddings), chunk):
-        stop = min(start + chunk, len(embeddings))
-        sims = embeddings[start:stop] @ embeddings.T
-        sims[torch.arange(stop - start), torch.arange(start, stop)] = float("-inf")
-        neighbours = sims.topk(min(k, len(embeddings) - 1), dim=1).indices
-        found = (labels[neighbours] == labels[start:stop, None]).any(dim=1)
-        keep = has_pair[start:stop]
-        hits += int(found[keep].sum())
+    return retrieval_metrics(embeddings, labels, ks=(k,), at_r=False, chunk=chunk)[f"recall@{k}"]
+
+
+def retrieval_metrics(queries: torch.Tensor, query_labels: torch.Tensor, gallery: torch.Tensor | None = None,
+                      gallery_labels: torch.Tensor | None = None, ks: tuple[int, ...] = (1,), at_r: bool = True,
+                      chunk: int = 4096) -> dict[str, float]:
+    """Retrieval by cosine similarity (inputs L2-normalised), each query against the gallery, or, without a
+    gallery, against all the other queries (leave-one-out: a query's own index is masked, not its value).
+
+    ``recall@K``: share of queries with a same-label item among their K nearest. With ``at_r`` also
+    ``precision@1``, ``r_precision`` (same-label share of the R nearest, R = the query's same-label items in
+    the gallery) and ``map@r`` (mean over the first R ranks of the precision at each same-label rank,
+    divided by R), as Musgrave et al. define them. Queries with no same-label item are skipped. Computed in
+    chunks of queries: memory is chunk x gallery, never N x N.
+    """
+    leave_one_out = gallery is None
+    if leave_one_out:
+        gallery, gallery_labels = queries, query_labels
+    _, inverse = torch.unique(torch.cat([query_labels, gallery_labels]), return_inverse=True)
+    counts = torch.bincount(inverse[len(query_labels):], minlength=int(inverse.max()) + 1)
+    relevant = counts[inverse[:len(query_labels)]] - int(leave_one_out)  # R per query
+    available = len(gallery) - int(leave_one_out)
+    depth = min(max(max(ks), int(relevant.max()) if at_r and len(relevant) else 0), available)
+    sums = {f"recall@{k}": 0.0 for k in ks}
+    if at_r:
+        sums.update({"precision@1": 0.0, "r_precision": 0.0, "map@r": 0.0})
+    total = 0
+    for start in range(0, len(queries), chunk):
+        stop = min(start + chunk, len(queries))
+        keep = relevant[start:stop] > 0
+        if depth < 1 or not keep.any():
+            continue
+        sims = queries[start:stop] @ gallery.T
+        if leave_one_out:
+            sims[torch.arange(stop - start), torch.arange(start, stop)] = float("-inf")
+        neighbours = sims.topk(depth, dim=1).indices
+        hit = (gallery_labels[neighbours] == query_labels[start:stop, None])[keep]
+        for k in ks:
+            sums[f"recall@{k}"] += float(hit[:, :k].any(dim=1).sum())
+        if at_r:
+            r = relevant[start:stop][keep].to(torch.float64)
+            within_r = torch.arange(1, depth + 1, dtype=torch.float64)[None, :] <= r[:, None]
+            precision_at = hit.cumsum(dim=1) / torch.arange(1, depth + 1, dtype=torch.float64)
+            sums["precision@1"] += float(hit[:, 0].sum())
+            sums["r_precision"] += float(((hit & within_r).sum(dim=1) / r).sum())
+            sums["map@r"] += float(((precision_at * (hit & within_r)).sum(dim=1) / r).sum())
         total += int(keep.sum())
-    return hits / total if total else float("nan")
+    return {name: value / total if total else float("nan") for name, value in sums.items()}
