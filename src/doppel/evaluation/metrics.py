@@ -104,3 +104,73 @@ def retrieval_metrics(queries: torch.Tensor, query_labels: torch.Tensor, gallery
             sums["map@r"] += float(((precision_at * (hit & within_r)).sum(dim=1) / r).sum())
         total += int(keep.sum())
     return {name: value / total if total else float("nan") for name, value in sums.items()}
+
+
+def _pairs(counts: torch.Tensor) -> torch.Tensor:
+    return (counts * (counts - 1) / 2).sum()
+
+
+def clustering_metrics(classes: torch.Tensor, clusters: torch.Tensor) -> dict[str, float]:
+    """NMI (arithmetic-mean normalisation, scikit-learn's default) and pairwise F1 of a clustering against
+    the classes: F1 of the pairs put in one cluster against the pairs of one class (the SEC paper's F1)."""
+    _, class_index = torch.unique(classes, return_inverse=True)
+    _, cluster_index = torch.unique(clusters, return_inverse=True)
+    table = torch.zeros(int(class_index.max()) + 1, int(cluster_index.max()) + 1, dtype=torch.float64)
+    table.index_put_((class_index, cluster_index), torch.ones(len(classes), dtype=torch.float64), accumulate=True)
+    n = table.sum()
+    joint = table / n
+    p_class, p_cluster = joint.sum(1), joint.sum(0)
+    nonzero = joint > 0
+    mutual = (joint[nonzero] * (joint[nonzero] / (p_class[:, None] * p_cluster[None, :])[nonzero]).log()).sum()
+
+    def entropy(p: torch.Tensor) -> torch.Tensor:
+        return -(p[p > 0] * p[p > 0].log()).sum()
+
+    h_class, h_cluster = entropy(p_class), entropy(p_cluster)
+    if h_class == 0 and h_cluster == 0:
+        nmi = 1.0
+    else:
+        nmi = float(mutual / ((h_class + h_cluster) / 2)) if h_class + h_cluster > 0 else 0.0
+    together, same_class, same_cluster = _pairs(table), _pairs(table.sum(1)), _pairs(table.sum(0))
+    precision = together / same_cluster if same_cluster > 0 else torch.tensor(0.0, dtype=torch.float64)
+    recall = together / same_class if same_class > 0 else torch.tensor(0.0, dtype=torch.float64)
+    f1 = float(2 * precision * recall / (precision + recall)) if precision + recall > 0 else 0.0
+    return {"nmi": max(0.0, min(1.0, nmi)), "f1": f1}
+
+
+def kmeans(points: torch.Tensor, k: int, generator: torch.Generator, iterations: int = 100,
+           chunk: int = 8192) -> torch.Tensor:
+    """Cluster index of every point: k-means++ seeding from ``generator``, then Lloyd's iterations until
+    no assignment changes. Distances in chunks of points (no N x k x D tensor)."""
+    if not 1 <= k <= len(points):
+        raise ValueError(f"k-means needs 1 <= k <= {len(points)} points, got k={k}.")
+    points = points.double()
+
+    def nearest(centres: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        best, index = [], []
+        for start in range(0, len(points), chunk):
+            part = points[start:start + chunk]
+            distance = (part.square().sum(1, keepdim=True) - 2 * part @ centres.T + centres.square().sum(1)[None])
+            d, i = distance.clamp_min(0).min(dim=1)
+            best.append(d)
+            index.append(i)
+        return torch.cat(best), torch.cat(index)
+
+    first = int(torch.randint(len(points), (1,), generator=generator))
+    centres = points[first:first + 1]
+    distance, _ = nearest(centres)
+    for _ in range(1, k):
+        weights = distance / distance.sum() if distance.sum() > 0 else torch.full_like(distance, 1 / len(distance))
+        pick = int(torch.multinomial(weights, 1, generator=generator))
+        centres = torch.cat([centres, points[pick:pick + 1]])
+        distance = torch.minimum(distance, nearest(centres[-1:])[0])
+    assignment = nearest(centres)[1]
+    for _ in range(iterations):
+        sums = torch.zeros_like(centres).index_add_(0, assignment, points)
+        sizes = torch.bincount(assignment, minlength=k).to(points.dtype)
+        centres = torch.where(sizes[:, None] > 0, sums / sizes.clamp_min(1)[:, None], centres)
+        updated = nearest(centres)[1]
+        if torch.equal(updated, assignment):
+            break
+        assignment = updated
+    return assignment
