@@ -53,3 +53,20 @@ def test_perfect_and_hand_computed_cases():
     assert verification_accuracy(torch.cat([same] * 20), torch.zeros(20, dtype=torch.bool))["accuracy"] == 1.0
     with pytest.raises(ValueError, match="2 per pair"):
         verification_accuracy(torch.zeros(5, 2), torch.zeros(2, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("quantised", [False, True])
+@pytest.mark.parametrize("far", [1e-3, 1e-2, 0.1, 0.25])
+def test_tar_at_far_is_the_roc_point_of_scikit_learn(far, quantised):
+    from sklearn.metrics import roc_curve
+
+    from doppel.evaluation.verification import tar_at_far
+
+    generator = torch.Generator().manual_seed(int(far * 1e4))
+    issame = torch.rand(3000, generator=generator) < 0.3
+    scores = torch.where(issame, 0.6 + 0.2 * torch.randn(3000, generator=generator),
+                         0.2 * torch.randn(3000, generator=generator)).double()
+    if quantised:
+        scores = (scores * 50).round() / 50  # ties, as quantised similarities have
+    fpr, tpr, _ = roc_curve(issame.numpy(), scores.numpy())
+    assert tar_at_far(scores, issame, far) == pytest.approx(tpr[fpr <= far + 1e-12].max(), abs=1e-12)

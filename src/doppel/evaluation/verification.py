@@ -40,3 +40,19 @@ def verification_accuracy(embeddings: torch.Tensor, issame: torch.Tensor, folds:
         accuracies.append(correct[best, held_out].double().mean())
     accuracy = torch.stack(accuracies)
     return {"accuracy": float(accuracy.mean()), "accuracy_std": float(accuracy.std(unbiased=False))}
+
+
+def tar_at_far(scores: torch.Tensor, issame: torch.Tensor, far: float) -> float:
+    """True accept rate at a false accept rate of at most ``far``: the share of genuine pairs scoring above
+    the lowest threshold that accepts at most ``far`` of the impostor pairs (higher score = more alike, e.g.
+    cosine similarity); the ROC point scikit-learn's ``roc_curve`` gives as max TPR with FPR <= far."""
+    issame = issame.bool()
+    genuine, impostor = scores[issame].double(), scores[~issame].double()
+    if len(genuine) == 0 or len(impostor) == 0:
+        raise ValueError(f"TAR@FAR needs genuine and impostor pairs; got {len(genuine)} and {len(impostor)}.")
+    allowed = int(far * len(impostor) + 1e-9)  # impostors that may be accepted
+    if allowed >= len(impostor):
+        return 1.0
+    # Accept only scores above the (allowed + 1)-th highest impostor: it and its ties are rejected.
+    bound = impostor.sort(descending=True).values[allowed]
+    return float((genuine > bound).double().mean())
