@@ -16,7 +16,7 @@ from hydra.utils import get_class, get_method
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
-from doppel.data.dataset import CorruptImage, DataError, IdentityData, Role
+from doppel.data.dataset import CorruptImage, DataError, IdentityData
 from doppel.data.readers.verification_bin import VerificationPairs, read_verification_bin
 from doppel.data.split import Split, check_novel_fraction, split_dataset
 from doppel.data.transforms import ImageTransform
@@ -250,8 +250,7 @@ class IdentityDataModule(pl.LightningDataModule):
 
     def _eval_loaders(self) -> DataLoader | list[DataLoader]:
         """The split's evaluation images, then each verification pack's images in pair order."""
-        with_training = bool((self.split.role == Role.BASE_TEST).any())  # base queries need their classes' prototypes
-        datasets = [self._dataset(self.split.evaluated(with_training), train=False)]
+        datasets = [self._dataset(self.split.evaluated, train=False)]
         datasets += [_PairImages(pairs, self.transform) for _, pairs in self.verification]
         loaders = [DataLoader(d, batch_size=self.eval_batch_size, shuffle=False, **self._loader_options())
                    for d in datasets]

@@ -37,10 +37,11 @@ class Split:
         """Positions in this split of the images the network trains on."""
         return torch.nonzero(self.role == Role.BASE_TRAIN).flatten()
 
-    def evaluated(self, with_training_images: bool) -> torch.Tensor:
-        """Positions of the images the evaluation embeds (training images only when base queries need
-        their prototypes)."""
-        if with_training_images:
+    @property
+    def evaluated(self) -> torch.Tensor:
+        """Positions of the images the evaluation embeds: the training images too only when there are base
+        queries (they are classified among their classes' prototypes, the means of those images)."""
+        if (self.role == Role.BASE_TEST).any():
             return torch.arange(len(self.role))
         return torch.nonzero(self.role != Role.BASE_TRAIN).flatten()
 
