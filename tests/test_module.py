@@ -57,12 +57,21 @@ def test_one_dimensional_parameters_are_not_weight_decayed():
 def test_non_finite_evaluation_embeddings_are_an_error_not_metrics():
     import pytest
 
+    from doppel.data.dataset import Part
+    from doppel.evaluation.evaluator import Evaluator
+    from doppel.evaluation.retrieval import RetrievalProtocol
+
     backbone = get_backbone("ie_cnn_mnist")
-    module = DoppelModule(backbone, RecordingLoss(), optimizer=None)
+    evaluator = Evaluator({"retrieval": RetrievalProtocol(ks=[1], clustering=False)})
+    evaluator.sets, evaluator.flips, evaluator.sizes = ["split"], [False], [4]
+    evaluator.labels, evaluator.parts = torch.tensor([0, 0, 1, 1]), torch.full((4,), int(Part.QUERY))
+    loss = RecordingLoss()
+    loss.prototype_term = None
+    module = DoppelModule(backbone, loss, optimizer=None, evaluator=evaluator)
     module.log_dict = lambda *args, **kwargs: None
     with torch.no_grad():
         backbone.head.fc.weight[0, 0] = float("inf")
     module.eval()
-    module._eval_step((torch.rand(4, 3, 28, 28) * 255, torch.tensor([0, 0, 1, 1]), torch.zeros(4, dtype=torch.long)))
+    module._eval_step((torch.rand(4, 3, 28, 28) * 255, torch.arange(4)))
     with pytest.raises(FloatingPointError, match="4 of 4 val embeddings are not finite"):
         module._eval_end("val")

@@ -19,9 +19,8 @@ from hydra.errors import InstantiationException
 from hydra.utils import get_class, get_object, instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from doppel.data.datamodule import verification_name
 from doppel.data.transforms import PaperAugment
-from doppel.evaluation.protocol import metric_names
+from doppel.evaluation.evaluator import Evaluator
 from doppel.losses.loss_set import LossSet
 from doppel.models.factory import check_backbone
 from doppel.sampling.doppelganger import DoppelgangerTable
@@ -46,20 +45,31 @@ SUMMARY_METRICS = ("train/epochs", "doppel/table_filled")
 NEEDS_A_LOGGER = ("pytorch_lightning.callbacks.LearningRateMonitor", "pytorch_lightning.callbacks.DeviceStatsMonitor")
 
 
-def objectives(cfg: DictConfig | None = None) -> list[str]:
-    """Every metric name ``train()`` returns, any of which ``objective`` may name (with ``cfg``: also those of
-    its verification packs)."""
-    packs = (cfg.data.get("verification") or []) if cfg is not None else []
-    verification = [f"test/{verification_name(Path(p))}/{m}" for p in packs for m in ("accuracy", "accuracy_std")]
-    return [f"test/{name}" for name in metric_names()] + verification + list(SUMMARY_METRICS)
+def objectives(evaluator: Evaluator) -> list[str]:
+    """Every metric name ``train()`` returns for the bound protocols, any of which ``objective`` may name."""
+    return [f"test/{name}" for name in evaluator.metric_names()] + list(SUMMARY_METRICS)
+
+
+def resolve_objective(objective: str, evaluator: Evaluator) -> str:
+    """``objective`` checked against the metrics the run will compute (``auto``: the first protocol's
+    headline), once the protocols have seen the data."""
+    if objective == "auto":
+        return f"test/{evaluator.headline()}"
+    if objective not in objectives(evaluator):
+        raise ValueError(f"objective={objective} is not a metric of this run; choose one of: "
+                         f"{', '.join(objectives(evaluator))} (or auto).")
+    return objective
+
+
+def build_evaluator(cfg: DictConfig) -> Evaluator:
+    """The protocols of ``cfg.eval`` (each checks its own settings)."""
+    return Evaluator({str(name): build(spec) for name, spec in (cfg.get("eval") or {}).items()})
 
 
 def check_config(cfg: DictConfig) -> None:
     _check_known_keys(cfg)
     _check_values(cfg)
-    if cfg.objective not in objectives(cfg):
-        raise ValueError(f"objective={cfg.objective} is not a metric of the run; choose one of: "
-                         f"{', '.join(objectives(cfg))}.")
+    build_evaluator(cfg)
     _check_output_dir(Path(cfg.paths.output_dir))
 
 
@@ -118,7 +128,7 @@ def _check_known_keys(cfg: DictConfig) -> None:
              ("optim", cfg.optim, set()), ("sched", cfg.sched, set()), ("trainer", cfg.trainer, set())]
     nodes += [(f"loss.terms.{n}", spec, {"weight"}) for n, spec in (cfg.loss.get("terms") or {}).items()]
     nodes += [(f"regularizer.{n}", spec, {"weight"}) for n, spec in (cfg.get("regularizer") or {}).items()]
-    nodes += [(f"{group}.{n}", spec, set()) for group in ("logger", "callbacks")
+    nodes += [(f"{group}.{n}", spec, set()) for group in ("logger", "callbacks", "eval")
               for n, spec in (cfg.get(group) or {}).items()]
     for key, node, extra in nodes:
         if node:

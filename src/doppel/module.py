@@ -1,4 +1,5 @@
-"""The LightningModule: images -> backbone -> embeddings -> loss terms; evaluation embeddings."""
+"""The LightningModule: images -> backbone -> embeddings -> loss terms; evaluation only embeds, the
+:class:`~doppel.evaluation.evaluator.Evaluator` scores."""
 
 from __future__ import annotations
 
@@ -9,16 +10,14 @@ import torch
 from torch import nn
 
 from doppel.data.transforms import PaperAugment
-from doppel.evaluation.protocol import evaluate_protocol, mirror_embed
-from doppel.evaluation.verification import verification_accuracy
+from doppel.evaluation.evaluator import Evaluator
 from doppel.losses.loss_set import LossSet
 from doppel.seeding import seed_for_rank
 
 
 class DoppelModule(pl.LightningModule):
     def __init__(self, backbone: nn.Module, loss_set: LossSet, optimizer: Any, scheduler: Any | None = None,
-                 augment: PaperAugment | None = None, views: int = 1,
-                 verification: list[tuple[str, torch.Tensor]] | None = None) -> None:
+                 augment: PaperAugment | None = None, views: int = 1, evaluator: Evaluator | None = None) -> None:
         super().__init__()
         self.backbone = backbone
         self.loss_set = loss_set
@@ -27,9 +26,7 @@ class DoppelModule(pl.LightningModule):
         self.augment = augment or nn.Identity()
         self.views = views  # > 1: each image is augmented this many times, views stacked (NT-Xent)
         self.last_labels: torch.Tensor | None = None
-        # (name, issame) of each verification pack, evaluated from the evaluation loaders 1, 2, ...
-        self.verification = verification or []
-        self._eval_outputs: dict[int, list[tuple[torch.Tensor, ...]]] = {}
+        self.evaluator = evaluator
         self.final_metrics: dict[str, float] = {}
         self.val_step: int | None = None  # global step of the latest validation
 
@@ -61,29 +58,17 @@ class DoppelModule(pl.LightningModule):
         return loss
 
     # -- evaluation --------------------------------------------------------------------------
-    def _eval_step(self, batch: tuple[torch.Tensor, ...], dataloader_idx: int = 0) -> None:
-        images, *columns = batch
-        self._eval_outputs.setdefault(dataloader_idx, []).append(
-            (mirror_embed(self.backbone, images).float().cpu(), *(c.cpu() for c in columns)))
+    def _eval_step(self, batch: tuple[torch.Tensor, torch.Tensor], dataloader_idx: int = 0) -> None:
+        images, index = batch
+        plain = self.backbone(images)
+        flipped = self.backbone(images.flip(-1)) if self.evaluator.flips[dataloader_idx] else None
+        self.evaluator.add(dataloader_idx, index, plain, flipped)
 
     def _eval_end(self, prefix: str) -> None:
-        outputs, self._eval_outputs = self._eval_outputs, {}
-        metrics: dict[str, float] = {}
-        for loader, parts in sorted(outputs.items()):
-            embeddings, *columns = (torch.cat(column) for column in zip(*parts))
-            where = f"{prefix} embeddings of {self.verification[loader - 1][0]}" if loader else f"{prefix} embeddings"
-            finite = torch.isfinite(embeddings).all(dim=1)
-            if not finite.all():
-                raise FloatingPointError(
-                    f"{int((~finite).sum())} of {len(finite)} {where} are not finite: the network diverged (lower "
-                    "optim.lr) or its weights overflow; no metrics are computed from them.")
-            if loader == 0:
-                metrics.update({f"{prefix}/{k}": v for k, v in evaluate_protocol(embeddings, *columns).items()})
-            else:
-                name, pairs = self.verification[loader - 1]
-                metrics.update({f"{prefix}/{name}/{k}": v
-                                for k, v in verification_accuracy(embeddings[columns[0].argsort()], pairs).items()})
-        # Every rank evaluated the full sets: the numbers are identical, no reduction needed.
+        term = self.loss_set.prototype_term
+        classify = None if term is None else (lambda e: term.class_scores(e.to(self.device)).float().cpu())
+        metrics = {f"{prefix}/{k}": v for k, v in self.evaluator.compute(classify, prefix).items()}
+        # Computed once and broadcast: every process logs the same numbers, no reduction needed.
         self.log_dict(metrics, sync_dist=False, rank_zero_only=False)
         self.final_metrics.update(metrics)
         if prefix == "val":
@@ -93,7 +78,9 @@ class DoppelModule(pl.LightningModule):
         self._eval_step(batch, dataloader_idx)
 
     def on_validation_epoch_end(self) -> None:
-        if self._eval_outputs:
+        if self.trainer.sanity_checking:  # a few batches only: nothing to score
+            self.evaluator.discard()
+        else:
             self._eval_end("val")
 
     def test_step(self, batch, batch_idx, dataloader_idx: int = 0) -> None:

@@ -18,19 +18,27 @@ from doppel.callbacks.checkpointing import LastCheckpoint, RunInterrupted
 from doppel.callbacks.doppelganger_mining import DoppelgangerMining
 from doppel.callbacks.exact_resume import ExactResume
 from doppel.checkpoint import SafeCheckpointIO, check_checkpoint, check_state_dict, checkpoint_dir, resolve_ckpt_path
-from doppel.config import CONFIG_DIR, build, check_config, resolve_mining
+from doppel.config import CONFIG_DIR, build, build_evaluator, check_config, resolve_mining, resolve_objective
 from doppel.data.transforms import PaperAugment
+from doppel.evaluation.evaluator import Evaluator
 from doppel.losses.loss_set import LossSet
 from doppel.models.layers import lsuv_init_
 from doppel.module import DoppelModule
 from doppel.sampling.doppelganger import DoppelgangerTable
 from doppel.serialization import load_checkpoint
 
-__all__ = ["CONFIG_DIR", "RunInterrupted", "train"]
+__all__ = ["CONFIG_DIR", "RunInterrupted", "RunMetrics", "train"]
 
 
-def train(cfg: DictConfig) -> dict[str, float]:
-    """Fit and evaluate one run; returns the final metrics (``test/base/...``, ``test/novel/...``).
+class RunMetrics(dict):
+    """The final metrics (``test/<protocol metric>``, ``train/epochs``, ...); ``objective`` names the one
+    ``objective`` selects (resolved from ``auto``)."""
+
+    objective: str = ""
+
+
+def train(cfg: DictConfig) -> RunMetrics:
+    """Fit and evaluate one run; returns the final metrics of every protocol in ``cfg.eval``.
 
     Raises :class:`RunInterrupted` when SIGTERM / SIGINT stopped training (a checkpoint was saved).
     """
@@ -50,10 +58,14 @@ def train(cfg: DictConfig) -> dict[str, float]:
     pl.seed_everything(cfg.seed, workers=True)
     datamodule.setup()
     num_classes = datamodule.num_classes
+    evaluator = build_evaluator(cfg)
+    evaluator.bind(datamodule)  # each protocol checks the data and picks its evaluation sets
+    objective = resolve_objective(cfg.objective, evaluator)
 
     backbone = build(cfg.backbone, image_size=datamodule.image_shape()[-1])
     loss_set = LossSet(cfg.loss.terms, embedding_dim=backbone.embedding_dim, num_classes=num_classes,
                        regularizer=cfg.get("regularizer"))
+    evaluator.check_model(loss_set.prototype_term is not None, f"the loss ({', '.join(cfg.loss.terms)})")
 
     table = DoppelgangerTable(num_classes, cfg.doppel.top_k, cfg.doppel.reduction)
     mine, sampler_cfg = resolve_mining(cfg, loss_set.prototype_term is not None)
@@ -73,7 +85,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     scheduler = instantiate(cfg.sched) if cfg.sched else None
     module = DoppelModule(backbone, loss_set, optimizer, scheduler,
                           augment=PaperAugment(**cfg.augment, seed=cfg.seed), views=cfg.loss.views,
-                          verification=[(name, pairs.issame) for name, pairs in datamodule.verification])
+                          evaluator=evaluator)
     if checkpoint is not None:
         check_state_dict(checkpoint, module.state_dict(), f"ckpt_path={str(ckpt_path)!r}")
 
@@ -105,10 +117,12 @@ def train(cfg: DictConfig) -> dict[str, float]:
             metrics = {k: float(v) for k, v in module.final_metrics.items() if k.startswith("test/")}
         metrics["train/epochs"] = float(trainer.current_epoch)
         metrics["doppel/table_filled"] = table.filled_fraction()
-        report(metrics, output_dir)
+        report(metrics, evaluator, output_dir, loggers)
     finally:
         finish_wandb(loggers)
-    return metrics
+    result = RunMetrics(metrics)
+    result.objective = objective
+    return result
 
 
 @rank_zero_only
@@ -117,27 +131,26 @@ def save_config(cfg: DictConfig, output_dir: Path) -> None:
 
 
 @rank_zero_only
-def report(metrics: dict[str, float], output_dir: Path) -> None:
-    """Print the final metrics as a table and write them to ``metrics.json``."""
-    from rich.console import Console
-    from rich.table import Table
-
+def report(metrics: dict[str, float], evaluator: Evaluator, output_dir: Path, loggers: list[Any]) -> None:
+    """Write ``metrics.json`` and each protocol's curves (PNG, and W&B images), print the final table."""
     (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
-    table = Table(title=f"final metrics ({output_dir / 'metrics.json'})")
-    table.add_column("metric")
-    for split in ("base", "novel"):
-        table.add_column(split, justify="right")
-    names = sorted({k.split("/", 2)[2] for k in metrics if k.split("/")[:2] in (["test", "base"], ["test", "novel"])})
-    for name in names:
-        table.add_row(name, *(_percent(metrics.get(f"test/{s}/{name}")) for s in ("base", "novel")))
-    Console().print(table)
-    for name in sorted({k.split("/")[1] for k in metrics if k.endswith("/accuracy") and k.startswith("test/")}):
-        Console().print(f"{name}: 10-fold verification accuracy {_percent(metrics[f'test/{name}/accuracy'])} "
-                        f"+- {_percent(metrics[f'test/{name}/accuracy_std'])}")
+    figures = evaluator.write_figures(output_dir)
+    log_images(loggers, figures)
+    tested = {k[len("test/"):]: v for k, v in metrics.items() if k.startswith("test/")}
+    lines = [f"final metrics ({output_dir / 'metrics.json'})", *evaluator.summary(tested)]
+    lines += [f"curves: {', '.join(str(f) for f in figures)}"] if figures else []
+    print("\n".join(lines), flush=True)
 
 
-def _percent(value: float | None) -> str:
-    return "-" if value is None or value != value else f"{100 * value:.2f}%"
+def log_images(loggers: list[Any], paths: list[Path]) -> None:
+    """The curves as W&B images (``eval/<name>``), where a W&B logger is configured."""
+    from pytorch_lightning.loggers import WandbLogger
+
+    for logger in loggers:
+        if isinstance(logger, WandbLogger) and paths:
+            import wandb
+
+            logger.experiment.log({f"eval/{p.stem}": wandb.Image(str(p)) for p in paths})
 
 
 def finish_wandb(loggers: list[Any]) -> None:

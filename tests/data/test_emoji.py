@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from doppel.data.dataset import Role
+from doppel.data.dataset import Part
 from doppel.data.readers.emoji_npz import bundled_path, load_emoji_npz, read_emoji_npz
 from doppel.data.split import split_dataset
 from tests.conftest import load_script, write_emoji_npz
@@ -19,8 +19,8 @@ def test_family_key_groups_skin_tone_gender_and_hair_variants():
 def test_split_keeps_families_whole_and_roles_consistent(tiny_npz):
     data = load_emoji_npz(tiny_npz)
     split = split_dataset(read_emoji_npz(tiny_npz), novel_fraction=0.4)
-    base = split.label[split.role <= Role.BASE_TEST].unique()
-    novel = split.label[split.role >= Role.NOVEL_PROTOTYPE].unique()
+    base = split.label[split.part <= Part.HELD_OUT].unique()
+    novel = split.label[split.part >= Part.REFERENCE].unique()
     assert torch.equal(base, torch.arange(split.num_classes))
     assert (novel >= split.num_classes).all()
     # families are never split: all identities of a family are on one side
@@ -32,15 +32,15 @@ def test_split_keeps_families_whole_and_roles_consistent(tiny_npz):
     assert all(len(s) == 1 for s in side.values())
     # each novel identity: exactly one prototype (from twitter, vendor 0) and at least one query
     for label in novel.tolist():
-        roles = split.role[split.label == label]
-        assert (roles == Role.NOVEL_PROTOTYPE).sum() == 1 and (roles == Role.NOVEL_QUERY).sum() >= 1
+        roles = split.part[split.label == label]
+        assert (roles == Part.REFERENCE).sum() == 1 and (roles == Part.QUERY).sum() >= 1
     # base identities with >= 3 images hold exactly one out; all keep >= 2 training images
     for label in base.tolist():
-        roles = split.role[split.label == label]
-        n_test = int((roles == Role.BASE_TEST).sum())
+        roles = split.part[split.label == label]
+        n_test = int((roles == Part.HELD_OUT).sum())
         assert n_test == (1 if len(roles) >= 3 else 0)
-        assert (roles == Role.BASE_TRAIN).sum() >= 2
-    assert (data.vendor[split.index[split.role == Role.NOVEL_PROTOTYPE]] == 0).all()
+        assert (roles == Part.TRAIN).sum() >= 2
+    assert (data.vendor[split.index[split.part == Part.REFERENCE]] == 0).all()
     image = read_emoji_npz(tiny_npz).images[0]
     assert image.dtype == torch.uint8 and image.shape == (3, 16, 16)
     assert torch.equal(image, torch.from_numpy(data.images[0]).permute(2, 0, 1))
@@ -49,7 +49,7 @@ def test_split_keeps_families_whole_and_roles_consistent(tiny_npz):
 def test_split_is_stable_and_max_groups_subsets(tiny_npz):
     data = read_emoji_npz(tiny_npz)
     a, b = split_dataset(data, 0.4), split_dataset(data, 0.4)
-    assert a.names == b.names and torch.equal(a.role, b.role)
+    assert a.names == b.names and torch.equal(a.part, b.part)
     small = split_dataset(data, 0.4, max_groups=8)
     assert len(small.names) < len(a.names)
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from doppel.data.datamodule import IdentityDataModule, collate
-from doppel.data.dataset import NOVEL, DataError, Role
+from doppel.data.dataset import TEST_CLASS, DataError, Part
 from doppel.data.readers.cifar_mnist import read_cifar, read_mnist
 from doppel.data.readers.csv_manifest import read_csv
 from doppel.data.readers.dml_benchmarks import read_cars, read_cub, read_inshop, read_sop
@@ -55,10 +55,10 @@ def test_csv_split_and_role_columns_give_roles(tmp_path):
                                        "faces/id002/00.png\tcy\ttest\tgallery\n" "faces/id002/01.png\tcy\ttest\t\n")
     data = read_csv(str(tmp_path / "list.tsv"))
     assert data.class_names == ["ann", "bo", "cy"] and data.labels.tolist() == [0, 0, 1, 2, 2]
-    assert data.roles.tolist() == [Role.BASE_TRAIN, Role.BASE_TEST, Role.BASE_TRAIN, Role.NOVEL_PROTOTYPE, NOVEL]
+    assert data.parts.tolist() == [Part.TRAIN, Part.HELD_OUT, Part.TRAIN, Part.REFERENCE, TEST_CLASS]
     assert data.images.fetch(4) == (tmp_path / "faces" / "id002" / "01.png").read_bytes()
     split = split_dataset(data)
-    assert split.num_classes == 2 and split.role.tolist() == [0, 1, 0, 2, 3]
+    assert split.num_classes == 2 and split.part.tolist() == [0, 1, 0, 2, 3]
 
 
 def test_csv_errors_name_file_line_and_column(tmp_path):
@@ -83,27 +83,27 @@ def test_numeric_csv_labels_sort_as_numbers(tmp_path):
 def test_cub_cars_sop_train_on_the_first_classes_and_hold_out_the_rest(tmp_path):
     cub = read_cub(str(write_cub(tmp_path / "cub", identities(104, 2))))
     assert len(cub.class_names) == 104 and cub.class_names[0] == "001.Bird_0" and cub.class_names[100] == "101.Bird_100"
-    assert (cub.roles[cub.labels < 100] == Role.BASE_TRAIN).all() and (cub.roles[cub.labels >= 100] == NOVEL).all()
+    assert (cub.parts[cub.labels < 100] == Part.TRAIN).all() and (cub.parts[cub.labels >= 100] == TEST_CLASS).all()
     assert cub.images.fetch(0) == (tmp_path / "cub" / "images" / "001.Bird_0" / "bird_0.jpg").read_bytes()
     split = split_dataset(cub)
-    assert split.num_classes == 100 and int((split.role == Role.NOVEL_PROTOTYPE).sum()) == 4
+    assert split.num_classes == 100 and int((split.part == Part.REFERENCE).sum()) == 4
 
     cars = read_cars(str(write_cars(tmp_path / "cars", identities(100, 2))))
     assert cars.class_names[97] == "Car 98" and cars.class_names[98] == "Car 99"
-    assert (cars.roles[cars.labels < 98] == Role.BASE_TRAIN).all() and (cars.roles[cars.labels >= 98] == NOVEL).all()
+    assert (cars.parts[cars.labels < 98] == Part.TRAIN).all() and (cars.parts[cars.labels >= 98] == TEST_CLASS).all()
     assert cars.images.fetch(3) == (tmp_path / "cars" / "car_ims" / "000004.jpg").read_bytes()
 
     sop = read_sop(str(write_sop(tmp_path / "sop", identities(6, 2), train_classes=4)))
     assert sop.class_names == ["1", "2", "3", "4", "5", "6"] and sop.groups == ["1", "2", "3", "1", "2", "3"]
-    assert sop.roles.tolist() == [Role.BASE_TRAIN] * 8 + [NOVEL] * 4
+    assert sop.parts.tolist() == [Part.TRAIN] * 8 + [TEST_CLASS] * 4
 
 
 def test_inshop_queries_and_gallery_keep_their_roles(tmp_path):
     data = read_inshop(str(write_inshop(tmp_path, identities(4, 4), train_classes=2)))
     split = split_dataset(data)
     assert split.num_classes == 2
-    novel = split.role[split.label >= 2].tolist()
-    assert novel == [Role.NOVEL_PROTOTYPE, Role.NOVEL_QUERY] * 4  # gallery, query, gallery, query per item
+    novel = split.part[split.label >= 2].tolist()
+    assert novel == [Part.REFERENCE, Part.QUERY] * 4  # gallery, query, gallery, query per item
     (tmp_path / "list_eval_partition.txt").write_text("1\nimage_name item_id evaluation_status\na.jpg id_1 val\n")
     with pytest.raises(DataError, match="line 3: status 'val' is not train, query or gallery"):
         read_inshop(str(tmp_path))
@@ -117,7 +117,7 @@ def test_cifar_batches_give_the_pixels_planes_and_test_images_as_base_queries(tm
     train = [p for i, p in enumerate(pairs) if i % 4]
     first = train[0::5][0] if not hundred else train[0]  # data_batch_1 holds train[0::5]
     assert data.labels[0] == first[0] and torch.equal(data.images[0], first[1])
-    assert (data.roles[-8:] == Role.BASE_TEST).all() and (data.roles[:-8] == Role.BASE_TRAIN).all()
+    assert (data.parts[-8:] == Part.HELD_OUT).all() and (data.parts[:-8] == Part.TRAIN).all()
     assert data.class_names[3] == "class3"
     if hundred:
         assert data.groups == ["a", "b", "c", "d"] * 2
@@ -128,7 +128,7 @@ def test_mnist_idx_files(tmp_path, gz):
     classes = identities(10, 4, size=28)
     data = read_mnist(str(write_mnist(tmp_path / "m", classes, gz)))
     assert data.labels[:3].tolist() == [0, 0, 0] and torch.equal(data.images[0], classes[0][1][0].expand(3, -1, -1))
-    assert int((data.roles == Role.BASE_TEST).sum()) == 10
+    assert int((data.parts == Part.HELD_OUT).sum()) == 10
     name = "train-images-idx3-ubyte" + (".gz" if gz else "")
     if not gz:
         (tmp_path / "m" / name).write_bytes((tmp_path / "m" / name).read_bytes()[:-5])
@@ -186,10 +186,10 @@ def test_mslowshot_tsv_roles_from_base_lowshot_and_dev_files(tmp_path):
     data = read_mslowshot(str(root), dev="DevSet.tsv")
     assert data.class_names == [f"m.0{c:04x}" for c in range(6)]
     base_rows = [(c, i) for c in range(4) for i in range(2)]
-    assert data.labels[:8].tolist() == [c for c, _ in base_rows] and (data.roles[:8] == Role.BASE_TRAIN).all()
-    assert data.labels[8:10].tolist() == [4, 5] and (data.roles[8:10] == Role.NOVEL_PROTOTYPE).all()
-    dev_roles = data.roles[10:].tolist()
-    assert dev_roles == [Role.BASE_TEST] * 4 + [Role.NOVEL_QUERY] * 4
+    assert data.labels[:8].tolist() == [c for c, _ in base_rows] and (data.parts[:8] == Part.TRAIN).all()
+    assert data.labels[8:10].tolist() == [4, 5] and (data.parts[8:10] == Part.REFERENCE).all()
+    dev_roles = data.parts[10:].tolist()
+    assert dev_roles == [Part.HELD_OUT] * 4 + [Part.QUERY] * 4
     line = (root / "TrainData_Base.tsv").read_bytes().decode().split("\r\n")[2]
     assert data.images.fetch(2) == base64.b64decode(line.split("\t")[1])
     assert (root / "TrainData_Base.tsv.doppel-index.npz").is_file()  # the second read uses the index

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
 
-from doppel.data.dataset import Role
+from doppel.data.dataset import Part
 from doppel.data.readers.emoji_npz import read_emoji_npz
 from doppel.data.split import split_dataset
 
@@ -76,21 +76,22 @@ def reference_bounds(run_dir: Path, cfg) -> dict[str, tuple[float, float]]:
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=half):
         # the batches of the run's evaluation (batch norm is per image in eval mode anyway)
         batches = images.split(data.eval_batch_size)
-        chunks = [F.normalize(net(x) + net(x.flip(-1)), dim=1).float() for x in batches]
+        # the two embeddings are summed in float32 (under autocast the network's outputs are bfloat16)
+        chunks = [F.normalize(net(x).float() + net(x.flip(-1)).float(), dim=1) for x in batches]
     embeddings = torch.cat(chunks).double()
-    labels, roles = split.label.tolist(), split.role.tolist()
+    labels, roles = split.label.tolist(), split.part.tolist()
 
     prototypes = []  # (label, vector): base = normalised mean of its training images, novel = its one image
-    for label in sorted({lab for lab, r in zip(labels, roles) if r == Role.BASE_TRAIN}):
-        members = [embeddings[i] for i in range(len(labels)) if labels[i] == label and roles[i] == Role.BASE_TRAIN]
+    for label in sorted({lab for lab, r in zip(labels, roles) if r == Part.TRAIN}):
+        members = [embeddings[i] for i in range(len(labels)) if labels[i] == label and roles[i] == Part.TRAIN]
         prototypes.append((label, F.normalize(torch.stack(members).mean(0), dim=0)))
-    prototypes += [(labels[i], embeddings[i]) for i in range(len(labels)) if roles[i] == Role.NOVEL_PROTOTYPE]
+    prototypes += [(labels[i], embeddings[i]) for i in range(len(labels)) if roles[i] == Part.REFERENCE]
 
     bounds = {}
     prototype_labels = [label for label, _ in prototypes]
     prototype_matrix = torch.stack([vector for _, vector in prototypes])
-    for split_name, query_role, member_roles in (("base", Role.BASE_TEST, (Role.BASE_TRAIN, Role.BASE_TEST)),
-                                                 ("novel", Role.NOVEL_QUERY, (Role.NOVEL_PROTOTYPE, Role.NOVEL_QUERY))):
+    for split_name, query_role, member_roles in (("base", Part.HELD_OUT, (Part.TRAIN, Part.HELD_OUT)),
+                                                 ("novel", Part.QUERY, (Part.REFERENCE, Part.QUERY))):
         confidences, right, not_wrong = [], [], []
         for i in (i for i in range(len(labels)) if roles[i] == query_role):
             similarities = prototype_matrix @ embeddings[i]  # against every prototype, base and novel

@@ -100,3 +100,22 @@ def test_two_processes_split_each_global_batch_and_draw_their_own_augmentation(t
     for name in generators[0]:
         assert not torch.equal(generators[0][name], generators[1][name])
     assert torch.equal(generators[0]["augment.generator"], torch.Generator().manual_seed(0).get_state())
+
+
+def test_two_processes_evaluate_what_one_process_computes_from_the_same_weights(tmp_path):
+    """Each process embeds every other image of each set; gathered and scored once, the numbers equal
+    those of one process scoring the same checkpoint with eval.py (the whole sets in one process)."""
+    evaluate = ["eval=[prototype,retrieval]", "eval.retrieval.ks=[1,2,4]", "data.eval_batch_size=7"]
+    args = [*TINY, "trainer.max_epochs=1", "trainer.limit_train_batches=3", *evaluate]
+    two = run_cli([*args, *DDP, f"hydra.run.dir={tmp_path}/two"], cwd=tmp_path)
+    assert two.returncode == 0, two.stderr[-3000:]
+    distributed = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    checkpoint = tmp_path / "two" / "checkpoints" / "last.ckpt"
+    one = run_cli([f"ckpt_path={checkpoint}", "trainer.accelerator=cpu", "trainer.enable_progress_bar=false",
+                   f"hydra.run.dir={tmp_path}/one"], cwd=tmp_path, script="eval.py")
+    assert one.returncode == 0, one.stderr[-3000:]
+    single = json.loads((tmp_path / "one" / "metrics.json").read_text())
+    tested = {k: v for k, v in distributed.items() if k.startswith("test/")}
+    assert tested == single  # same keys, same values (the checkpoint's data and protocols)
+    assert {"test/retrieval/recall@4", "test/retrieval/nmi", "test/novel/top1"} <= single.keys()
+    assert "[retrieval]" in one.stdout and "recall@4" in one.stdout

@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from doppel.config import objectives
+from doppel.config import SUMMARY_METRICS
+from doppel.evaluation.prototype import PrototypeProtocol
 from doppel.train import train
 from tests.conftest import TINY, compose_cfg, write_emoji_npz
 from tests.e2e.cli import run_cli
@@ -23,7 +24,9 @@ def test_default_run_trains_mines_and_evaluates(tmp_path):
     assert resolve_mining(cfg, has_prototype=True)[1]._target_.endswith(".DoppelgangerBatchSampler")
     metrics = train(cfg)
     assert_metrics_are_the_reference(tmp_path, cfg, metrics)
-    assert sorted(metrics) == sorted(objectives())  # every name objective may take, and no other
+    expected = [f"test/{name}" for name in PrototypeProtocol().metric_names()] + list(SUMMARY_METRICS)
+    assert sorted(metrics) == sorted(expected) and metrics.objective == "test/novel/coverage@0.99"
+    assert (tmp_path / "precision_coverage.png").stat().st_size > 0
     assert metrics["doppel/table_filled"] > 0.3  # 12 steps of ~8 classes over ~90 classes
     written = json.loads((tmp_path / "metrics.json").read_text())
     assert written == pytest.approx(metrics)
@@ -82,6 +85,14 @@ def test_cli_multirun_runs_two_jobs_each_its_own_wandb_run(tmp_path):
     runs = {p.name for p in (tmp_path / "sweep").rglob("offline-run-*") if p.is_dir()}
     assert len(runs) == 2
     assert "final metrics" in result.stdout
+    # each W&B run holds the protocol's curve as an image: the PNG the run directory has
+    for job in jobs:
+        media = list(job.rglob("offline-run-*/files/media/images/eval/precision_coverage*.png"))
+        assert len(media) == 1, sorted(str(p) for p in job.rglob("*.png"))
+        from PIL import Image
+
+        with Image.open(media[0]) as logged, Image.open(job / "precision_coverage.png") as written:
+            assert logged.size == written.size and logged.convert("RGB").tobytes() == written.convert("RGB").tobytes()
 
 
 def test_final_metrics_reuse_a_last_epoch_validation_exactly(tmp_path):

@@ -3,8 +3,10 @@ import pytest
 import torch
 from sklearn.neighbors import NearestNeighbors
 
+from doppel.data.dataset import Part
 from doppel.evaluation.metrics import classify_by_prototypes, coverage_at_precision, recall_at_k, top1_accuracy
-from doppel.evaluation.protocol import Role, evaluate_protocol, metric_names
+from doppel.evaluation.prototype import PrototypeProtocol
+from doppel.evaluation.prototype import prototype_metrics as evaluate_protocol
 
 
 def test_coverage_hand_computed_with_a_tie_and_a_dip():
@@ -58,10 +60,10 @@ def test_protocol_on_a_hand_built_case():
         for a in (0, 10, 5, 90, 100, 95, 180, 170, 45, 50, 270, 260, 200)
     }
     rows = [  # (angle, label, role)
-        (0, 0, Role.BASE_TRAIN), (10, 0, Role.BASE_TRAIN), (5, 0, Role.BASE_TEST),
-        (90, 1, Role.BASE_TRAIN), (100, 1, Role.BASE_TRAIN), (45, 1, Role.BASE_TEST),  # 45: nearer class 0's 5
-        (180, 2, Role.NOVEL_PROTOTYPE), (170, 2, Role.NOVEL_QUERY), (200, 2, Role.NOVEL_QUERY),
-        (270, 3, Role.NOVEL_PROTOTYPE), (260, 3, Role.NOVEL_QUERY),
+        (0, 0, Part.TRAIN), (10, 0, Part.TRAIN), (5, 0, Part.HELD_OUT),
+        (90, 1, Part.TRAIN), (100, 1, Part.TRAIN), (45, 1, Part.HELD_OUT),  # 45: nearer class 0's 5
+        (180, 2, Part.REFERENCE), (170, 2, Part.QUERY), (200, 2, Part.QUERY),
+        (270, 3, Part.REFERENCE), (260, 3, Part.QUERY),
     ]
     x = torch.stack([e[a] for a, _, _ in rows])
     labels = torch.tensor([r[1] for r in rows])
@@ -78,7 +80,10 @@ def test_protocol_on_a_hand_built_case():
 
 
 def test_mirror_trick_sums_the_embeddings_of_the_image_and_its_mirror_then_normalises():
-    from doppel.evaluation.protocol import mirror_embed
+    from doppel.evaluation.protocol import Embedded
+
+    def mirror_embed(model, images):
+        return Embedded(model(images), model(images.flip(-1))).fused(flip=True)
 
     # f(x) = (sum of the left column, sum of the right column): not mirror-invariant
     def model(images):
@@ -96,10 +101,10 @@ def test_base_and_novel_prototypes_compete_for_every_query():
         return torch.tensor([np.cos(np.radians(degrees)), np.sin(np.radians(degrees))], dtype=torch.float32)
 
     rows = [  # (angle, label, role)
-        (0, 0, Role.BASE_TRAIN), (2, 0, Role.BASE_TRAIN), (88, 0, Role.BASE_TEST),  # query nearest novel 1's prototype
-        (180, 1, Role.BASE_TRAIN), (182, 1, Role.BASE_TRAIN), (181, 1, Role.BASE_TEST),
-        (90, 2, Role.NOVEL_PROTOTYPE), (3, 2, Role.NOVEL_QUERY),  # query nearest base 0's prototype
-        (270, 3, Role.NOVEL_PROTOTYPE), (265, 3, Role.NOVEL_QUERY),
+        (0, 0, Part.TRAIN), (2, 0, Part.TRAIN), (88, 0, Part.HELD_OUT),  # query nearest novel 1's prototype
+        (180, 1, Part.TRAIN), (182, 1, Part.TRAIN), (181, 1, Part.HELD_OUT),
+        (90, 2, Part.REFERENCE), (3, 2, Part.QUERY),  # query nearest base 0's prototype
+        (270, 3, Part.REFERENCE), (265, 3, Part.QUERY),
     ]
     x = torch.stack([at(a) for a, _, _ in rows])
     labels = torch.tensor([r[1] for r in rows])
@@ -107,4 +112,4 @@ def test_base_and_novel_prototypes_compete_for_every_query():
     m = evaluate_protocol(x, labels, roles)
     # within its own split each query would be right; among all prototypes one of each split is wrong
     assert m["base/top1"] == pytest.approx(0.5) and m["novel/top1"] == pytest.approx(0.5)
-    assert sorted(m) == sorted(metric_names())
+    assert sorted(m) == sorted(PrototypeProtocol().metric_names())

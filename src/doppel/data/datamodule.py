@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from doppel.data.dataset import CorruptImage, DataError, IdentityData
-from doppel.data.readers.verification_bin import VerificationPairs, read_verification_bin
+from doppel.data.readers.verification_bin import VerificationPairs
 from doppel.data.split import Split, check_novel_fraction, split_dataset
 from doppel.data.transforms import ImageTransform
 from doppel.sampling.doppelganger import DoppelgangerTable
@@ -72,7 +72,7 @@ class _Images(Dataset):
                  train: bool, skip_corrupt: bool) -> None:
         # Python lists: indexing them per image costs a fraction of indexing tensors.
         self.images, self.index = data.images, split.index[positions].tolist()
-        self.label, self.role = split.label[positions].tolist(), split.role[positions].tolist()
+        self.label = split.label[positions].tolist()
         self.transform, self.train, self.skip_corrupt = transform, train, skip_corrupt
         self.skipped = 0
 
@@ -105,7 +105,7 @@ class _Images(Dataset):
         if self.train:
             position, seed = item
             return self.load(position, seed), self.label[position]
-        return self.load(item, None), self.label[item], self.role[item]
+        return self.load(item, None), item
 
 
 def collate(samples: list[tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor, ...]:
@@ -133,15 +133,16 @@ class IdentityDataModule(pl.LightningDataModule):
     :class:`IdentityData`; its own settings, e.g. ``data.path`` or ``data.root``, are passed through).
 
     Training batches come from the sampler config, built in :meth:`train_dataloader` where the process's
-    rank is known; evaluation batches carry (images, label, role) for the evaluation protocol.
+    rank is known. Evaluation sets (images of the split, pair sets) are chosen by the evaluation protocols
+    (:meth:`evaluate_on`); their batches carry (images, item index in the set), each process loading
+    every ``world_size``-th item of each set.
     """
 
     def __init__(self, reader: str, novel_fraction: float = 0.2, max_groups: int | None = None,
                  base_queries: bool = True, resize: int | None = None, crop: int | None = None,
                  crop_scale: tuple[float, float] = (0.08, 1.0), skip_corrupt: bool = False,
                  eval_batch_size: int = 512, num_workers: int = 0, pin_memory: bool | None = None,
-                 persistent_workers: bool = False, verification: list[str] | None = None,
-                 **reader_settings: Any) -> None:
+                 persistent_workers: bool = False, **reader_settings: Any) -> None:
         super().__init__()
         self.read = _reader(reader, reader_settings)
         for key in ("path", "root"):  # a path that is given must exist: checked before anything is read
@@ -161,37 +162,45 @@ class IdentityDataModule(pl.LightningDataModule):
         self.skip_corrupt, self.eval_batch_size, self.num_workers = skip_corrupt, eval_batch_size, num_workers
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.persistent_workers = persistent_workers and num_workers > 0
-        self.verification_paths = [self._locate(p) for p in verification or []]
-        names = [verification_name(p) for p in self.verification_paths]
-        if len(set(names)) != len(names):
-            raise ValueError(f"data.verification={list(verification)} names two packs {sorted(names)}: the file names "
-                             "(without .bin) name their metrics and must differ.")
-        self.verification: list[tuple[str, VerificationPairs]] = []
         self.data: IdentityData | None = None
         self.split: Split | None = None
         self.sampler_cfg: DictConfig | None = None
         self.table: DoppelgangerTable | None = None
         self.seed = 0
         self.train_sampler = None
+        self.eval_positions: torch.Tensor | None = None  # split images to embed (None: none)
+        self.pair_sets: list[VerificationPairs] = []
 
-    def _locate(self, path: str) -> Path:
-        """A verification pack: as given, else in the data folder (InsightFace ships lfw.bin beside train.rec)."""
-        candidates = [Path(path).expanduser()]
+    @property
+    def folder(self) -> Path | None:
+        """The data folder (``data.root``, or the folder of ``data.path``), where pair sets are looked up."""
         given = self.reader_settings.get("root") or self.reader_settings.get("path")
-        if given is not None and not candidates[0].is_absolute():
-            folder = Path(given).expanduser()
-            candidates.append((folder if folder.is_dir() else folder.parent) / path)
+        if given is None:
+            return None
+        folder = Path(given).expanduser()
+        return folder if folder.is_dir() else folder.parent
+
+    def locate(self, path: str, key: str) -> Path:
+        """A file named by setting ``key``: as given, else in the data folder (InsightFace ships lfw.bin beside
+        train.rec)."""
+        candidates = [Path(path).expanduser()]
+        if self.folder is not None and not candidates[0].is_absolute():
+            candidates.append(self.folder / path)
         for candidate in candidates:
             if candidate.is_file():
                 return candidate
-        raise FileNotFoundError(f"data.verification: {path!r} is neither a file nor in the data folder "
+        raise FileNotFoundError(f"{key}: {path!r} is neither a file nor in the data folder "
                                 f"({', '.join(str(c) for c in candidates)}).")
 
     def setup(self, stage: str | None = None) -> None:
         if self.data is None:
             self.data = self.read(**self.reader_settings)
             self.split = split_dataset(self.data, self.novel_fraction, self.max_groups, self.base_queries)
-            self.verification = [(verification_name(p), read_verification_bin(p)) for p in self.verification_paths]
+
+    @property
+    def benchmark(self) -> str | None:
+        self.setup()
+        return self.data.benchmark
 
     @property
     def num_classes(self) -> int:
@@ -248,24 +257,27 @@ class IdentityDataModule(pl.LightningDataModule):
         return TrainLoader(self._dataset(self.split.training, train=True), batch_sampler=KeyedBatches(
             self.train_sampler), generator=torch.Generator(), **self._loader_options())
 
-    def _eval_loaders(self) -> DataLoader | list[DataLoader]:
-        """The split's evaluation images, then each verification pack's images in pair order."""
-        datasets = [self._dataset(self.split.evaluated, train=False)]
-        datasets += [_PairImages(pairs, self.transform) for _, pairs in self.verification]
-        loaders = [DataLoader(d, batch_size=self.eval_batch_size, shuffle=False, **self._loader_options())
-                   for d in datasets]
-        return loaders if self.verification else loaders[0]
+    def evaluate_on(self, positions: torch.Tensor | None, pair_sets: list[VerificationPairs]) -> None:
+        """The evaluation sets, in loader order: the split's images at ``positions`` (if any), then each pair
+        set's images in pair order."""
+        self.eval_positions, self.pair_sets = positions, list(pair_sets)
 
-    def val_dataloader(self) -> DataLoader | list[DataLoader]:
+    def _eval_loaders(self) -> list[DataLoader]:
+        datasets: list[Dataset] = []
+        if self.eval_positions is not None:
+            datasets.append(self._dataset(self.eval_positions, train=False))
+        datasets += [_PairImages(pairs, self.transform) for pairs in self.pair_sets]
+        trainer = self.trainer
+        rank, world_size = (trainer.global_rank, trainer.world_size) if trainer else (0, 1)
+        # Each process embeds every world_size-th item; the evaluator gathers them back in order.
+        return [DataLoader(d, batch_size=self.eval_batch_size, sampler=range(rank, len(d), world_size),
+                           **self._loader_options()) for d in datasets]
+
+    def val_dataloader(self) -> list[DataLoader]:
         return self._eval_loaders()
 
-    def test_dataloader(self) -> DataLoader | list[DataLoader]:
+    def test_dataloader(self) -> list[DataLoader]:
         return self._eval_loaders()
-
-
-def verification_name(path: Path) -> str:
-    """The metric name of a pack: its file name without ``.bin`` (``lfw``, ``cfp_fp``, ``agedb_30``)."""
-    return Path(path).name.removesuffix(".bin")
 
 
 class _PairImages(Dataset):

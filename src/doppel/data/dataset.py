@@ -20,18 +20,23 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 
-class Role(IntEnum):
-    """What an image is for in a run (the evaluation protocols read these)."""
+class Part(IntEnum):
+    """Which part of a dataset's split an image is in, as the files define it (or the split decides).
 
-    BASE_TRAIN = 0  # trained on; averaged into its class's prototype
-    BASE_TEST = 1  # held-out image of a training class: a base query
-    NOVEL_PROTOTYPE = 2  # reference image of a held-out class (a one-shot prototype, or a gallery item)
-    NOVEL_QUERY = 3  # query of a held-out class
+    These say what the data is, not how it is scored: the evaluation protocols decide that (the
+    prototype protocol averages TRAIN images into class prototypes, retrieval searches REFERENCE
+    images with QUERY images, closed-set classification scores HELD_OUT images).
+    """
+
+    TRAIN = 0  # trained on
+    HELD_OUT = 1  # an image of a trained class kept out of training (a test image of that class)
+    REFERENCE = 2  # an image of a test class given as its reference (gallery item, one-shot prototype)
+    QUERY = 3  # an image of a test class to be searched / identified
 
 
-# A role a file gives to an image of a held-out class without saying which: the split decides.
-NOVEL = -1
-# A role a file gives to an image that is in no split of the run (e.g. CUB's test images with split=train).
+# A part a file gives to an image of a test class without saying which: the split decides.
+TEST_CLASS = -1
+# A part a file gives to an image that is in no split of the run (e.g. CUB's test images with split=train).
 UNUSED = -2
 
 
@@ -52,10 +57,12 @@ class IdentityData:
     """A dataset of identities, as every reader returns it.
 
     ``groups`` puts known look-alike classes together (emoji skin-tone families): a split never separates
-    a group. ``class_keys`` are the stable strings the split hashes (default: the names). ``roles``, when
-    the format defines its splits (CUB's test classes, In-Shop's query / gallery), holds a :class:`Role`,
-    :data:`NOVEL` or :data:`UNUSED` per image. ``prototype_preference`` marks, per image, the one to take as
-    a held-out class's prototype (emoji: the Twemoji drawing); otherwise its first image is.
+    a group. ``class_keys`` are the stable strings the split hashes (default: the names). ``parts``, when
+    the format defines its splits (CUB's test classes, In-Shop's query / gallery), holds a :class:`Part`,
+    :data:`TEST_CLASS` or :data:`UNUSED` per image. ``benchmark`` names a published benchmark the data is
+    (``cub``, ``sop``, ...): the protocols take its conventions (e.g. the K of Recall@K).
+    ``prototype_preference`` marks, per image, the one to take as a held-out class's prototype (emoji: the
+    Twemoji drawing); otherwise its first image is.
     """
 
     labels: torch.Tensor  # int64 [N]
@@ -64,8 +71,9 @@ class IdentityData:
     source: str  # the file or folder, for messages
     groups: list[str] | None = None
     class_keys: list[str] | None = None
-    roles: torch.Tensor | None = None
+    parts: torch.Tensor | None = None
     prototype_preference: torch.Tensor | None = None
+    benchmark: str | None = None
 
     def __post_init__(self) -> None:
         self.labels = torch.as_tensor(self.labels, dtype=torch.long)

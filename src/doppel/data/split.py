@@ -2,7 +2,7 @@
 
 Two ways, both deterministic and independent of the machine:
 
-- the format's own split (:attr:`IdentityData.roles`: CUB's test classes, In-Shop's query / gallery,
+- the format's own split (:attr:`IdentityData.parts`: CUB's test classes, In-Shop's query / gallery,
   a CSV's ``split`` / ``role`` columns), taken as it is;
 - otherwise held-out (novel) classes are whole groups chosen by a hash of the group key
   (``novel_fraction``); a novel class's preferred (else first) image is its one-shot prototype and its
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from doppel.data.dataset import NOVEL, UNUSED, DataError, IdentityData, Role
+from doppel.data.dataset import TEST_CLASS, UNUSED, DataError, IdentityData, Part
 from doppel.seeding import stable_fraction
 
 
@@ -28,22 +28,20 @@ from doppel.seeding import stable_fraction
 class Split:
     index: torch.Tensor  # long [M], images of the dataset in the run
     label: torch.Tensor  # long [M], the run's class of each
-    role: torch.Tensor  # long [M], values of Role
+    part: torch.Tensor  # long [M], values of Part
     names: list[str]  # per run label
     num_classes: int  # base classes = classifier size
+    references_given: bool = False  # the files name the test classes' references (In-Shop's gallery)
 
     @property
     def training(self) -> torch.Tensor:
         """Positions in this split of the images the network trains on."""
-        return torch.nonzero(self.role == Role.BASE_TRAIN).flatten()
+        return self.positions({Part.TRAIN})
 
-    @property
-    def evaluated(self) -> torch.Tensor:
-        """Positions of the images the evaluation embeds: the training images too only when there are base
-        queries (they are classified among their classes' prototypes, the means of those images)."""
-        if (self.role == Role.BASE_TEST).any():
-            return torch.arange(len(self.role))
-        return torch.nonzero(self.role != Role.BASE_TRAIN).flatten()
+    def positions(self, parts: set[Part] | set[int]) -> torch.Tensor:
+        """Positions in this split (ascending) of the images in any of ``parts``."""
+        return torch.nonzero(torch.isin(self.part, torch.tensor(sorted(int(p) for p in parts),
+                                                                  dtype=torch.long))).flatten()
 
 
 def check_novel_fraction(novel_fraction: float) -> None:
@@ -58,7 +56,7 @@ def split_dataset(data: IdentityData, novel_fraction: float = 0.2, max_groups: i
     if max_groups is not None:
         kept = kept[:max_groups]
     kept_groups = set(kept)
-    if data.roles is not None:
+    if data.parts is not None:
         return _given_split(data, torch.tensor([g in kept_groups for g in groups]))
     check_novel_fraction(novel_fraction)
     novel_groups = {g for g in kept if stable_fraction(g) < novel_fraction}
@@ -80,54 +78,56 @@ def split_dataset(data: IdentityData, novel_fraction: float = 0.2, max_groups: i
         raise DataError(f"{data.source}: the split has {len(base)} base and {len(novel)} novel classes; raise "
                         f"data.max_groups or change data.novel_fraction.")
 
-    rows, roles = [], []
+    rows, parts = [], []
     for cls in base:
         images = images_of[cls]
         held_out = images[int(stable_fraction(data.keys[cls]) * len(images))] \
             if base_queries and len(images) >= 3 else None
         rows += images
-        roles += [Role.BASE_TEST if image == held_out else Role.BASE_TRAIN for image in images]
+        parts += [Part.HELD_OUT if image == held_out else Part.TRAIN for image in images]
     for cls in novel:
         images = images_of[cls]
         proto = next(i for i in images if preferred[i]) if preferred is not None else images[0]
         rows += images
-        roles += [Role.NOVEL_PROTOTYPE if image == proto else Role.NOVEL_QUERY for image in images]
-    return _relabelled(data, torch.tensor(rows, dtype=torch.long), torch.tensor([int(r) for r in roles]), len(base))
+        parts += [Part.REFERENCE if image == proto else Part.QUERY for image in images]
+    return _relabelled(data, torch.tensor(rows, dtype=torch.long), torch.tensor([int(r) for r in parts]), len(base))
 
 
 def _given_split(data: IdentityData, kept_class: torch.Tensor) -> Split:
-    roles = data.roles.clone()
-    used = (roles != UNUSED) & kept_class[data.labels]
-    training = used & (roles == Role.BASE_TRAIN)
+    given_references = bool((data.parts == Part.REFERENCE).any())
+    parts = data.parts.clone()
+    used = (parts != UNUSED) & kept_class[data.labels]
+    training = used & (parts == Part.TRAIN)
     base_classes = torch.unique(data.labels[training])
     if len(base_classes) < 2:
         raise DataError(f"{data.source}: the split trains on {len(base_classes)} classes; it needs at least 2.")
     is_base = torch.zeros(len(data.class_names), dtype=torch.bool)
     is_base[base_classes] = True
     base_image = is_base[data.labels]
-    wrong = used & ~base_image & (roles == Role.BASE_TEST)
+    wrong = used & ~base_image & (parts == Part.HELD_OUT)
     if wrong.any():
         first = int(torch.nonzero(wrong)[0])
         raise DataError(f"{data.source}: image {first} is a base query of class "
                         f"{data.class_names[int(data.labels[first])]!r}, which has no training images.")
-    wrong = used & base_image & ((roles == Role.NOVEL_PROTOTYPE) | (roles == Role.NOVEL_QUERY) | (roles == NOVEL))
+    wrong = used & base_image & ((parts == Part.REFERENCE) | (parts == Part.QUERY) | (parts == TEST_CLASS))
     if wrong.any():
         first = int(torch.nonzero(wrong)[0])
         raise DataError(f"{data.source}: image {first} is a held-out (test) image of class "
                         f"{data.class_names[int(data.labels[first])]!r}, which is also trained on: a test class "
                         "must have no training images.")
     # A held-out class without a stated prototype takes its first image as one; other unstated images are queries.
-    first_seen = set(data.labels[roles == Role.NOVEL_PROTOTYPE].tolist())  # classes with a stated prototype
-    for image in torch.nonzero(roles == NOVEL).flatten().tolist():
+    first_seen = set(data.labels[parts == Part.REFERENCE].tolist())  # classes with a stated prototype
+    for image in torch.nonzero(parts == TEST_CLASS).flatten().tolist():
         cls = int(data.labels[image])
-        roles[image] = Role.NOVEL_QUERY if cls in first_seen else Role.NOVEL_PROTOTYPE
+        parts[image] = Part.QUERY if cls in first_seen else Part.REFERENCE
         first_seen.add(cls)
     rows = torch.nonzero(used & base_image).flatten()
     rows = torch.cat([rows[torch.argsort(data.labels[rows], stable=True)], torch.nonzero(used & ~base_image).flatten()])
-    return _relabelled(data, rows, roles[rows], len(base_classes))
+    return _relabelled(data, rows, parts[rows], len(base_classes), given_references)
 
 
-def _relabelled(data: IdentityData, rows: torch.Tensor, roles: torch.Tensor, num_base: int) -> Split:
+def _relabelled(data: IdentityData, rows: torch.Tensor, parts: torch.Tensor, num_base: int,
+                references_given: bool = False) -> Split:
     """Base classes first, each class's run label in order of first appearance in ``rows``."""
     classes = data.labels[rows]
     order: dict[int, int] = {}
@@ -136,4 +136,5 @@ def _relabelled(data: IdentityData, rows: torch.Tensor, roles: torch.Tensor, num
     lookup = torch.full((len(data.class_names),), -1, dtype=torch.long)
     lookup[torch.tensor(list(order))] = torch.arange(len(order))
     names = [data.class_names[cls] for cls in order]
-    return Split(index=rows, label=lookup[classes], role=roles, names=names, num_classes=num_base)
+    return Split(index=rows, label=lookup[classes], part=parts, names=names, num_classes=num_base,
+                 references_given=references_given)

@@ -11,17 +11,13 @@ def top1_accuracy(predicted: torch.Tensor, labels: torch.Tensor) -> float:
     return (predicted == labels).float().mean().item()
 
 
-def coverage_at_precision(confidence: torch.Tensor, correct: torch.Tensor, precision: float) -> float:
-    """Largest fraction of queries that can be answered with precision >= ``precision``.
+def precision_coverage_curve(confidence: torch.Tensor, correct: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(coverage, precision) at every confidence threshold, coverage ascending.
 
-    Answers are taken in decreasing confidence; every confidence threshold answers all queries at or
-    above it, so equal confidences enter together (one step). Coverage is the largest answered
-    fraction over all thresholds whose answered set has precision >= ``precision`` (0 if none has),
-    the metric of the one-shot face benchmark used by the Doppelganger paper.
+    Answers are taken in decreasing confidence; a threshold answers all queries at or above it, so equal
+    confidences enter together (one point per distinct confidence).
     """
     n = len(confidence)
-    if n == 0:
-        return float("nan")
     order = torch.argsort(confidence, descending=True, stable=True)
     conf, hits = confidence[order], correct[order].to(torch.float64)
     answered = torch.arange(1, n + 1, dtype=torch.float64)
@@ -29,10 +25,18 @@ def coverage_at_precision(confidence: torch.Tensor, correct: torch.Tensor, preci
     # Only the last position of each run of equal confidences is a real threshold.
     step_end = torch.ones(n, dtype=torch.bool)
     step_end[:-1] = conf[1:] != conf[:-1]
-    ok = step_end & (precision_at >= precision - 1e-12)
-    if not ok.any():
-        return 0.0
-    return answered[ok].max().item() / n
+    return answered[step_end] / max(n, 1), precision_at[step_end]
+
+
+def coverage_at_precision(confidence: torch.Tensor, correct: torch.Tensor, precision: float) -> float:
+    """Largest fraction of queries that can be answered with precision >= ``precision``: the largest
+    coverage of :func:`precision_coverage_curve` whose precision reaches it (0 if none does), the metric
+    of the one-shot face benchmark used by the Doppelganger paper."""
+    if len(confidence) == 0:
+        return float("nan")
+    coverage, precision_at = precision_coverage_curve(confidence, correct)
+    ok = precision_at >= precision - 1e-12
+    return coverage[ok].max().item() if ok.any() else 0.0
 
 
 def classify_by_prototypes(

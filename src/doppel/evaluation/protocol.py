@@ -1,57 +1,107 @@
-"""The Doppelganger paper's evaluation (sec. 4.2.6-4.2.7) on a base / novel split.
+"""What an evaluation protocol is: it picks evaluation sets of the data, and scores their embeddings.
 
-Every identity gets one prototype: the normalised mean embedding of its training images (base) or the
-embedding of its single one-shot image (novel). Each query is classified among *all* prototypes by
-cosine similarity, its confidence being that similarity; top-1 accuracy and coverage at 99% / 99.9%
-precision are reported per split, with Recall@1 over all images of the split.
+The LightningModule only embeds; :class:`~doppel.evaluation.evaluator.Evaluator` collects the embeddings
+of every set (gathered across processes) and hands each protocol what it asked for. A protocol is one
+file in this package plus one file in ``configs/eval/``.
 """
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 
-from doppel.data.dataset import Role
-from doppel.evaluation.metrics import classify_by_prototypes, coverage_at_precision, recall_at_k, top1_accuracy
-
-PRECISIONS = (0.99, 0.999)
-SPLITS = ("base", "novel")
+from doppel.data.dataset import Part
+from doppel.data.readers.verification_bin import VerificationPairs
 
 
-def metric_names() -> list[str]:
-    """``{split}/{metric}`` of every metric :func:`evaluate_protocol` reports."""
-    return [f"{split}/{metric}" for split in SPLITS
-            for metric in ("top1", *(f"coverage@{p}" for p in PRECISIONS), "recall@1")]
+@dataclass
+class DataFacts:
+    """What a protocol may know of the data before anything is embedded."""
+
+    labels: torch.Tensor  # run label of every image of the split
+    parts: torch.Tensor  # Part of every image of the split
+    num_classes: int  # trained (base) classes; test classes are labelled from here on
+    class_names: list[str]
+    references_given: bool  # the files name the test classes' references (In-Shop's gallery)
+    benchmark: str | None  # cub, cars, sop, inshop, cifar10, cifar100, mnist, or None
+    folder: Any  # the data folder (a Path) or None
+    locate: Callable[[str, str], Any]  # (path, setting key) -> Path of a file given by path or name
+
+    def has(self, part: Part) -> bool:
+        return bool((self.parts == part).any())
 
 
-def mirror_embed(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """The "mirror trick" (sec. 4.2.3): embeddings of the image and its mirror summed, then normalised."""
-    return F.normalize(model(images) + model(images.flip(-1)), dim=1)
+@dataclass
+class Embedded:
+    """Embeddings (float32, as the backbone outputs them, not normalised) of one evaluation set, in item
+    order; ``flipped`` are those of the mirrored images (None when no protocol fuses them)."""
+
+    plain: torch.Tensor
+    flipped: torch.Tensor | None
+    labels: torch.Tensor | None = None  # split images: their run labels
+    parts: torch.Tensor | None = None  # split images: their Part
+
+    def fused(self, flip: bool, normalise: bool = True) -> torch.Tensor:
+        """The mirror trick when ``flip`` (the image's and its mirror's embeddings summed), L2-normalised."""
+        embeddings = self.plain + self.flipped if flip else self.plain
+        return F.normalize(embeddings, dim=1) if normalise else embeddings
+
+    def select(self, mask: torch.Tensor) -> Embedded:
+        return Embedded(self.plain[mask], None if self.flipped is None else self.flipped[mask],
+                        None if self.labels is None else self.labels[mask],
+                        None if self.parts is None else self.parts[mask])
 
 
-def evaluate_protocol(embeddings: torch.Tensor, labels: torch.Tensor, roles: torch.Tensor) -> dict[str, float]:
-    """Metrics ``{split}/{metric}`` for split in (base, novel) from L2-normalised embeddings."""
-    embeddings = embeddings.float()
-    base_train = roles == Role.BASE_TRAIN
-    base_ids = torch.unique(labels[base_train])
-    index = torch.searchsorted(base_ids, labels[base_train])
-    sums = embeddings.new_zeros(len(base_ids), embeddings.shape[1]).index_add_(0, index, embeddings[base_train])
-    novel_proto = roles == Role.NOVEL_PROTOTYPE
-    prototypes = torch.cat([F.normalize(sums, dim=1), embeddings[novel_proto]])
-    prototype_labels = torch.cat([base_ids, labels[novel_proto]])
+@dataclass
+class Inputs:
+    """What :meth:`Protocol.evaluate` receives."""
 
-    results: dict[str, float] = {}
-    for split, query_role, members in (
-        ("base", Role.BASE_TEST, (roles == Role.BASE_TRAIN) | (roles == Role.BASE_TEST)),
-        ("novel", Role.NOVEL_QUERY, (roles == Role.NOVEL_PROTOTYPE) | (roles == Role.NOVEL_QUERY)),
-    ):
-        queries = roles == query_role
-        if not queries.any():
-            continue
-        predicted, confidence = classify_by_prototypes(embeddings[queries], prototypes, prototype_labels)
-        correct = predicted == labels[queries]
-        results[f"{split}/top1"] = top1_accuracy(predicted, labels[queries])
-        for p in PRECISIONS:
-            results[f"{split}/coverage@{p}"] = coverage_at_precision(confidence, correct, p)
-        results[f"{split}/recall@1"] = recall_at_k(embeddings[members], labels[members], k=1)
-    return results
+    split: Embedded | None  # the split images of the parts any protocol asked for, ascending positions
+    pairs: dict[str, Embedded] = field(default_factory=dict)  # pair set name -> its images' embeddings
+    classify: Callable[[torch.Tensor], torch.Tensor] | None = None  # raw embeddings -> class scores
+
+
+class Protocol(ABC):
+    """One way of scoring embeddings. Metric names are relative (``train()`` prefixes ``test/``)."""
+
+    flip: bool = True
+    headline: str  # the metric ``objective=auto`` optimises when this protocol is listed first
+    needs_classifier: bool = False  # scores with the training classifier (the loss's classifier term)
+
+    @abstractmethod
+    def bind(self, facts: DataFacts) -> None:
+        """Check that the data can be evaluated this way (a clear error if not) and settle the metric
+        names; called once, after the data is read and before training."""
+
+    def parts(self) -> set[Part]:
+        """Parts of the split whose images this protocol needs embedded."""
+        return set()
+
+    def pair_sets(self) -> dict[str, VerificationPairs]:
+        """Pair sets (name -> pairs) whose images this protocol needs embedded."""
+        return {}
+
+    @abstractmethod
+    def metric_names(self) -> list[str]:
+        """Every metric :meth:`evaluate` returns for the bound data."""
+
+    @abstractmethod
+    def evaluate(self, inputs: Inputs) -> dict[str, float]:
+        """The metrics; the curves of the last call are kept for :meth:`figures`."""
+
+    def figures(self) -> list[tuple[str, Any]]:
+        """(file stem, matplotlib figure) of the last evaluation's curves."""
+        return []
+
+    def summary(self, metrics: dict[str, float]) -> list[str]:
+        """Lines of the final table printed for this protocol (``metrics`` without the ``test/`` prefix)."""
+        return [f"{name}: {_shown(metrics.get(name))}" for name in self.metric_names()]
+
+
+def _shown(value: float | None) -> str:
+    return "-" if value is None or value != value else f"{value:.4f}"

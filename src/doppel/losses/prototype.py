@@ -8,13 +8,14 @@ target class's logit, which the miner never reads.
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 
-class PrototypeTerm(nn.Module):
+class PrototypeTerm(nn.Module, ABC):
     """A classifier over ``num_classes`` prototypes; ``last_logits`` holds the latest batch's scores.
 
     Subclasses implement ``loss_and_logits(embeddings, labels) -> (loss, logits for mining)``.
@@ -32,8 +33,13 @@ class PrototypeTerm(nn.Module):
                 f"[{int(labels.min())}, {int(labels.max())}]: the data's class count and the loss disagree."
             )
 
+    @abstractmethod
     def loss_and_logits(self, embeddings: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        raise NotImplementedError
+        """(loss, logits the miner reads)."""
+
+    @abstractmethod
+    def class_scores(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """[B, C] scores of every class without any margin: the classifier's prediction is their argmax."""
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         self.check_labels(labels)
@@ -49,8 +55,11 @@ class Softmax(PrototypeTerm):
         super().__init__(num_classes)
         self.classifier = nn.Linear(embedding_dim, num_classes, bias=bias)
 
+    def class_scores(self, embeddings):
+        return self.classifier(embeddings)
+
     def loss_and_logits(self, embeddings, labels):
-        logits = self.classifier(embeddings)
+        logits = self.class_scores(embeddings)
         return F.cross_entropy(logits, labels), logits
 
 
@@ -67,8 +76,11 @@ class L2Softmax(PrototypeTerm):
         self.classifier = nn.Linear(embedding_dim, num_classes, bias=bias)
         self.scale = nn.Parameter(torch.tensor(float(scale)), requires_grad=trainable_scale)
 
+    def class_scores(self, embeddings):
+        return self.classifier(self.scale * F.normalize(embeddings, dim=1))
+
     def loss_and_logits(self, embeddings, labels):
-        logits = self.classifier(self.scale * F.normalize(embeddings, dim=1))
+        logits = self.class_scores(embeddings)
         return F.cross_entropy(logits, labels), logits
 
     def scalars(self) -> dict[str, torch.Tensor]:
@@ -99,13 +111,16 @@ class TargetMarginSoftmax(PrototypeTerm):
         """psi(cos theta_y) for each example's target class."""
         raise NotImplementedError
 
-    def loss_and_logits(self, embeddings, labels):
+    def class_scores(self, embeddings):
         # One B x C matmul gives magnitude_j * cos(theta_j) for every class: the row factor (s or ||f||)
         # scales f^ (B x D, cheaper than B x C); the column factor ||W_j|| stays in unnormalised W.
+        rows = embeddings if self.scale is None else F.normalize(embeddings, dim=1) * self.scale  # ||f|| f^ = f
+        return rows @ (F.normalize(self.weight, dim=1) if self.normalize_weights else self.weight).T
+
+    def loss_and_logits(self, embeddings, labels):
         unit = F.normalize(embeddings, dim=1)
         weight_unit = F.normalize(self.weight, dim=1)
-        rows = embeddings if self.scale is None else unit * self.scale  # ||f|| f^ = f
-        logits = rows @ (weight_unit if self.normalize_weights else self.weight).T
+        logits = self.class_scores(embeddings)
         target_cos = (unit * weight_unit[labels]).sum(1)
         magnitude = embeddings.norm(dim=1) if self.scale is None else self.scale.expand_as(target_cos)
         if not self.normalize_weights:
@@ -253,6 +268,9 @@ class CenterLoss(PrototypeTerm):
         super().__init__(num_classes)
         self.centres = nn.Parameter(torch.randn(num_classes, embedding_dim) * 0.01)
 
+    def class_scores(self, embeddings):
+        return -squared_distances(embeddings, self.centres)  # the nearest centre
+
     def loss_and_logits(self, embeddings, labels):
         distances = squared_distances(embeddings, self.centres)
         own = (embeddings - self.centres[labels]).pow(2).sum(1)
@@ -286,6 +304,9 @@ class IELoss(PrototypeTerm):
         self.log_variance = nn.Parameter(torch.tensor(math.log(initial_variance)),
                                          requires_grad=variance == "learned")
         self.last_variance = torch.tensor(initial_variance)
+
+    def class_scores(self, embeddings):
+        return -squared_distances(embeddings, self.centres)  # the nearest centre
 
     def loss_and_logits(self, embeddings, labels):
         distances = squared_distances(embeddings, self.centres)

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from doppel.data.dataset import DataError, IdentityData, Role, TensorImages, require
+from doppel.data.dataset import DataError, IdentityData, Part, TensorImages, require
 from doppel.data.readers.safe_pickle import safe_load
 
 
@@ -53,14 +53,15 @@ def read_cifar(root: str | None = None, classes: int = 10) -> IdentityData:
     images = np.concatenate([data for data, _, _ in parts]).reshape(-1, 3, 32, 32)
     labels = [label for _, batch_labels, _ in parts for label in batch_labels]
     test_count = len(parts[-1][1])
-    roles = torch.full((len(labels),), int(Role.BASE_TRAIN))
-    roles[len(labels) - test_count:] = Role.BASE_TEST
+    roles = torch.full((len(labels),), int(Part.TRAIN))
+    roles[len(labels) - test_count:] = Part.HELD_OUT
     groups = None
     if classes == 100:  # each fine class's superclass, from the training batch
         coarse_names = _names(meta["coarse_label_names"])
         coarse_of = dict(zip(parts[0][2][label_key], parts[0][2]["coarse_labels"]))
         groups = [coarse_names[coarse_of[c]] for c in range(len(names))]
-    return IdentityData(labels=torch.tensor(labels), class_names=names, source=str(root), roles=roles, groups=groups,
+    return IdentityData(labels=torch.tensor(labels), class_names=names, source=str(root), parts=roles, groups=groups,
+                        benchmark=f"cifar{classes}",
                         images=TensorImages(torch.from_numpy(np.ascontiguousarray(images))))
 
 
@@ -94,9 +95,9 @@ def read_mnist(root: str | None = None) -> IdentityData:
         if len(images) != len(labels) or labels.max() > 9:
             raise DataError(f"{root}: {len(images)} images for {len(labels)} labels (or labels past 9).")
     images = np.concatenate([i for i, _ in parts])
-    roles = torch.full((len(images),), int(Role.BASE_TRAIN))
-    roles[len(parts[0][0]):] = Role.BASE_TEST
+    roles = torch.full((len(images),), int(Part.TRAIN))
+    roles[len(parts[0][0]):] = Part.HELD_OUT
     pixels = torch.from_numpy(images)[:, None].expand(-1, 3, -1, -1).contiguous()
     return IdentityData(labels=torch.from_numpy(np.concatenate([lab for _, lab in parts]).astype(np.int64)),
                         class_names=[str(d) for d in range(10)], images=TensorImages(pixels), source=str(root),
-                        roles=roles)
+                        parts=roles, benchmark="mnist")

@@ -21,11 +21,11 @@ import csv
 
 import torch
 
-from doppel.data.dataset import NOVEL, DataError, FileImages, IdentityData, Role, require
+from doppel.data.dataset import TEST_CLASS, DataError, FileImages, IdentityData, Part, require
 
-ROLES = {("train", ""): Role.BASE_TRAIN, ("train", "query"): Role.BASE_TEST, ("test", ""): NOVEL,
-         ("test", "prototype"): Role.NOVEL_PROTOTYPE, ("test", "gallery"): Role.NOVEL_PROTOTYPE,
-         ("test", "query"): Role.NOVEL_QUERY}
+ROLES = {("train", ""): Part.TRAIN, ("train", "query"): Part.HELD_OUT, ("test", ""): TEST_CLASS,
+         ("test", "prototype"): Part.REFERENCE, ("test", "gallery"): Part.REFERENCE,
+         ("test", "query"): Part.QUERY}
 
 
 def _class_order(names: set[str]) -> list[str]:
@@ -72,4 +72,4 @@ def read_csv(path: str | None = None) -> IdentityData:
     index = {name: i for i, name in enumerate(classes)}
     has_split = "split" in column or "role" in column
     return IdentityData(labels=torch.tensor([index[n] for n in names]), class_names=classes, images=FileImages(paths),
-                        source=str(path), roles=torch.tensor(roles) if has_split else None)
+                        source=str(path), parts=torch.tensor(roles) if has_split else None)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from doppel.data.dataset import NOVEL, DataError, FileImages, IdentityData, Role, require
+from doppel.data.dataset import TEST_CLASS, DataError, FileImages, IdentityData, Part, require
 
 
 def _lines(path: Path, fields: int, skip: int = 0) -> list[tuple[int, list[str]]]:
@@ -34,16 +34,18 @@ def _lines(path: Path, fields: int, skip: int = 0) -> list[tuple[int, list[str]]
     return rows
 
 
-def _dataset(root: Path, paths: list[str], class_ids: list[str], train_ids: set[str], names: dict[str, str] | None,
-             groups: dict[str, str] | None = None, roles: list[int] | None = None) -> IdentityData:
+def _dataset(benchmark: str, root: Path, paths: list[str], class_ids: list[str], train_ids: set[str],
+             names: dict[str, str] | None, groups: dict[str, str] | None = None,
+             parts: list[int] | None = None) -> IdentityData:
     order = sorted(set(class_ids), key=lambda c: (c not in train_ids, int(c) if c.isdigit() else c))
     index = {c: i for i, c in enumerate(order)}
-    if roles is None:
-        roles = [int(Role.BASE_TRAIN) if c in train_ids else NOVEL for c in class_ids]
+    if parts is None:
+        parts = [int(Part.TRAIN) if c in train_ids else TEST_CLASS for c in class_ids]
     return IdentityData(labels=torch.tensor([index[c] for c in class_ids]),
                         class_names=[names.get(c, c) if names else c for c in order],
                         images=FileImages([str(root / p) for p in paths]), source=str(root),
-                        groups=[groups[c] for c in order] if groups else None, roles=torch.tensor(roles))
+                        groups=[groups[c] for c in order] if groups else None, parts=torch.tensor(parts),
+                        benchmark=benchmark)
 
 
 def read_cub(root: str | None = None) -> IdentityData:
@@ -56,7 +58,7 @@ def read_cub(root: str | None = None) -> IdentityData:
         raise DataError(f"{root / 'image_class_labels.txt'} has no class for image {missing[0]} of images.txt.")
     ids = sorted(paths, key=int)
     classes = [labels[i] for i in ids]
-    return _dataset(root, ["images/" + paths[i] for i in ids], classes, {str(c) for c in range(1, 101)}, names)
+    return _dataset("cub", root, ["images/" + paths[i] for i in ids], classes, {str(c) for c in range(1, 101)}, names)
 
 
 def read_cars(root: str | None = None) -> IdentityData:
@@ -74,7 +76,7 @@ def read_cars(root: str | None = None) -> IdentityData:
     paths = [str(a.relative_im_path) for a in annotations]
     classes = [str(int(a.__dict__["class"])) for a in annotations]
     names = {str(i + 1): str(n) for i, n in enumerate(mat.get("class_names", []))}
-    return _dataset(root, paths, classes, {str(c) for c in range(1, 99)}, names)
+    return _dataset("cars", root, paths, classes, {str(c) for c in range(1, 99)}, names)
 
 
 def read_sop(root: str | None = None) -> IdentityData:
@@ -87,14 +89,14 @@ def read_sop(root: str | None = None) -> IdentityData:
             groups[class_id] = super_id
             if is_train:
                 train.add(class_id)
-    return _dataset(root, paths, classes, train, None, groups)
+    return _dataset("sop", root, paths, classes, train, None, groups)
 
 
 def read_inshop(root: str | None = None) -> IdentityData:
     root = require(root, "root", "the extracted In-shop Clothes folder (list_eval_partition.txt and img/)", "inshop")
     rows = _lines(root / "list_eval_partition.txt", 3, skip=2)
-    status_role = {"train": int(Role.BASE_TRAIN), "query": int(Role.NOVEL_QUERY),
-                   "gallery": int(Role.NOVEL_PROTOTYPE)}
+    status_role = {"train": int(Part.TRAIN), "query": int(Part.QUERY),
+                   "gallery": int(Part.REFERENCE)}
     paths, classes, roles = [], [], []
     for number, (image, item, status) in ((n, p[:3]) for n, p in rows):
         if status not in status_role:
@@ -103,5 +105,5 @@ def read_inshop(root: str | None = None) -> IdentityData:
         paths.append(image)
         classes.append(item)
         roles.append(status_role[status])
-    train = {c for c, r in zip(classes, roles) if r == Role.BASE_TRAIN}
-    return _dataset(root, paths, classes, train, None, roles=roles)
+    train = {c for c, r in zip(classes, roles) if r == Part.TRAIN}
+    return _dataset("inshop", root, paths, classes, train, None, parts=roles)

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from doppel.data.dataset import DataError, EncodedImages, IdentityData, Role, require
+from doppel.data.dataset import DataError, EncodedImages, IdentityData, Part, require
 
 CHUNK = 1 << 24
 
@@ -122,8 +122,8 @@ def read_mslowshot(root: str | None = None, base: str = "TrainData_Base.tsv", lo
                 raise DataError(f"{files[number]}: MID {mid} is flagged {flag!r} but is a "
                                 f"{'novel' if novel else 'base'} identity.")
             labels.append(class_of[mid])
-            roles.append([Role.BASE_TRAIN, Role.NOVEL_PROTOTYPE, Role.NOVEL_QUERY if novel else Role.BASE_TEST][number])
+            roles.append([Part.TRAIN, Part.REFERENCE, Part.QUERY if novel else Part.HELD_OUT][number])
     file_of = np.concatenate([np.full(len(p[0]), i) for i, p in enumerate(parts)])
     faces = TsvFaces(files, file_of, np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]))
     return IdentityData(labels=torch.tensor(labels), class_names=base_mids + novel_mids, images=faces,
-                        source=str(root), roles=torch.tensor([int(r) for r in roles]))
+                        source=str(root), parts=torch.tensor([int(r) for r in roles]))

@@ -1,0 +1,18 @@
+"""Evaluate a checkpoint or an external backbone: ``python eval.py ckpt_path=<run>/checkpoints/last.ckpt
+[eval=<protocol> ...] [data=<format> data.root=...]`` (docs/evaluation.md)."""
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+
+@hydra.main(version_base="1.3", config_path="configs", config_name="train")
+def main(cfg: DictConfig) -> float:
+    from doppel.evaluate import evaluate
+
+    metrics = evaluate(cfg, list(HydraConfig.get().overrides.task))
+    return metrics[metrics.objective]
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,106 @@
+"""``evaluate(cfg)``: score a checkpoint of a run, or an external backbone, with the configured protocols;
+no training code runs (no sampler, no optimiser, no mining).
+
+With ``ckpt_path`` the run's own settings are used for what made the weights (backbone, loss) and, unless
+the command line names them, for the data and the protocols, so a plain ``python eval.py
+ckpt_path=<run>/checkpoints/last.ckpt`` repeats the run's final evaluation; ``data.root=...`` and other
+dotted settings on the command line still apply on top (data moved to another disk).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf, open_dict
+from pytorch_lightning.utilities import rank_zero_info
+
+from doppel.checkpoint import STAMP, check_state_dict
+from doppel.config import build, build_evaluator, resolve_objective
+from doppel.data.transforms import PaperAugment
+from doppel.losses.loss_set import LossSet
+from doppel.module import DoppelModule
+from doppel.serialization import CheckpointError, load_checkpoint
+from doppel.train import RunMetrics, finish_wandb, report, save_config
+
+# Settings that made the weights: always the checkpoint's.
+WEIGHTS = ("backbone", "loss", "regularizer")
+# Settings taken from the checkpoint unless the command line chooses them.
+RUN = ("data", "eval", "objective")
+
+
+def evaluate(cfg: DictConfig, overrides: list[str] | None = None) -> RunMetrics:
+    """Metrics ``test/...`` of the checkpoint ``cfg.ckpt_path`` (or of ``cfg.backbone`` as built, e.g. a timm
+    model with ``backbone.pretrained_path``); ``overrides`` are the command line's, which win over the
+    checkpoint's settings."""
+    output_dir = Path(cfg.paths.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint = None
+    if cfg.ckpt_path is not None:
+        path = Path(str(cfg.ckpt_path)).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"ckpt_path={str(path)!r} is not a file: point it at a run's "
+                                    "checkpoints/last.ckpt.")
+        checkpoint = load_checkpoint(path)
+        if STAMP not in checkpoint or "state_dict" not in checkpoint:
+            raise CheckpointError(f"ckpt_path={str(path)!r} was not written by a Doppel run; evaluate other weights "
+                                  "through the backbone (backbone=timm backbone.pretrained_path=...).")
+        cfg = _with_run_settings(cfg, checkpoint[STAMP]["config"], overrides or [])
+    datamodule = build(cfg.data)
+    datamodule.setup()
+    evaluator = build_evaluator(cfg)
+    evaluator.bind(datamodule)
+    objective = resolve_objective(cfg.objective, evaluator)
+    backbone = build(cfg.backbone, image_size=datamodule.image_shape()[-1])
+    loss_set = LossSet(cfg.loss.terms, embedding_dim=backbone.embedding_dim, num_classes=datamodule.num_classes,
+                       regularizer=cfg.get("regularizer"))
+    evaluator.check_model(loss_set.prototype_term is not None, f"the loss ({', '.join(cfg.loss.terms)})")
+    module = DoppelModule(backbone, loss_set, optimizer=None, augment=PaperAugment(**cfg.augment),
+                          views=cfg.loss.views, evaluator=evaluator)
+    if checkpoint is not None:
+        check_state_dict(checkpoint, module.state_dict(), f"ckpt_path={cfg.ckpt_path!r}")
+        module.load_state_dict(checkpoint["state_dict"])
+        rank_zero_info(f"evaluating {cfg.ckpt_path} (step {checkpoint.get('global_step')})")
+    if cfg.speed.channels_last:
+        backbone.to_channels_last()
+    save_config(cfg, output_dir)
+    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
+    trainer = pl.Trainer(accelerator=cfg.trainer.accelerator, devices=cfg.trainer.devices,
+                         strategy=cfg.trainer.strategy, precision=cfg.trainer.precision, logger=loggers or False,
+                         enable_progress_bar=cfg.trainer.get("enable_progress_bar", True),
+                         enable_model_summary=False, use_distributed_sampler=False,
+                         default_root_dir=str(output_dir))
+    try:
+        trainer.test(module, datamodule=datamodule, verbose=False)
+        metrics: dict[str, Any] = {k: float(v) for k, v in module.final_metrics.items() if k.startswith("test/")}
+        report(metrics, evaluator, output_dir, loggers)
+    finally:
+        finish_wandb(loggers)
+    result = RunMetrics(metrics)
+    result.objective = objective
+    return result
+
+
+def _with_run_settings(cfg: DictConfig, saved: dict[str, Any], overrides: list[str]) -> DictConfig:
+    """``cfg`` with the checkpoint's settings for :data:`WEIGHTS`, and for :data:`RUN` unless a group
+    choice on the command line replaced them; dotted overrides (``data.root=...``) are applied again on top."""
+    chosen = {o.lstrip("+~").split("=", 1)[0] for o in overrides}
+    cfg = cfg.copy()
+    with open_dict(cfg):
+        for key in WEIGHTS + RUN:
+            if key in saved and (key in WEIGHTS or key not in chosen):
+                cfg[key] = saved[key]
+        for override in overrides:
+            name, _, value = override.lstrip("+").partition("=")
+            if "." in name and name.split(".")[0] in WEIGHTS + RUN and not override.startswith("~"):
+                OmegaConf.update(cfg, name, OmegaConf.create({"v": _parse(value)}).v, merge=False)
+    return cfg
+
+
+def _parse(value: str) -> Any:
+    """A command-line value as Hydra reads it (numbers, booleans, null, lists)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    return OverridesParser.create().parse_override(f"key={value}").value()

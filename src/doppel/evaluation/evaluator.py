@@ -1,0 +1,188 @@
+"""Runs the configured protocols: picks the evaluation sets, collects what the module embeds, gathers it
+across processes, scores it once, and writes / logs the curves.
+
+Distributed: each process embeds every ``world_size``-th item of every set; the rows are gathered to
+process 0 (one ``gather`` per set), which computes the metrics once and broadcasts them. The result equals
+the single-process one because every set is reassembled in item order before anything is scored.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from doppel.evaluation.protocol import DataFacts, Embedded, Inputs, Protocol
+
+SPLIT = "split"  # the set of split images, beside the pair sets' names
+
+
+class Evaluator:
+    def __init__(self, protocols: dict[str, Protocol]) -> None:
+        if not protocols:
+            raise ValueError("eval: no protocol is selected; choose one, e.g. eval=prototype or eval=retrieval.")
+        self.protocols = protocols
+        self.sets: list[str] = []  # evaluation loader i embeds set sets[i]
+        self.flips: list[bool] = []  # whether loader i's images are embedded mirrored as well
+        self.labels: torch.Tensor | None = None  # of the embedded split images
+        self.parts: torch.Tensor | None = None
+        self.sizes: list[int] = []
+        self._rows: dict[int, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]] = {}
+
+    # -- set-up ------------------------------------------------------------------------------
+    def bind(self, datamodule: Any) -> None:
+        """Let every protocol check the data and choose its sets; tell the datamodule what to load."""
+        datamodule.setup()
+        split = datamodule.split
+        facts = DataFacts(labels=split.label, parts=split.part, num_classes=split.num_classes,
+                          class_names=split.names, references_given=split.references_given,
+                          benchmark=datamodule.benchmark, folder=datamodule.folder, locate=datamodule.locate)
+        seen: dict[str, str] = {}
+        for name, protocol in self.protocols.items():
+            protocol.bind(facts)
+            for metric in protocol.metric_names():
+                if metric in seen:
+                    raise ValueError(f"eval.{name} and eval.{seen[metric]} both report {metric}: drop one of them.")
+                seen[metric] = name
+        parts = set().union(*(p.parts() for p in self.protocols.values()))
+        pair_sets = {}
+        for protocol in self.protocols.values():
+            pair_sets.update(protocol.pair_sets())
+        positions = split.positions(parts) if parts else None
+        self.sets = ([SPLIT] if positions is not None else []) + list(pair_sets)
+        self.flips = [any(p.flip for p in self.protocols.values() if p.parts()) if s == SPLIT else
+                      any(p.flip for p in self.protocols.values() if s in p.pair_sets()) for s in self.sets]
+        if positions is not None:
+            self.labels, self.parts = split.label[positions], split.part[positions]
+        self.sizes = ([len(positions)] if positions is not None else []) + [len(p.images) for p in pair_sets.values()]
+        datamodule.evaluate_on(positions, list(pair_sets.values()))
+
+    def check_model(self, has_classifier: bool, loss: str) -> None:
+        """Before training: a protocol that scores with the training classifier needs the loss to have one."""
+        for name, protocol in self.protocols.items():
+            if protocol.needs_classifier and not has_classifier:
+                raise ValueError(f"eval.{name} scores the training classifier, and {loss} has none: use a loss with a "
+                                 "classifier term (loss=softmax, l2s_mb, ie, cosface, ...) or another protocol.")
+
+    def metric_names(self) -> list[str]:
+        return [m for protocol in self.protocols.values() for m in protocol.metric_names()]
+
+    def headline(self) -> str:
+        return next(iter(self.protocols.values())).headline
+
+    # -- collecting --------------------------------------------------------------------------
+    def add(self, loader: int, index: torch.Tensor, plain: torch.Tensor, flipped: torch.Tensor | None) -> None:
+        self._rows.setdefault(loader, []).append(
+            (index.cpu(), plain.float().cpu(), None if flipped is None else flipped.float().cpu()))
+
+    def discard(self) -> None:
+        self._rows = {}
+
+    def compute(self, classify: Callable[[torch.Tensor], torch.Tensor] | None, where: str) -> dict[str, float]:
+        """Every protocol's metrics from the embeddings collected since the last call (on every process)."""
+        rows, self._rows = self._rows, {}
+        embedded: dict[str, Embedded] = {}
+        for loader, name in enumerate(self.sets):
+            parts = rows.get(loader, [])
+            index = torch.cat([p[0] for p in parts]) if parts else torch.zeros(0, dtype=torch.long)
+            plain = _gather(index, torch.cat([p[1] for p in parts]) if parts else None, self.sizes[loader])
+            flipped = _gather(index, torch.cat([p[2] for p in parts]) if parts else None, self.sizes[loader]) \
+                if self.flips[loader] else None
+            if plain is not None:
+                embedded[name] = Embedded(plain, flipped, self.labels if name == SPLIT else None,
+                                          self.parts if name == SPLIT else None)
+        outcome: list[dict[str, float] | BaseException | None] = [None]
+        if _rank() == 0:
+            try:
+                for name, item in embedded.items():
+                    _check_finite(item, f"{where} embeddings" + (f" of {name}" if name != SPLIT else ""))
+                inputs = Inputs(split=embedded.get(SPLIT), pairs={k: v for k, v in embedded.items() if k != SPLIT},
+                                classify=classify)
+                metrics: dict[str, float] = {}
+                for protocol in self.protocols.values():
+                    metrics.update(protocol.evaluate(inputs))
+                outcome[0] = metrics
+            except Exception as error:  # every process raises it, none waits for the others forever
+                outcome[0] = error
+        if _world() > 1:
+            dist.broadcast_object_list(outcome, src=0)
+        if isinstance(outcome[0], BaseException):
+            raise outcome[0]
+        return outcome[0]
+
+    # -- outputs -----------------------------------------------------------------------------
+    def write_figures(self, folder: Path) -> list[Path]:
+        """Each protocol's curves of the last evaluation as ``<folder>/<stem>.png`` (process 0)."""
+        import matplotlib.pyplot as plt
+
+        written = []
+        for _, protocol in self.protocols.items():
+            for stem, figure in protocol.figures():
+                path = folder / f"{stem}.png"
+                figure.savefig(path, dpi=120)
+                plt.close(figure)
+                written.append(path)
+        return written
+
+    def summary(self, metrics: dict[str, float]) -> list[str]:
+        lines = []
+        for name, protocol in self.protocols.items():
+            lines += [f"[{name}]", *protocol.summary(metrics)]
+        return lines
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _world() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _gather(index: torch.Tensor, rows: torch.Tensor | None, size: int) -> torch.Tensor | None:
+    """The rows of all processes in item order on process 0 (None elsewhere)."""
+    world = _world()
+    if world == 1:
+        if rows is None or len(index) != size:
+            raise RuntimeError(f"the evaluation embedded {len(index)} of {size} items: an evaluation loader was "
+                               "cut short (trainer.limit_val_batches / limit_test_batches must stay 1.0).")
+        return rows[torch.argsort(index)]
+    # Every process holds ceil(size / world) rows at most (items r, r + world, ...): pad to that.
+    share = -(-size // world)
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    width = torch.tensor([rows.shape[1] if rows is not None and len(rows) else 0], device=device)
+    dist.all_reduce(width, op=dist.ReduceOp.MAX)
+    padded = torch.zeros(share, int(width), device=device)
+    padded_index = torch.full((share,), -1, dtype=torch.long, device=device)
+    if rows is not None and len(rows):
+        padded[:len(rows)], padded_index[:len(index)] = rows.to(device), index.to(device)
+    rank = dist.get_rank()
+    rows_out = [torch.empty_like(padded) for _ in range(world)] if rank == 0 else None
+    index_out = [torch.empty_like(padded_index) for _ in range(world)] if rank == 0 else None
+    dist.gather(padded, rows_out, dst=0)
+    dist.gather(padded_index, index_out, dst=0)
+    if rank != 0:
+        return None
+    index_all, rows_all = torch.cat(index_out).cpu(), torch.cat(rows_out).cpu()
+    kept = index_all >= 0
+    if int(kept.sum()) != size:
+        raise RuntimeError(f"the evaluation embedded {int(kept.sum())} of {size} items across {world} processes: an "
+                           "evaluation loader was cut short (trainer.limit_val_batches must stay 1.0).")
+    result = torch.empty(size, rows_all.shape[1])
+    result[index_all[kept]] = rows_all[kept]
+    return result
+
+
+def _check_finite(item: Embedded, where: str) -> None:
+    for rows in (item.plain, item.flipped):
+        if rows is None:
+            continue
+        finite = torch.isfinite(rows).all(dim=1)
+        if not finite.all():
+            raise FloatingPointError(
+                f"{int((~finite).sum())} of {len(finite)} {where} are not finite: the network diverged (lower "
+                "optim.lr) or its weights overflow; no metrics are computed from them.")
+

@@ -1,0 +1,118 @@
+"""Prototype identification, the Doppelganger paper's evaluation (sec. 4.2.6-4.2.7) on a base / novel split.
+
+What each part of the data is to this protocol:
+
+- ``Part.TRAIN`` images of a base (trained) class are averaged into its prototype (the normalised mean
+  embedding of its training images);
+- ``Part.HELD_OUT`` images are base queries;
+- ``Part.REFERENCE`` images of a novel (test) class are its one-shot prototypes;
+- ``Part.QUERY`` images are novel queries.
+
+Each query is classified among *all* prototypes by cosine similarity, its confidence being that
+similarity; top-1 accuracy and coverage at 99% / 99.9% precision are reported per split (base, novel),
+with Recall@1 over all images of the split. Embeddings use the paper's mirror trick by default.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from doppel.data.dataset import Part
+from doppel.evaluation.metrics import (
+    classify_by_prototypes,
+    coverage_at_precision,
+    precision_coverage_curve,
+    recall_at_k,
+    top1_accuracy,
+)
+from doppel.evaluation.protocol import DataFacts, Inputs, Protocol
+
+SPLITS = {"base": (Part.HELD_OUT, (Part.TRAIN, Part.HELD_OUT)), "novel": (Part.QUERY, (Part.REFERENCE, Part.QUERY))}
+
+
+def prototype_metrics(embeddings: torch.Tensor, labels: torch.Tensor, parts: torch.Tensor,
+                      precisions: tuple[float, ...] = (0.99, 0.999),
+                      curves: dict[str, Any] | None = None) -> dict[str, float]:
+    """Metrics ``{split}/{metric}`` for split in (base, novel) from L2-normalised embeddings; with
+    ``curves``, each split's precision-coverage curve is stored in it."""
+    embeddings = embeddings.float()
+    base_train = parts == Part.TRAIN
+    base_ids = torch.unique(labels[base_train])
+    index = torch.searchsorted(base_ids, labels[base_train])
+    sums = embeddings.new_zeros(len(base_ids), embeddings.shape[1]).index_add_(0, index, embeddings[base_train])
+    references = parts == Part.REFERENCE
+    prototypes = torch.cat([F.normalize(sums, dim=1), embeddings[references]])
+    prototype_labels = torch.cat([base_ids, labels[references]])
+
+    results: dict[str, float] = {}
+    for split, (query_part, member_parts) in SPLITS.items():
+        queries = parts == query_part
+        if not queries.any():
+            continue
+        members = torch.isin(parts, torch.tensor([int(p) for p in member_parts]))
+        predicted, confidence = classify_by_prototypes(embeddings[queries], prototypes, prototype_labels)
+        correct = predicted == labels[queries]
+        results[f"{split}/top1"] = top1_accuracy(predicted, labels[queries])
+        for p in precisions:
+            results[f"{split}/coverage@{p}"] = coverage_at_precision(confidence, correct, p)
+        results[f"{split}/recall@1"] = recall_at_k(embeddings[members], labels[members], k=1)
+        if curves is not None:
+            curves[split] = precision_coverage_curve(confidence, correct)
+    return results
+
+
+class PrototypeProtocol(Protocol):
+    headline = "novel/coverage@0.99"
+
+    def __init__(self, flip: bool = True, precisions: tuple[float, ...] = (0.99, 0.999)) -> None:
+        for p in precisions:
+            if not 0 < p <= 1:
+                raise ValueError(f"eval.prototype.precisions: {p} must be in (0, 1].")
+        self.flip, self.precisions = flip, tuple(float(p) for p in precisions)
+        self.headline = f"novel/coverage@{self.precisions[0]}" if self.precisions else "novel/top1"
+        self.splits: list[str] = list(SPLITS)
+        self.curves: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def bind(self, facts: DataFacts) -> None:
+        self.splits = [split for split, (query, _) in SPLITS.items() if facts.has(query)]
+        if "novel" in self.splits and not facts.has(Part.REFERENCE):
+            raise ValueError("eval.prototype: the data has novel queries but no reference (prototype) images; "
+                             "mark one image per test class as its prototype (docs/data.md).")
+        if not self.splits:
+            raise ValueError("eval.prototype needs base queries (held-out images of trained classes) or novel "
+                             "classes: set data.novel_fraction > 0 or data.base_queries=true, or choose another "
+                             "protocol (eval=retrieval, eval=classification).")
+        if self.headline.split("/")[0] not in self.splits:
+            self.headline = self.headline.replace(self.headline.split("/")[0], self.splits[0], 1)
+
+    def parts(self) -> set[Part]:
+        parts = {Part.REFERENCE, Part.QUERY} if "novel" in self.splits else set()
+        return parts | ({Part.TRAIN, Part.HELD_OUT} if "base" in self.splits else set())
+
+    def metric_names(self) -> list[str]:
+        return [f"{split}/{metric}" for split in self.splits
+                for metric in ("top1", *(f"coverage@{p}" for p in self.precisions), "recall@1")]
+
+    def evaluate(self, inputs: Inputs) -> dict[str, float]:
+        split = inputs.split.select(torch.isin(inputs.split.parts, torch.tensor([int(p) for p in self.parts()])))
+        self.curves = {}
+        return prototype_metrics(split.fused(self.flip), split.labels, split.parts, self.precisions, self.curves)
+
+    def figures(self) -> list[tuple[str, Any]]:
+        from doppel.evaluation.plots import precision_coverage_figure
+
+        return [("precision_coverage", precision_coverage_figure(self.curves, self.precisions))] if self.curves else []
+
+    def summary(self, metrics: dict[str, float]) -> list[str]:
+        names = ["top1", *(f"coverage@{p}" for p in self.precisions), "recall@1"]
+        rows = [f"{'metric':<16}" + "".join(f"{split:>10}" for split in self.splits)]
+        rows += [f"{name:<16}" + "".join(f"{_percent(metrics.get(f'{split}/{name}')):>10}" for split in self.splits)
+                 for name in names]
+        return rows
+
+
+def _percent(value: float | None) -> str:
+    return "-" if value is None or value != value else f"{100 * value:.2f}%"

@@ -1,0 +1,179 @@
+"""The protocols as the evaluator runs them: which images they score, the mirror fusion, the modes, and
+their numbers against independent references (InsightFace's procedure, scikit-learn, hand-computed cases)."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import roc_curve as sklearn_roc_curve
+
+from doppel.data.dataset import Part
+from doppel.evaluation.classification import ClassificationProtocol
+from doppel.evaluation.evaluator import Evaluator
+from doppel.evaluation.protocol import DataFacts, Embedded, Inputs
+from doppel.evaluation.prototype import PrototypeProtocol
+from doppel.evaluation.retrieval import RetrievalProtocol
+from doppel.evaluation.verification import VerificationProtocol, roc_curve, tar_at_far
+from tests.evaluation.test_verification import insightface_accuracy
+
+
+def facts(parts, labels=None, references_given=False, benchmark=None) -> DataFacts:
+    parts = torch.tensor([int(p) for p in parts])
+    labels = torch.arange(len(parts)) if labels is None else torch.as_tensor(labels)
+    return DataFacts(labels=labels, parts=parts, num_classes=0, class_names=[], references_given=references_given,
+                     benchmark=benchmark, folder=None, locate=lambda path, key: Path(path))
+
+
+def test_the_module_embeds_each_image_and_its_horizontal_mirror():
+    """The flipped embeddings are the backbone's on images mirrored left-right (the last axis): a backbone
+    that tells left from right and top from bottom catches a flip of any other axis, or none."""
+    from doppel.module import DoppelModule
+
+    class Lopsided(torch.nn.Module):
+        def forward(self, images):  # (left column, top row) sums: changes under either flip
+            return torch.stack([images[..., 0].sum((1, 2)), images[..., 0, :].sum((1, 2))], dim=1)
+
+    evaluator = Evaluator({"prototype": PrototypeProtocol()})
+    evaluator.sets, evaluator.flips, evaluator.sizes = ["split"], [True], [2]
+    module = DoppelModule(Lopsided(), loss_set=None, optimizer=None, evaluator=evaluator)
+    images = torch.arange(2 * 3 * 4 * 5, dtype=torch.float32).reshape(2, 3, 4, 5)
+    module._eval_step((images, torch.tensor([1, 0])), 0)
+    index, plain, flipped = evaluator._rows[0][0]
+    assert torch.equal(index, torch.tensor([1, 0]))
+    assert torch.equal(plain, Lopsided()(images))
+    assert torch.equal(flipped, Lopsided()(torch.flip(images, dims=[3])))
+    assert not torch.equal(flipped, plain) and not torch.equal(flipped, Lopsided()(torch.flip(images, dims=[2])))
+
+
+def test_fusion_sums_before_normalising():
+    plain, flipped = torch.tensor([[3.0, 1.0]]), torch.tensor([[1.0, 3.0]])
+    assert torch.allclose(Embedded(plain, flipped).fused(True), torch.tensor([[0.5**0.5, 0.5**0.5]]))
+    assert torch.allclose(Embedded(plain, flipped).fused(False), torch.nn.functional.normalize(plain, dim=1))
+
+
+@pytest.mark.parametrize("pairs", [300, 617])
+def test_verification_protocol_is_insightface_with_flip_sum_fusion(pairs):
+    generator = torch.Generator().manual_seed(pairs)
+    issame = torch.rand(pairs, generator=generator) < 0.5
+    base = torch.randn(pairs, 8, generator=generator)
+    partner = torch.where(issame[:, None], base + 0.9 * torch.randn(pairs, 8, generator=generator),
+                          torch.randn(pairs, 8, generator=generator))
+    plain = torch.stack([base, partner], 1).flatten(0, 1)
+    flipped = plain + 0.8 * torch.randn(plain.shape, generator=generator)  # the mirror's embedding differs
+    protocol = VerificationProtocol(packs=["lfw.bin"])
+    protocol.pairs = {"lfw": type("Pairs", (), {"issame": issame})()}
+    metrics = protocol.evaluate(Inputs(split=None, pairs={"lfw": Embedded(plain, flipped)}))
+    # InsightFace: embeddings of the image and its flip summed, then sklearn's normalize, then 10 folds.
+    fused = (plain + flipped).double().numpy()
+    mean, std = insightface_accuracy(fused, issame.numpy())
+    assert metrics["lfw/accuracy"] == pytest.approx(mean, abs=1e-12)
+    assert metrics["lfw/accuracy_std"] == pytest.approx(std, abs=1e-12)
+    without_flip = insightface_accuracy(plain.double().numpy(), issame.numpy())[0]
+    assert without_flip != pytest.approx(mean, abs=1e-9)  # the fusion changes the number: the test sees it
+    # TAR@FAR and the ROC from cosine similarity, against scikit-learn's roc_curve
+    unit = fused / np.linalg.norm(fused, axis=1, keepdims=True)
+    scores = (unit[0::2] * unit[1::2]).sum(1)
+    fpr, tpr, _ = sklearn_roc_curve(issame.numpy(), scores, drop_intermediate=False)
+    for far in (1e-3, 1e-2, 0.1):
+        expected = tpr[fpr <= far].max()
+        assert tar_at_far(torch.from_numpy(scores), issame, far) == pytest.approx(expected, abs=1e-12)
+    assert metrics["lfw/tar@far=0.001"] == pytest.approx(tpr[fpr <= 1e-3].max(), abs=1e-12)
+    ours_far, ours_tar = roc_curve(torch.from_numpy(scores), issame)
+    assert np.allclose(ours_far.numpy(), fpr) and np.allclose(ours_tar.numpy(), tpr)
+
+
+def test_verification_threshold_is_the_mean_of_the_folds_choices():
+    # pair i's squared distance is d_i; same pairs below 1.0, different above: every fold picks its
+    # first threshold that separates them, the smallest t with t > max same distance (0.853) -> 0.86
+    d = torch.tensor([0.2, 1.5, 0.853, 1.8] * 5)
+    issame = torch.tensor([True, False, True, False] * 5)
+    angles = torch.arccos(1 - d / 2)  # unit vectors at squared distance d
+    first = torch.stack([torch.ones(20), torch.zeros(20)], 1)
+    second = torch.stack([torch.cos(angles), torch.sin(angles)], 1)
+    plain = torch.stack([first, second], 1).flatten(0, 1)
+    protocol = VerificationProtocol(packs=["x.bin"], flip=False)
+    protocol.pairs = {"x": type("Pairs", (), {"issame": issame})()}
+    metrics = protocol.evaluate(Inputs(split=None, pairs={"x": Embedded(plain, None)}))
+    assert metrics["x/accuracy"] == 1.0 and metrics["x/threshold"] == pytest.approx(0.86)
+
+
+def test_retrieval_mode_and_ks_follow_the_data():
+    cub = RetrievalProtocol()
+    cub.bind(facts([Part.TRAIN, Part.REFERENCE, Part.QUERY, Part.QUERY], benchmark="cub"))
+    assert cub.mode == "leave_one_out" and cub.ks == (1, 2, 4, 8, 16, 32) and cub.parts() == {Part.REFERENCE,
+                                                                                                 Part.QUERY}
+    inshop = RetrievalProtocol()
+    inshop.bind(facts([Part.TRAIN, Part.REFERENCE, Part.QUERY], references_given=True, benchmark="inshop"))
+    assert inshop.mode == "query_gallery" and inshop.ks == (1, 10, 20, 30, 40, 50)
+    sop = RetrievalProtocol(ks=[1, 10])
+    sop.bind(facts([Part.TRAIN, Part.REFERENCE, Part.QUERY], benchmark="sop"))
+    assert sop.ks == (1, 10) and sop.metric_names()[:2] == ["retrieval/recall@1", "retrieval/recall@10"]
+    closed = RetrievalProtocol()
+    closed.bind(facts([Part.TRAIN, Part.HELD_OUT]))
+    assert closed.parts() == {Part.HELD_OUT}
+    with pytest.raises(ValueError, match="mode=query_gallery needs query and gallery"):
+        RetrievalProtocol(mode="query_gallery").bind(facts([Part.TRAIN, Part.HELD_OUT]))
+
+
+def test_retrieval_protocol_searches_the_gallery_or_all_others():
+    """Classes 0 and 1, two images each, at angles; in leave-one-out each image finds its twin, against
+    the gallery the query at 50 degrees finds class 1's gallery image (at 80) before class 0's (at 0)."""
+    angles = torch.tensor([0.0, 10.0, 80.0, 90.0, 50.0])
+    plain = torch.stack([torch.cos(torch.deg2rad(angles)), torch.sin(torch.deg2rad(angles))], 1)
+    labels = torch.tensor([0, 0, 1, 1, 0])
+    parts = torch.tensor([Part.REFERENCE, Part.QUERY, Part.REFERENCE, Part.QUERY, Part.QUERY])
+    split = Embedded(plain, None, labels, parts)
+    gallery = RetrievalProtocol(ks=[1, 2], mode="query_gallery", clustering=False)
+    gallery.bind(facts(parts.tolist(), labels))
+    m = gallery.evaluate(Inputs(split=split))
+    # queries: 10 deg (class 0) -> gallery 0 deg: hit; 90 (class 1) -> 80: hit; 50 (class 0) -> 80: miss, then 0
+    assert m["retrieval/recall@1"] == pytest.approx(2 / 3) and m["retrieval/recall@2"] == 1.0
+    loo = RetrievalProtocol(ks=[1], mode="leave_one_out", clustering=True)
+    loo.bind(facts(parts.tolist(), labels))
+    m = loo.evaluate(Inputs(split=split))
+    # leave-one-out among all five: 0<->10, 80<->90 hit; 50's nearest is 80 (30 deg) vs 10 (40): miss
+    assert m["retrieval/recall@1"] == pytest.approx(4 / 5)
+    # k-means with K = 2 test classes: 50 joins {80, 90} (nearer their centre): pairs together {0,10},
+    # {50,80}, {50,90}, {80,90}; same class {0,10}, {0,50}, {10,50}, {80,90}: precision 2/4, recall 2/4
+    assert m["retrieval/f1"] == pytest.approx(0.5)
+    from sklearn.metrics import normalized_mutual_info_score
+
+    assert m["retrieval/nmi"] == pytest.approx(normalized_mutual_info_score(labels, [0, 0, 1, 1, 1]))
+
+
+def test_classification_scores_held_out_images_with_the_training_classifier():
+    classifier = torch.nn.Linear(2, 3, bias=False)
+    with torch.no_grad():
+        classifier.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, -1.0]]))
+    plain = torch.tensor([[2.0, 1.0], [0.0, 5.0], [-1.0, -2.0], [3.0, 4.0], [9.0, 9.0]])
+    labels = torch.tensor([0, 1, 2, 0, 0])
+    parts = torch.tensor([Part.HELD_OUT] * 4 + [Part.TRAIN])  # the training image is not scored
+    protocol = ClassificationProtocol()
+    protocol.bind(facts(parts.tolist(), labels))
+    m = protocol.evaluate(Inputs(split=Embedded(plain, None, labels, parts), classify=classifier))
+    assert m["classification/top1"] == pytest.approx(3 / 4)  # [3, 4] is predicted 1
+    with pytest.raises(ValueError, match="has none: use a loss with a classifier"):
+        protocol.evaluate(Inputs(split=Embedded(plain, None, labels, parts), classify=None))
+
+
+def test_prototype_protocol_reports_only_the_splits_the_data_has():
+    protocol = PrototypeProtocol()
+    protocol.bind(facts([Part.TRAIN, Part.HELD_OUT]))
+    assert protocol.metric_names() == ["base/top1", "base/coverage@0.99", "base/coverage@0.999", "base/recall@1"]
+    assert protocol.headline == "base/coverage@0.99"
+    with pytest.raises(ValueError, match="needs base queries"):
+        PrototypeProtocol().bind(facts([Part.TRAIN, Part.TRAIN]))
+
+
+def test_a_misspelt_objective_lists_the_metrics_of_the_run(tmp_path):
+    from doppel.config import resolve_objective
+
+    evaluator = Evaluator({"prototype": PrototypeProtocol(), "retrieval": RetrievalProtocol(ks=[1, 4])})
+    for protocol in evaluator.protocols.values():
+        protocol.bind(facts([Part.TRAIN, Part.HELD_OUT, Part.REFERENCE, Part.QUERY]))
+    assert resolve_objective("auto", evaluator) == "test/novel/coverage@0.99"
+    assert resolve_objective("test/retrieval/map@r", evaluator) == "test/retrieval/map@r"
+    with pytest.raises(ValueError, match=r"objective=test/retrieval/recall@2 is not a metric of this run; choose "
+                                         r"one of: .*test/retrieval/recall@4"):
+        resolve_objective("test/retrieval/recall@2", evaluator)
