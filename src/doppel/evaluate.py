@@ -48,6 +48,7 @@ def evaluate(cfg: DictConfig, overrides: list[str] | None = None) -> RunMetrics:
             raise CheckpointError(f"ckpt_path={str(path)!r} was not written by a Doppel run; evaluate other weights "
                                   "through the backbone (backbone=timm backbone.pretrained_path=...).")
         cfg = _with_run_settings(cfg, checkpoint[STAMP]["config"], overrides or [])
+    pl.seed_everything(cfg.seed, workers=True)  # a head built fresh (external backbone) is the same each time
     datamodule = build(cfg.data)
     datamodule.setup()
     evaluator = build_evaluator(cfg)
@@ -78,9 +79,7 @@ def evaluate(cfg: DictConfig, overrides: list[str] | None = None) -> RunMetrics:
         report(metrics, evaluator, output_dir, loggers)
     finally:
         finish_wandb(loggers)
-    result = RunMetrics(metrics)
-    result.objective = objective
-    return result
+    return RunMetrics(metrics, objective)
 
 
 def _with_run_settings(cfg: DictConfig, saved: dict[str, Any], overrides: list[str]) -> DictConfig:

@@ -34,7 +34,9 @@ class RunMetrics(dict):
     """The final metrics (``test/<protocol metric>``, ``train/epochs``, ...); ``objective`` names the one
     ``objective`` selects (resolved from ``auto``)."""
 
-    objective: str = ""
+    def __init__(self, metrics: dict[str, float], objective: str) -> None:
+        super().__init__(metrics)
+        self.objective = objective
 
 
 def train(cfg: DictConfig) -> RunMetrics:
@@ -120,9 +122,7 @@ def train(cfg: DictConfig) -> RunMetrics:
         report(metrics, evaluator, output_dir, loggers)
     finally:
         finish_wandb(loggers)
-    result = RunMetrics(metrics)
-    result.objective = objective
-    return result
+    return RunMetrics(metrics, objective)
 
 
 @rank_zero_only

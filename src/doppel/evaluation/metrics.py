@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
+
+SIMILARITY_BUDGET = 2**26  # similarities held at once by the chunked kNN metrics (256 MB in float32)
 
 
 def top1_accuracy(predicted: torch.Tensor, labels: torch.Tensor) -> float:
@@ -54,7 +58,7 @@ def classify_by_prototypes(
     return torch.cat(predicted), torch.cat(confidence)
 
 
-def recall_at_k(embeddings: torch.Tensor, labels: torch.Tensor, k: int = 1, chunk: int = 4096) -> float:
+def recall_at_k(embeddings: torch.Tensor, labels: torch.Tensor, k: int = 1, chunk: int | None = None) -> float:
     """Recall@K (leave-one-out retrieval): share of images whose K nearest others hold a same-label one.
 
     Images whose label occurs once are skipped (they cannot be retrieved). Cosine similarity on
@@ -65,7 +69,7 @@ def recall_at_k(embeddings: torch.Tensor, labels: torch.Tensor, k: int = 1, chun
 
 def retrieval_metrics(queries: torch.Tensor, query_labels: torch.Tensor, gallery: torch.Tensor | None = None,
                       gallery_labels: torch.Tensor | None = None, ks: tuple[int, ...] = (1,), at_r: bool = True,
-                      chunk: int = 4096) -> dict[str, float]:
+                      chunk: int | None = None) -> dict[str, float]:
     """Retrieval by cosine similarity (inputs L2-normalised), each query against the gallery, or, without a
     gallery, against all the other queries (leave-one-out: a query's own index is masked, not its value).
 
@@ -73,11 +77,13 @@ def retrieval_metrics(queries: torch.Tensor, query_labels: torch.Tensor, gallery
     ``precision@1``, ``r_precision`` (same-label share of the R nearest, R = the query's same-label items in
     the gallery) and ``map@r`` (mean over the first R ranks of the precision at each same-label rank,
     divided by R), as Musgrave et al. define them. Queries with no same-label item are skipped. Computed in
-    chunks of queries: memory is chunk x gallery, never N x N.
+    chunks of queries: memory is chunk x gallery, never N x N (by default chunks of 2**26 similarities,
+    256 MB).
     """
     leave_one_out = gallery is None
     if leave_one_out:
         gallery, gallery_labels = queries, query_labels
+    chunk = chunk or max(64, SIMILARITY_BUDGET // max(len(gallery), 1))
     _, inverse = torch.unique(torch.cat([query_labels, gallery_labels]), return_inverse=True)
     counts = torch.bincount(inverse[len(query_labels):], minlength=int(inverse.max()) + 1)
     relevant = counts[inverse[:len(query_labels)]] - int(leave_one_out)  # R per query
@@ -142,39 +148,54 @@ def clustering_metrics(classes: torch.Tensor, clusters: torch.Tensor) -> dict[st
     return {"nmi": max(0.0, min(1.0, nmi)), "f1": f1}
 
 
-def kmeans(points: torch.Tensor, k: int, generator: torch.Generator, iterations: int = 100,
+def kmeans(points: torch.Tensor, k: int, generator: torch.Generator, iterations: int = 300, tol: float = 1e-4,
            chunk: int = 8192) -> torch.Tensor:
-    """Cluster index of every point: k-means++ seeding from ``generator``, then Lloyd's iterations until
-    no assignment changes. Distances in chunks of points (no N x k x D tensor)."""
+    """Cluster index of every point: greedy k-means++ seeding from ``generator``, then Lloyd's iterations until
+    no assignment changes or the centres move less than ``tol`` times the data's mean per-feature variance
+    (scikit-learn's rule). Distances in float32 in chunks of points (no N x k x D tensor); centres are
+    averaged in float64."""
     if not 1 <= k <= len(points):
         raise ValueError(f"k-means needs 1 <= k <= {len(points)} points, got k={k}.")
-    points = points.double()
+    points = points.float()
+    squared = points.square().sum(1)
+    bound = tol * float(points.double().var(dim=0, unbiased=False).mean())
 
     def nearest(centres: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         best, index = [], []
+        centres_squared = centres.square().sum(1)
         for start in range(0, len(points), chunk):
             part = points[start:start + chunk]
-            distance = (part.square().sum(1, keepdim=True) - 2 * part @ centres.T + centres.square().sum(1)[None])
+            distance = squared[start:start + chunk, None] - 2 * part @ centres.T + centres_squared[None]
             d, i = distance.clamp_min(0).min(dim=1)
             best.append(d)
             index.append(i)
         return torch.cat(best), torch.cat(index)
 
     first = int(torch.randint(len(points), (1,), generator=generator))
-    centres = points[first:first + 1]
-    distance, _ = nearest(centres)
+    chosen = [first]
+    distance, _ = nearest(points[first:first + 1])
+    trials = 2 + int(math.log(k))  # greedy k-means++ (scikit-learn's): the best of a few candidates per centre
     for _ in range(1, k):
-        weights = distance / distance.sum() if distance.sum() > 0 else torch.full_like(distance, 1 / len(distance))
-        pick = int(torch.multinomial(weights, 1, generator=generator))
-        centres = torch.cat([centres, points[pick:pick + 1]])
-        distance = torch.minimum(distance, nearest(centres[-1:])[0])
-    assignment = nearest(centres)[1]
+        total = distance.double().sum()
+        weights = distance.double() / total if total > 0 else torch.full_like(distance, 1 / len(distance)).double()
+        candidates = torch.multinomial(weights, trials, replacement=True, generator=generator)
+        picked = points[candidates]
+        to_candidates = (squared[None] - 2 * picked @ points.T + picked.square().sum(1)[:, None]).clamp_min(0)
+        potentials = torch.minimum(distance[None], to_candidates).double().sum(1)
+        best = int(torch.argmin(potentials))
+        chosen.append(int(candidates[best]))
+        distance = torch.minimum(distance, to_candidates[best])
+    centres = points[chosen].double()
+    assignment = nearest(centres.float())[1]
     for _ in range(iterations):
-        sums = torch.zeros_like(centres).index_add_(0, assignment, points)
-        sizes = torch.bincount(assignment, minlength=k).to(points.dtype)
-        centres = torch.where(sizes[:, None] > 0, sums / sizes.clamp_min(1)[:, None], centres)
-        updated = nearest(centres)[1]
-        if torch.equal(updated, assignment):
+        sums = torch.zeros_like(centres).index_add_(0, assignment, points.double())
+        sizes = torch.bincount(assignment, minlength=k).to(centres.dtype)
+        moved = torch.where(sizes[:, None] > 0, sums / sizes.clamp_min(1)[:, None], centres)
+        shift = float((moved - centres).square().sum())
+        centres = moved
+        updated = nearest(centres.float())[1]
+        if torch.equal(updated, assignment) or shift <= bound:
+            assignment = updated
             break
         assignment = updated
     return assignment

@@ -31,7 +31,7 @@ class RetrievalProtocol(Protocol):
     headline = "retrieval/recall@1"
 
     def __init__(self, ks: list[int] | str = "auto", mode: str = "auto", clustering: bool = True,
-                 flip: bool = False, seed: int = 0, chunk: int = 4096) -> None:
+                 flip: bool = False, seed: int = 0, chunk: int | None = None) -> None:
         if mode not in MODES:
             raise ValueError(f"eval.retrieval.mode={mode!r} must be one of {', '.join(MODES)}.")
         if ks != "auto" and (not ks or any(not isinstance(k, int) or k < 1 for k in ks)):
@@ -76,7 +76,7 @@ class RetrievalProtocol(Protocol):
         if self.clustering:
             classes = int(torch.unique(split.labels).numel())
             generator = torch.Generator().manual_seed(self.seed)
-            metrics.update(clustering_metrics(split.labels, kmeans(embeddings, classes, generator, chunk=self.chunk)))
+            metrics.update(clustering_metrics(split.labels, kmeans(embeddings, classes, generator)))
         self.recalls = {k: metrics[f"recall@{k}"] for k in self.ks}
         return {f"retrieval/{name}": value for name, value in metrics.items()}
 

@@ -1,0 +1,64 @@
+"""eval.py's function: a checkpoint scored again gives the run's final numbers; an external backbone is
+scored without any training code."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from omegaconf import open_dict
+
+from doppel.evaluate import evaluate
+from doppel.train import train
+from tests.conftest import compose_cfg
+
+
+def test_a_checkpoint_scores_what_its_run_reported_and_other_protocols_on_request(tmp_path):
+    run = train(compose_cfg(tmp_path / "run"))
+    checkpoint = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    cfg = compose_cfg(tmp_path / "again", [f"ckpt_path={checkpoint}", "data.max_groups=10"])
+    again = evaluate(cfg, overrides=[f"ckpt_path={checkpoint}"])  # data.max_groups=10 only in cfg: ignored
+    assert again == {k: v for k, v in run.items() if k.startswith("test/")}
+    assert json.loads((tmp_path / "again" / "metrics.json").read_text()) == pytest.approx(again)
+    # a protocol chosen on the command line replaces the run's; the run's data settings stay
+    cfg = compose_cfg(tmp_path / "retrieval", [f"ckpt_path={checkpoint}", "eval=retrieval", "eval.retrieval.ks=[1]"])
+    other = evaluate(cfg, overrides=[f"ckpt_path={checkpoint}", "eval=retrieval", "eval.retrieval.ks=[1]"])
+    assert sorted(other) == sorted(f"test/retrieval/{m}" for m in ("recall@1", "precision@1", "r_precision",
+                                                                   "map@r", "nmi", "f1"))
+    assert other["test/retrieval/recall@1"] == pytest.approx(other["test/retrieval/precision@1"])
+    assert (tmp_path / "retrieval" / "recall_at_k.png").stat().st_size > 1000
+
+
+def test_an_external_backbone_is_scored_from_its_weights_file(tmp_path):
+    """A timm model's weights file, its pooled features as the embedding: the metrics equal retrieval on
+    the features computed here directly from the same weights."""
+    import timm
+
+    from doppel.data.dataset import Part
+    from doppel.evaluation.metrics import retrieval_metrics
+
+    weights = tmp_path / "resnet10t.pth"
+    torch.manual_seed(0)
+    torch.save(timm.create_model("resnet10t", num_classes=0).state_dict(), weights)
+    overrides = ["backbone=timm", "backbone.model=resnet10t", f"backbone.pretrained_path={weights}",
+                 "backbone.embedding_dim=null", "backbone.input_size=32", "eval=retrieval", "eval.retrieval.ks=[1,4]",
+                 "eval.retrieval.clustering=false", "data.max_groups=40"]
+    cfg = compose_cfg(tmp_path, overrides, tiny_backbone=False)
+    with open_dict(cfg):
+        cfg.trainer.enable_progress_bar = False
+    metrics = evaluate(cfg, overrides)
+    datamodule = __import__("hydra.utils", fromlist=["instantiate"]).instantiate(cfg.data)
+    datamodule.setup()
+    split = datamodule.split
+    searched = split.positions({Part.REFERENCE, Part.QUERY})
+    images = torch.stack([datamodule._dataset(searched, train=False)[i][0] for i in range(len(searched))])
+    from doppel.models import get_backbone
+
+    net = get_backbone("timm", model="resnet10t", pretrained_path=str(weights), embedding_dim=None, input_size=32)
+    net.eval()
+    with torch.no_grad():
+        features = F.normalize(net(images), dim=1)
+    expected = retrieval_metrics(features, split.label[searched], ks=(1, 4))
+    for name in ("recall@1", "recall@4", "map@r"):
+        assert metrics[f"test/retrieval/{name}"] == pytest.approx(expected[name], abs=1e-6), name
+    assert 0 < metrics["test/retrieval/recall@4"] < 1
