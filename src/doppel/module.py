@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import pytorch_lightning as pl
@@ -13,6 +14,9 @@ from doppel.data.transforms import PaperAugment
 from doppel.evaluation.evaluator import Evaluator
 from doppel.losses.loss_set import LossSet
 from doppel.seeding import seed_for_rank
+
+# Evaluation metrics are computed once on process 0 and broadcast: syncing them would only repeat that.
+warnings.filterwarnings("ignore", message=r"It is recommended to use `self.log\('(val|test)/")
 
 
 class DoppelModule(pl.LightningModule):

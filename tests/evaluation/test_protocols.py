@@ -21,8 +21,8 @@ from tests.evaluation.test_verification import insightface_accuracy
 def facts(parts, labels=None, references_given=False, benchmark=None) -> DataFacts:
     parts = torch.tensor([int(p) for p in parts])
     labels = torch.arange(len(parts)) if labels is None else torch.as_tensor(labels)
-    return DataFacts(labels=labels, parts=parts, num_classes=0, class_names=[], references_given=references_given,
-                     benchmark=benchmark, folder=None, locate=lambda path, key: Path(path))
+    return DataFacts(labels=labels, parts=parts, references_given=references_given, benchmark=benchmark,
+                     folder=None, locate=lambda path, key: Path(path))
 
 
 def test_the_module_embeds_each_image_and_its_horizontal_mirror():

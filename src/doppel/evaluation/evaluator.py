@@ -37,8 +37,7 @@ class Evaluator:
         """Let every protocol check the data and choose its sets; tell the datamodule what to load."""
         datamodule.setup()
         split = datamodule.split
-        facts = DataFacts(labels=split.label, parts=split.part, num_classes=split.num_classes,
-                          class_names=split.names, references_given=split.references_given,
+        facts = DataFacts(labels=split.label, parts=split.part, references_given=split.references_given,
                           benchmark=datamodule.benchmark, folder=datamodule.folder, locate=datamodule.locate)
         seen: dict[str, str] = {}
         for name, protocol in self.protocols.items():
@@ -119,7 +118,7 @@ class Evaluator:
         import matplotlib.pyplot as plt
 
         written = []
-        for _, protocol in self.protocols.items():
+        for protocol in self.protocols.values():
             for stem, figure in protocol.figures():
                 path = folder / f"{stem}.png"
                 figure.savefig(path, dpi=120)

@@ -25,8 +25,6 @@ class DataFacts:
 
     labels: torch.Tensor  # run label of every image of the split
     parts: torch.Tensor  # Part of every image of the split
-    num_classes: int  # trained (base) classes; test classes are labelled from here on
-    class_names: list[str]
     references_given: bool  # the files name the test classes' references (In-Shop's gallery)
     benchmark: str | None  # cub, cars, sop, inshop, cifar10, cifar100, mnist, or None
     folder: Any  # the data folder (a Path) or None
