@@ -17,6 +17,7 @@ from pytorch_lightning.utilities import rank_zero_info, rank_zero_only
 from doppel.callbacks.checkpointing import LastCheckpoint, RunInterrupted
 from doppel.callbacks.doppelganger_mining import DoppelgangerMining
 from doppel.callbacks.exact_resume import ExactResume
+from doppel.callbacks.exposure import ExposureMonitor
 from doppel.checkpoint import SafeCheckpointIO, check_checkpoint, check_state_dict, checkpoint_dir, resolve_ckpt_path
 from doppel.config import CONFIG_DIR, build, build_evaluator, check_config, resolve_mining, resolve_objective
 from doppel.data.transforms import PaperAugment
@@ -96,6 +97,8 @@ def train(cfg: DictConfig) -> RunMetrics:
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
     if mine:
         callbacks.append(DoppelgangerMining(table, datamodule.class_names, cfg.doppel.n_hubs))
+    # Before LastCheckpoint: a checkpoint written at a step's end holds that step's counts.
+    callbacks.append(ExposureMonitor(num_classes))
     callbacks += [ExactResume(config), LastCheckpoint(checkpoint_dir(output_dir), cfg.checkpoint.every_n_steps)]
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
     if checkpoint is not None:
