@@ -66,6 +66,14 @@ def build_evaluator(cfg: DictConfig) -> Evaluator:
     return Evaluator({str(name): build(spec) for name, spec in (cfg.get("eval") or {}).items()})
 
 
+def bind_evaluator(cfg: DictConfig, datamodule: Any) -> tuple[Evaluator, str]:
+    """The protocols bound to the data (each checks it and picks its evaluation sets) and the objective,
+    checked against their metric names."""
+    evaluator = build_evaluator(cfg)
+    evaluator.bind(datamodule)
+    return evaluator, resolve_objective(cfg.objective, evaluator)
+
+
 def check_config(cfg: DictConfig) -> None:
     _check_known_keys(cfg)
     _check_values(cfg)

@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from pytorch_lightning.utilities import rank_zero_info
 
 from doppel.checkpoint import STAMP, check_state_dict
-from doppel.config import build, build_evaluator, resolve_objective
+from doppel.config import bind_evaluator, build
 from doppel.data.transforms import PaperAugment
 from doppel.losses.loss_set import LossSet
 from doppel.module import DoppelModule
@@ -51,13 +51,11 @@ def evaluate(cfg: DictConfig, overrides: list[str] | None = None) -> RunMetrics:
     pl.seed_everything(cfg.seed, workers=True)  # a head built fresh (external backbone) is the same each time
     datamodule = build(cfg.data)
     datamodule.setup()
-    evaluator = build_evaluator(cfg)
-    evaluator.bind(datamodule)
-    objective = resolve_objective(cfg.objective, evaluator)
+    evaluator, objective = bind_evaluator(cfg, datamodule)
     backbone = build(cfg.backbone, image_size=datamodule.image_shape()[-1])
     loss_set = LossSet(cfg.loss.terms, embedding_dim=backbone.embedding_dim, num_classes=datamodule.num_classes,
                        regularizer=cfg.get("regularizer"))
-    evaluator.check_model(loss_set.prototype_term is not None, f"the loss ({', '.join(cfg.loss.terms)})")
+    evaluator.check_model(loss_set)
     module = DoppelModule(backbone, loss_set, optimizer=None, augment=PaperAugment(**cfg.augment),
                           views=cfg.loss.views, evaluator=evaluator)
     if checkpoint is not None:

@@ -19,7 +19,7 @@ from doppel.callbacks.doppelganger_mining import DoppelgangerMining
 from doppel.callbacks.exact_resume import ExactResume
 from doppel.callbacks.exposure import ExposureMonitor
 from doppel.checkpoint import SafeCheckpointIO, check_checkpoint, check_state_dict, checkpoint_dir, resolve_ckpt_path
-from doppel.config import CONFIG_DIR, build, build_evaluator, check_config, resolve_mining, resolve_objective
+from doppel.config import CONFIG_DIR, bind_evaluator, build, check_config, resolve_mining
 from doppel.data.transforms import PaperAugment
 from doppel.evaluation.evaluator import Evaluator
 from doppel.losses.loss_set import LossSet
@@ -61,14 +61,12 @@ def train(cfg: DictConfig) -> RunMetrics:
     pl.seed_everything(cfg.seed, workers=True)
     datamodule.setup()
     num_classes = datamodule.num_classes
-    evaluator = build_evaluator(cfg)
-    evaluator.bind(datamodule)  # each protocol checks the data and picks its evaluation sets
-    objective = resolve_objective(cfg.objective, evaluator)
+    evaluator, objective = bind_evaluator(cfg, datamodule)
 
     backbone = build(cfg.backbone, image_size=datamodule.image_shape()[-1])
     loss_set = LossSet(cfg.loss.terms, embedding_dim=backbone.embedding_dim, num_classes=num_classes,
                        regularizer=cfg.get("regularizer"))
-    evaluator.check_model(loss_set.prototype_term is not None, f"the loss ({', '.join(cfg.loss.terms)})")
+    evaluator.check_model(loss_set)
 
     table = DoppelgangerTable(num_classes, cfg.doppel.top_k, cfg.doppel.reduction)
     mine, sampler_cfg = resolve_mining(cfg, loss_set.prototype_term is not None)

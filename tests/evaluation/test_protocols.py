@@ -18,11 +18,9 @@ from doppel.evaluation.verification import VerificationProtocol, roc_curve, tar_
 from tests.evaluation.test_verification import insightface_accuracy
 
 
-def facts(parts, labels=None, references_given=False, benchmark=None) -> DataFacts:
-    parts = torch.tensor([int(p) for p in parts])
-    labels = torch.arange(len(parts)) if labels is None else torch.as_tensor(labels)
-    return DataFacts(labels=labels, parts=parts, references_given=references_given, benchmark=benchmark,
-                     folder=None, locate=lambda path, key: Path(path))
+def facts(parts, references_given=False, benchmark=None) -> DataFacts:
+    return DataFacts(parts=torch.tensor([int(p) for p in parts]), references_given=references_given,
+                     benchmark=benchmark, folder=None, locate=lambda path, key: Path(path))
 
 
 def test_the_module_embeds_each_image_and_its_horizontal_mirror():
@@ -125,12 +123,12 @@ def test_retrieval_protocol_searches_the_gallery_or_all_others():
     parts = torch.tensor([Part.REFERENCE, Part.QUERY, Part.REFERENCE, Part.QUERY, Part.QUERY])
     split = Embedded(plain, None, labels, parts)
     gallery = RetrievalProtocol(ks=[1, 2], mode="query_gallery", clustering=False)
-    gallery.bind(facts(parts.tolist(), labels))
+    gallery.bind(facts(parts.tolist()))
     m = gallery.evaluate(Inputs(split=split))
     # queries: 10 deg (class 0) -> gallery 0 deg: hit; 90 (class 1) -> 80: hit; 50 (class 0) -> 80: miss, then 0
     assert m["retrieval/recall@1"] == pytest.approx(2 / 3) and m["retrieval/recall@2"] == 1.0
     loo = RetrievalProtocol(ks=[1], mode="leave_one_out", clustering=True)
-    loo.bind(facts(parts.tolist(), labels))
+    loo.bind(facts(parts.tolist()))
     m = loo.evaluate(Inputs(split=split))
     # leave-one-out among all five: 0<->10, 80<->90 hit; 50's nearest is 80 (30 deg) vs 10 (40): miss
     assert m["retrieval/recall@1"] == pytest.approx(4 / 5)
@@ -150,7 +148,7 @@ def test_classification_scores_held_out_images_with_the_training_classifier():
     labels = torch.tensor([0, 1, 2, 0, 0])
     parts = torch.tensor([Part.HELD_OUT] * 4 + [Part.TRAIN])  # the training image is not scored
     protocol = ClassificationProtocol()
-    protocol.bind(facts(parts.tolist(), labels))
+    protocol.bind(facts(parts.tolist()))
     m = protocol.evaluate(Inputs(split=Embedded(plain, None, labels, parts), classify=classifier))
     assert m["classification/top1"] == pytest.approx(3 / 4)  # [3, 4] is predicted 1
     with pytest.raises(ValueError, match="has none: use a loss with a classifier"):

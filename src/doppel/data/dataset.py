@@ -34,6 +34,11 @@ class Part(IntEnum):
     QUERY = 3  # an image of a test class to be searched / identified
 
 
+def in_parts(values: torch.Tensor, parts: set[Part] | set[int]) -> torch.Tensor:
+    """Which of ``values`` (Part values, one per image) are in any of ``parts``."""
+    return torch.isin(values, torch.tensor(sorted(int(p) for p in parts), dtype=values.dtype))
+
+
 # A part a file gives to an image of a test class without saying which: the split decides.
 TEST_CLASS = -1
 # A part a file gives to an image that is in no split of the run (e.g. CUB's test images with split=train).

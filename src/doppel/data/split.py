@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from doppel.data.dataset import TEST_CLASS, UNUSED, DataError, IdentityData, Part
+from doppel.data.dataset import TEST_CLASS, UNUSED, DataError, IdentityData, Part, in_parts
 from doppel.seeding import stable_fraction
 
 
@@ -40,8 +40,7 @@ class Split:
 
     def positions(self, parts: set[Part] | set[int]) -> torch.Tensor:
         """Positions in this split (ascending) of the images in any of ``parts``."""
-        return torch.nonzero(torch.isin(self.part, torch.tensor(sorted(int(p) for p in parts),
-                                                                  dtype=torch.long))).flatten()
+        return torch.nonzero(in_parts(self.part, parts)).flatten()
 
 
 def check_novel_fraction(novel_fraction: float) -> None:

@@ -31,7 +31,7 @@ class ClassificationProtocol(Protocol):
         if inputs.classify is None:
             raise ValueError("eval.classification scores the training classifier, and this model has none: use a "
                              "loss with a classifier term (loss=softmax, l2s_mb, ie, cosface, ...).")
-        split = inputs.split.select(inputs.split.parts == Part.HELD_OUT)
+        split = inputs.split.of_parts({Part.HELD_OUT})
         # The mirror trick averages the two embeddings before the classifier (sec. 4.2.3 of the DM paper).
         embeddings = split.fused(self.flip, normalise=False) / (2 if self.flip else 1)
         predicted = torch.cat([inputs.classify(part).argmax(dim=1) for part in embeddings.split(4096)])

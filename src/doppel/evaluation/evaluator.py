@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from doppel.evaluation.protocol import DataFacts, Embedded, Inputs, Protocol
+from doppel.losses.loss_set import LossSet
 
 SPLIT = "split"  # the set of split images, beside the pair sets' names
 
@@ -37,8 +38,8 @@ class Evaluator:
         """Let every protocol check the data and choose its sets; tell the datamodule what to load."""
         datamodule.setup()
         split = datamodule.split
-        facts = DataFacts(labels=split.label, parts=split.part, references_given=split.references_given,
-                          benchmark=datamodule.benchmark, folder=datamodule.folder, locate=datamodule.locate)
+        facts = DataFacts(parts=split.part, references_given=split.references_given, benchmark=datamodule.benchmark,
+                          folder=datamodule.folder, locate=datamodule.locate)
         seen: dict[str, str] = {}
         for name, protocol in self.protocols.items():
             protocol.bind(facts)
@@ -46,25 +47,31 @@ class Evaluator:
                 if metric in seen:
                     raise ValueError(f"eval.{name} and eval.{seen[metric]} both report {metric}: drop one of them.")
                 seen[metric] = name
-        parts = set().union(*(p.parts() for p in self.protocols.values()))
+        # set name -> whether any protocol scoring it fuses mirrored images
+        flips: dict[str, bool] = {}
+        parts: set = set()
         pair_sets = {}
         for protocol in self.protocols.values():
+            wanted = [SPLIT] if protocol.parts() else []
+            parts |= protocol.parts()
             pair_sets.update(protocol.pair_sets())
+            for name in wanted + list(protocol.pair_sets()):
+                flips[name] = flips.get(name, False) or protocol.flip
         positions = split.positions(parts) if parts else None
         self.sets = ([SPLIT] if positions is not None else []) + list(pair_sets)
-        self.flips = [any(p.flip for p in self.protocols.values() if p.parts()) if s == SPLIT else
-                      any(p.flip for p in self.protocols.values() if s in p.pair_sets()) for s in self.sets]
+        self.flips = [flips[s] for s in self.sets]
         if positions is not None:
             self.labels, self.parts = split.label[positions], split.part[positions]
         self.sizes = ([len(positions)] if positions is not None else []) + [len(p.images) for p in pair_sets.values()]
         datamodule.evaluate_on(positions, list(pair_sets.values()))
 
-    def check_model(self, has_classifier: bool, loss: str) -> None:
+    def check_model(self, loss_set: LossSet) -> None:
         """Before training: a protocol that scores with the training classifier needs the loss to have one."""
         for name, protocol in self.protocols.items():
-            if protocol.needs_classifier and not has_classifier:
-                raise ValueError(f"eval.{name} scores the training classifier, and {loss} has none: use a loss with a "
-                                 "classifier term (loss=softmax, l2s_mb, ie, cosface, ...) or another protocol.")
+            if protocol.needs_classifier and loss_set.prototype_term is None:
+                raise ValueError(f"eval.{name} scores the training classifier, and the loss "
+                                 f"({', '.join(loss_set.terms)}) has none: use a loss with a classifier term "
+                                 "(loss=softmax, l2s_mb, ie, cosface, ...) or another protocol.")
 
     def metric_names(self) -> list[str]:
         return [m for protocol in self.protocols.values() for m in protocol.metric_names()]
@@ -87,10 +94,12 @@ class Evaluator:
         for loader, name in enumerate(self.sets):
             parts = rows.get(loader, [])
             index = torch.cat([p[0] for p in parts]) if parts else torch.zeros(0, dtype=torch.long)
-            plain = _gather(index, torch.cat([p[1] for p in parts]) if parts else None, self.sizes[loader])
-            flipped = _gather(index, torch.cat([p[2] for p in parts]) if parts else None, self.sizes[loader]) \
-                if self.flips[loader] else None
-            if plain is not None:
+            # The plain and mirrored embeddings side by side: one gather for both.
+            local = torch.cat([torch.cat(p[1:] if self.flips[loader] else p[1:2], dim=1) for p in parts]) \
+                if parts else None
+            gathered = _gather(index, local, self.sizes[loader])
+            if gathered is not None:
+                plain, flipped = gathered.tensor_split(2, dim=1) if self.flips[loader] else (gathered, None)
                 embedded[name] = Embedded(plain, flipped, self.labels if name == SPLIT else None,
                                           self.parts if name == SPLIT else None)
         outcome: list[dict[str, float] | BaseException | None] = [None]

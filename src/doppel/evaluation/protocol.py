@@ -15,7 +15,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from doppel.data.dataset import Part
+from doppel.data.dataset import Part, in_parts
 from doppel.data.readers.verification_bin import VerificationPairs
 
 
@@ -23,7 +23,6 @@ from doppel.data.readers.verification_bin import VerificationPairs
 class DataFacts:
     """What a protocol may know of the data before anything is embedded."""
 
-    labels: torch.Tensor  # run label of every image of the split
     parts: torch.Tensor  # Part of every image of the split
     references_given: bool  # the files name the test classes' references (In-Shop's gallery)
     benchmark: str | None  # cub, cars, sop, inshop, cifar10, cifar100, mnist, or None
@@ -49,10 +48,11 @@ class Embedded:
         embeddings = self.plain + self.flipped if flip else self.plain
         return F.normalize(embeddings, dim=1) if normalise else embeddings
 
-    def select(self, mask: torch.Tensor) -> Embedded:
-        return Embedded(self.plain[mask], None if self.flipped is None else self.flipped[mask],
-                        None if self.labels is None else self.labels[mask],
-                        None if self.parts is None else self.parts[mask])
+    def of_parts(self, parts: set[Part]) -> Embedded:
+        """The split images in any of ``parts``."""
+        mask = in_parts(self.parts, parts)
+        return Embedded(self.plain[mask], None if self.flipped is None else self.flipped[mask], self.labels[mask],
+                        self.parts[mask])
 
 
 @dataclass

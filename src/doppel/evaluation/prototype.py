@@ -20,7 +20,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from doppel.data.dataset import Part
+from doppel.data.dataset import Part, in_parts
 from doppel.evaluation.metrics import (
     classify_by_prototypes,
     coverage_at_precision,
@@ -52,7 +52,7 @@ def prototype_metrics(embeddings: torch.Tensor, labels: torch.Tensor, parts: tor
         queries = parts == query_part
         if not queries.any():
             continue
-        members = torch.isin(parts, torch.tensor([int(p) for p in member_parts]))
+        members = in_parts(parts, set(member_parts))
         predicted, confidence = classify_by_prototypes(embeddings[queries], prototypes, prototype_labels)
         correct = predicted == labels[queries]
         results[f"{split}/top1"] = top1_accuracy(predicted, labels[queries])
@@ -97,7 +97,7 @@ class PrototypeProtocol(Protocol):
                 for metric in ("top1", *(f"coverage@{p}" for p in self.precisions), "recall@1")]
 
     def evaluate(self, inputs: Inputs) -> dict[str, float]:
-        split = inputs.split.select(torch.isin(inputs.split.parts, torch.tensor([int(p) for p in self.parts()])))
+        split = inputs.split.of_parts(self.parts())
         self.curves = {}
         return prototype_metrics(split.fused(self.flip), split.labels, split.parts, self.precisions, self.curves)
 

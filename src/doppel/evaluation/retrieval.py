@@ -65,7 +65,7 @@ class RetrievalProtocol(Protocol):
         return [f"retrieval/{name}" for name in names]
 
     def evaluate(self, inputs: Inputs) -> dict[str, float]:
-        split = inputs.split.select(torch.isin(inputs.split.parts, torch.tensor([int(p) for p in self.searched])))
+        split = inputs.split.of_parts(self.searched)
         embeddings = split.fused(self.flip)
         if self.mode == "query_gallery":
             query, gallery = split.parts == Part.QUERY, split.parts == Part.REFERENCE
