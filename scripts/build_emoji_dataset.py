@@ -2,7 +2,7 @@
 
 Each emoji (skin-tone variants included) is one identity; each vendor's drawing is one image of it:
 Twemoji and Noto (64 px PNGs from emoji-datasource-*), OpenMoji colour and OpenMoji outline (SVGs).
-The result is one compressed ``.npz`` that Doppel reads with ``doppel.data.readers.emoji_npz.read_emoji_npz``.
+The result is one compressed ``.npz`` that Doppel reads with ``doppel.data.readers.rendered_npz.read_rendered_npz``.
 
 Maintainers only (users get the committed file)::
 

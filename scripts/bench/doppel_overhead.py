@@ -19,7 +19,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
-from doppel.data.readers.emoji_npz import read_emoji_npz
+from doppel.data.readers.rendered_npz import read_rendered_npz
 from doppel.data.split import split_dataset
 from doppel.losses.loss_set import LossSet
 from doppel.sampling.doppelganger import DoppelgangerTable
@@ -28,7 +28,7 @@ from doppel.train import CONFIG_DIR
 
 
 def emoji_class_count() -> int:
-    return split_dataset(read_emoji_npz()).num_classes
+    return split_dataset(read_rendered_npz()).num_classes
 
 
 def build(num_classes: int, device: torch.device, images_per_class: int = 3):

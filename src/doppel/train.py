@@ -94,7 +94,8 @@ def train(cfg: DictConfig) -> RunMetrics:
     if not cfg.trainer.get("enable_progress_bar", True):
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
     if mine:
-        callbacks.append(DoppelgangerMining(table, datamodule.class_names, cfg.doppel.n_hubs))
+        callbacks.append(DoppelgangerMining(table, datamodule.class_names, cfg.doppel.n_hubs,
+                                            datamodule.base_lookalikes))
     # Before LastCheckpoint: a checkpoint written at a step's end holds that step's counts.
     callbacks.append(ExposureMonitor(num_classes))
     callbacks += [ExactResume(config), LastCheckpoint(checkpoint_dir(output_dir), cfg.checkpoint.every_n_steps)]

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from hydra.utils import instantiate
 
 from doppel.data.dataset import Part
-from doppel.data.readers.emoji_npz import read_emoji_npz
+from doppel.data.readers.rendered_npz import read_rendered_npz
 from doppel.data.split import split_dataset
 
 TIE = 1e-5
@@ -63,9 +63,9 @@ def _recall_at_1(vectors, labels):
 
 def reference_bounds(run_dir: Path, cfg) -> dict[str, tuple[float, float]]:
     data = cfg.data
-    emoji = read_emoji_npz(data.path, data.prototype_vendor)
-    split = split_dataset(emoji, data.novel_fraction, data.max_groups)
-    images = emoji.images.images[split.index]
+    rendered = read_rendered_npz(data.path, data.bundled, data.prototype_vendor)
+    split = split_dataset(rendered, data.novel_fraction, data.max_groups)
+    images = rendered.images.images[split.index]
     net = instantiate(cfg.backbone, image_size=images.shape[-1])
     state = torch.load(Path(run_dir) / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     net.load_state_dict({k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")})
@@ -76,8 +76,10 @@ def reference_bounds(run_dir: Path, cfg) -> dict[str, tuple[float, float]]:
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=half):
         # the batches of the run's evaluation (batch norm is per image in eval mode anyway)
         batches = images.split(data.eval_batch_size)
-        # the two embeddings are summed in float32 (under autocast the network's outputs are bfloat16)
-        chunks = [F.normalize(net(x).float() + net(x.flip(-1)).float(), dim=1) for x in batches]
+        # the mirror trick where training mirrors; the two embeddings are summed in float32 (under
+        # autocast the network's outputs are bfloat16)
+        mirror = cfg.augment.mirror
+        chunks = [F.normalize(net(x).float() + (net(x.flip(-1)).float() if mirror else 0), dim=1) for x in batches]
     embeddings = torch.cat(chunks).double()
     labels, roles = split.label.tolist(), split.part.tolist()
 

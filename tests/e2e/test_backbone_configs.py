@@ -48,7 +48,8 @@ def test_backbone_trains_at_a_small_input_size(tmp_path, backbone):
 def test_full_size_backbone_takes_a_training_step(tmp_path, backbone):
     # A handful of 16x16 images in the bundled format, upscaled to the paper's input by the backbone.
     data = write_emoji_npz(tmp_path / "few.npz", n_families=4)
-    cfg = compose_cfg(tmp_path, [f"backbone={backbone}", *FULL_SIZE, f"data.path={data}"], tiny_backbone=False)
+    cfg = compose_cfg(tmp_path, [f"backbone={backbone}", *FULL_SIZE, "data=emoji", f"data.path={data}"],
+                      tiny_backbone=False)
     metrics = train(cfg)
     losses = logged(tmp_path)["train/loss"]
     assert len(losses) == 1 and math.isfinite(losses[0])

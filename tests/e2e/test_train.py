@@ -40,7 +40,7 @@ def test_default_run_trains_mines_and_evaluates(tmp_path):
 def test_training_improves_over_the_untrained_network(tmp_path):
     # A learnable file in the bundled format: each identity is a coarse colour pattern under noise.
     path = write_emoji_npz(tmp_path / "learnable.npz", n_families=30)
-    common = [f"data.path={path}", "data.novel_fraction=0.3", "sampler.batch_size=16", "optim.lr=0.01",
+    common = ["data=emoji", f"data.path={path}", "data.novel_fraction=0.3", "sampler.batch_size=16", "optim.lr=0.01",
               "sched=none", "trainer.check_val_every_n_epoch=100"]
     untrained = train(compose_cfg(tmp_path / "a", [*common, "trainer.max_epochs=1", "trainer.limit_train_batches=1",
                                                    "optim.lr=1e-9"]))

@@ -61,4 +61,4 @@ def test_a_run_logs_the_exposure_of_the_batches_its_sampler_drew(tmp_path):
         logged = next(row for row in csv.DictReader(file) if row.get("sampler/exposure_cv"))
     for name, value in exposure_stats(counts).items():
         assert float(logged[name]) == pytest.approx(value, rel=1e-6), name
-    assert float(logged["sampler/exposure_starved"]) > 0.5  # 5 batches of ~8 classes over ~60: most unseen
+    assert float(logged["sampler/exposure_starved"]) > 0.25  # 5 batches of ~8 classes over ~48: many unseen

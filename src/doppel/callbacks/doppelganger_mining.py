@@ -11,19 +11,36 @@ from pytorch_lightning.utilities import rank_zero_info
 from doppel.sampling.doppelganger import DoppelgangerTable, TableUpdate
 
 
+def lookalike_share(first: torch.Tensor, lookalikes: list[set[int]]) -> tuple[float, float] | None:
+    """Over classes with a doppelganger (``first`` >= 0) and a known look-alike: the share whose first
+    doppelganger is a known look-alike, and the mean share of the other classes that are (a random pick's
+    expected score). None when no class qualifies."""
+    judged = [(cls, int(other)) for cls, other in enumerate(first.tolist()) if other >= 0 and lookalikes[cls]]
+    if not judged:
+        return None
+    hits = sum(other in lookalikes[cls] for cls, other in judged)
+    chance = sum(len(lookalikes[cls]) for cls, _ in judged) / (len(lookalikes) - 1)
+    return hits / len(judged), chance / len(judged)
+
+
 class DoppelgangerMining(pl.Callback):
     """Updates the shared :class:`DoppelgangerTable` (sec. 3.2) and logs how it evolves.
 
     Logged: ``doppel/table_filled`` (share of classes with a doppelganger), ``doppel/churn`` (share of
     classes whose first doppelganger changed during the epoch), ``doppel/from_table`` (share of batch
     classes the sampler took from the table) and ``doppel/hub_count`` (how many identities have the
-    top hub as doppelganger); the top hubs are printed by name at each epoch's end.
+    top hub as doppelganger); the top hubs are printed by name at each epoch's end. Where the data knows
+    which classes look alike (``lookalikes``, per class), ``doppel/lookalike_share`` is the share of
+    classes with a doppelganger and a known look-alike whose first doppelganger is one of them, and
+    ``doppel/lookalike_chance`` what a random pick would score.
     """
 
-    def __init__(self, table: DoppelgangerTable, class_names: list[str] | None = None, n_hubs: int = 5) -> None:
+    def __init__(self, table: DoppelgangerTable, class_names: list[str] | None = None, n_hubs: int = 5,
+                 lookalikes: list[set[int]] | None = None) -> None:
         self.table = table
         self.class_names = class_names
         self.n_hubs = n_hubs
+        self.lookalikes = lookalikes
         self._epoch_start: torch.Tensor | None = None
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -64,6 +81,10 @@ class DoppelgangerMining(pl.Callback):
             metrics["doppel/from_table"] = stats["table"] / drawn if drawn else 0.0
             for key in stats:
                 stats[key] = 0
+        if self.lookalikes is not None:
+            judged = lookalike_share(first, self.lookalikes)
+            if judged is not None:
+                metrics["doppel/lookalike_share"], metrics["doppel/lookalike_chance"] = judged
         hubs = self.table.hubs(self.n_hubs)
         metrics["doppel/hub_count"] = float(hubs[0][1]) if hubs else 0.0
         pl_module.log_dict(metrics, rank_zero_only=True)

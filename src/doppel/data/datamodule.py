@@ -213,6 +213,12 @@ class IdentityDataModule(pl.LightningDataModule):
         self.setup()
         return self.split.names
 
+    @property
+    def base_lookalikes(self) -> list[set[int]] | None:
+        """Per base class, the base classes the data knows look like it (None: it knows none)."""
+        self.setup()
+        return self.split.base_lookalikes(self.data)
+
     def _dataset(self, positions: torch.Tensor, train: bool) -> _Images:
         return _Images(self.data, self.split, positions, self.transform, train, self.skip_corrupt)
 

@@ -67,7 +67,8 @@ class IdentityData:
     :data:`TEST_CLASS` or :data:`UNUSED` per image. ``benchmark`` names a published benchmark the data is
     (``cub``, ``sop``, ...): the protocols take its conventions (e.g. the K of Recall@K).
     ``prototype_preference`` marks, per image, the one to take as a held-out class's prototype (emoji: the
-    Twemoji drawing); otherwise its first image is.
+    Twemoji drawing); otherwise its first image is. ``lookalikes`` lists, per class, the classes known to
+    look like it (the CJK characters' nearest in pixel space); without it, the other classes of its group.
     """
 
     labels: torch.Tensor  # int64 [N]
@@ -79,6 +80,7 @@ class IdentityData:
     parts: torch.Tensor | None = None
     prototype_preference: torch.Tensor | None = None
     benchmark: str | None = None
+    lookalikes: list[list[int]] | None = None
 
     def __post_init__(self) -> None:
         self.labels = torch.as_tensor(self.labels, dtype=torch.long)
@@ -90,13 +92,28 @@ class IdentityData:
         if low < 0 or high >= len(self.class_names):
             raise DataError(f"{self.source}: labels span [{low}, {high}] but there are {len(self.class_names)} "
                             "classes; the file's labels and class list disagree.")
-        for name, per_class in (("groups", self.groups), ("class_keys", self.class_keys)):
+        for name, per_class in (("groups", self.groups), ("class_keys", self.class_keys),
+                                ("lookalikes", self.lookalikes)):
             if per_class is not None and len(per_class) != len(self.class_names):
                 raise DataError(f"{self.source}: {len(per_class)} {name} for {len(self.class_names)} classes.")
 
     @property
     def keys(self) -> list[str]:
         return self.class_keys if self.class_keys is not None else self.class_names
+
+    def known_lookalikes(self) -> list[set[int]] | None:
+        """Per class, the classes known to look like it: ``lookalikes``, else the other members of its group
+        (None when the data knows none)."""
+        if self.lookalikes is not None:
+            return [set(row) - {cls} for cls, row in enumerate(self.lookalikes)]
+        if self.groups is None:
+            return None
+        members: dict[str, set[int]] = {}
+        for cls, group in enumerate(self.groups):
+            members.setdefault(group, set()).add(cls)
+        if all(len(m) == 1 for m in members.values()):
+            return None
+        return [members[group] - {cls} for cls, group in enumerate(self.groups)]
 
 
 class TensorImages:

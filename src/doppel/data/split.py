@@ -42,6 +42,18 @@ class Split:
         """Positions in this split (ascending) of the images in any of ``parts``."""
         return torch.nonzero(in_parts(self.part, parts)).flatten()
 
+    def base_lookalikes(self, data: IdentityData) -> list[set[int]] | None:
+        """Per base class (run label), the base classes the data knows look like it (None: it knows none)."""
+        known = data.known_lookalikes()
+        if known is None:
+            return None
+        run_label = {int(cls): int(label) for cls, label in zip(data.labels[self.index], self.label)}
+        base = {cls: label for cls, label in run_label.items() if label < self.num_classes}
+        lookalikes: list[set[int]] = [set() for _ in range(self.num_classes)]
+        for cls, label in base.items():
+            lookalikes[label] = {base[other] for other in known[cls] if other in base}
+        return lookalikes
+
 
 def check_novel_fraction(novel_fraction: float) -> None:
     if not 0 <= novel_fraction < 1:
