@@ -1,60 +1,116 @@
-"""Summarise a Hydra multirun: mean and standard deviation of each metric per setting, over seeds.
+"""Summarise Hydra multiruns: per setting, the mean of each metric over seeds with its 95% confidence
+interval; against a baseline setting, the paired difference (same seeds) with its 95% interval and the
+paired t-test's two-sided p-value.
 
-    python scripts/summarize_sweep.py outputs/results/doppel_vs_random --group sampler
+    python scripts/summarize_sweep.py outputs/results/cjk_random outputs/results/cjk_doppel \\
+        --group sampler --baseline sampler=random
 
-Reads every job's ``metrics.json`` and ``.hydra/overrides.yaml``; jobs that share all overrides except
-``seed`` (or only the ``--group`` keys, if given) form one row. Prints a Markdown table.
+Reads every job's ``metrics.json`` and ``.hydra/overrides.yaml`` under the given multirun directories;
+jobs that share all overrides except ``seed`` (or only the ``--group`` keys, if given) form one row.
+Prints Markdown tables; values in %.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 from pathlib import Path
 
 import yaml
+from scipy import stats
 
 DEFAULT_METRICS = ["test/novel/top1", "test/novel/coverage@0.99", "test/novel/coverage@0.999", "test/novel/recall@1",
-                   "test/base/top1", "test/base/recall@1"]
+                   "test/base/top1", "test/base/coverage@0.99", "test/base/recall@1"]
+CONFIDENCE = 0.95
+
+Job = tuple[dict[str, str], dict[str, float]]
 
 
-def load_jobs(sweep_dir: Path) -> list[tuple[dict[str, str], dict[str, float]]]:
+def load_jobs(*sweep_dirs: Path) -> list[Job]:
     jobs = []
-    for metrics_file in sorted(sweep_dir.glob("*/metrics.json")):
-        overrides = yaml.safe_load((metrics_file.parent / ".hydra" / "overrides.yaml").read_text()) or []
-        settings = dict(item.split("=", 1) for item in overrides)
-        jobs.append((settings, json.loads(metrics_file.read_text())))
+    for sweep_dir in sweep_dirs:
+        for metrics_file in sorted(Path(sweep_dir).glob("*/metrics.json")):
+            overrides = yaml.safe_load((metrics_file.parent / ".hydra" / "overrides.yaml").read_text()) or []
+            settings = dict(item.split("=", 1) for item in overrides)
+            jobs.append((settings, json.loads(metrics_file.read_text())))
     if not jobs:
-        raise SystemExit(f"no */metrics.json under {sweep_dir}: is it a finished multirun directory?")
+        raise SystemExit(f"no */metrics.json under {', '.join(map(str, sweep_dirs))}: are they finished multiruns?")
     return jobs
 
 
-def summarize(jobs, group: list[str] | None, metrics: list[str]) -> str:
-    rows: dict[tuple, list[dict[str, float]]] = {}
+def half_width(values: list[float]) -> float:
+    """Half the width of the t-distribution confidence interval of the mean (0 for a single value)."""
+    if len(values) < 2:
+        return 0.0
+    return stats.t.ppf((1 + CONFIDENCE) / 2, len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
+
+
+def paired(baseline: dict[str, float], other: dict[str, float]) -> tuple[float, float, float, int]:
+    """Mean difference other - baseline over the seeds both have, its interval's half width, the paired
+    t-test's p-value (nan below 2 pairs or with identical differences) and the number of pairs."""
+    seeds = sorted(set(baseline) & set(other))
+    differences = [other[s] - baseline[s] for s in seeds]
+    if len(differences) < 2:
+        return (differences[0] if differences else math.nan), math.nan, math.nan, len(differences)
+    p = stats.ttest_rel([other[s] for s in seeds], [baseline[s] for s in seeds]).pvalue
+    return statistics.mean(differences), half_width(differences), float(p), len(differences)
+
+
+def group_rows(jobs: list[Job], group: list[str] | None) -> dict[str, list[Job]]:
+    rows: dict[str, list[Job]] = {}
     for settings, values in jobs:
         keys = group or sorted(k for k in settings if k != "seed")
-        rows.setdefault(tuple((k, settings.get(k, "default")) for k in keys), []).append(values)
+        name = ", ".join(f"{k}={settings.get(k, 'default')}" for k in keys) or "default"
+        rows.setdefault(name, []).append((settings, values))
+    return rows
+
+
+def by_seed(runs: list[Job], metric: str) -> dict[str, float]:
+    """Metric in % per seed (the config's default seed is 0)."""
+    return {settings.get("seed", "0"): 100 * values[metric] for settings, values in runs if metric in values}
+
+
+def summarize(jobs: list[Job], group: list[str] | None, metrics: list[str], baseline: str | None = None) -> str:
+    rows = group_rows(jobs, group)
     header = ["setting", "runs", *metrics]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for key, runs in rows.items():
-        cells = [", ".join(f"{k}={v}" for k, v in key) or "default", str(len(runs))]
+    for name, runs in rows.items():
+        cells = [name, str(len(runs))]
         for metric in metrics:
-            values = [100 * run[metric] for run in runs if metric in run]
-            spread = statistics.stdev(values) if len(values) > 1 else 0.0
-            cells.append(f"{statistics.mean(values):.2f} ± {spread:.2f}" if values else "-")
+            values = list(by_seed(runs, metric).values())
+            cells.append(f"{statistics.mean(values):.2f} ± {half_width(values):.2f}" if values else "-")
         lines.append("| " + " | ".join(cells) + " |")
+    lines.append(f"\nmean ± half width of the {CONFIDENCE:.0%} t-interval over seeds, in %.")
+    if baseline is None:
+        return "\n".join(lines)
+    if baseline not in rows:
+        raise SystemExit(f"--baseline {baseline!r} is not a row; rows: {sorted(rows)}")
+    lines += ["", f"Paired differences against {baseline} (same seeds):", "",
+              "| setting | pairs | " + " | ".join(metrics) + " |", "|" + "---|" * (len(metrics) + 2)]
+    for name, runs in rows.items():
+        if name == baseline:
+            continue
+        cells, pairs = [], 0
+        for metric in metrics:
+            mean, half, p, pairs_here = paired(by_seed(rows[baseline], metric), by_seed(runs, metric))
+            pairs = max(pairs, pairs_here)
+            cells.append("-" if math.isnan(mean) else f"{mean:+.2f} ± {half:.2f} (p={p:.3f})")
+        lines.append(f"| {name} | {pairs} | " + " | ".join(cells) + " |")
+    lines.append(f"\ndifference of the means ± half width of its {CONFIDENCE:.0%} t-interval, in points; "
+                 "p: two-sided paired t-test.")
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("sweep_dir", type=Path)
+    parser.add_argument("sweep_dirs", type=Path, nargs="+")
     parser.add_argument("--group", nargs="*", help="override keys that define a row (default: all but seed)")
     parser.add_argument("--metrics", nargs="*", default=DEFAULT_METRICS)
+    parser.add_argument("--baseline", help="the row the others are compared with, e.g. sampler=random")
     args = parser.parse_args()
-    print(summarize(load_jobs(args.sweep_dir), args.group, args.metrics))
-    print("\nValues in %: mean ± sample standard deviation over the runs of a row.")
+    print(summarize(load_jobs(*args.sweep_dirs), args.group, args.metrics, args.baseline))
 
 
 if __name__ == "__main__":

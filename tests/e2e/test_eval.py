@@ -62,3 +62,20 @@ def test_an_external_backbone_is_scored_from_its_weights_file(tmp_path):
     for name in ("recall@1", "recall@4", "map@r"):
         assert metrics[f"test/retrieval/{name}"] == pytest.approx(expected[name], abs=1e-6), name
     assert 0 < metrics["test/retrieval/recall@4"] < 1
+
+
+def test_eval_py_learns_the_stage_2_classifier_on_a_checkpoint(tmp_path):
+    """Untrained, the new classifier answers as the prototypes; trained (the paper's 500 steps), it reports
+    its own metrics and curve."""
+    train(compose_cfg(tmp_path / "run"))
+    checkpoint = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    overrides = [f"ckpt_path={checkpoint}", "eval=[prototype,classifier_learning]",
+                 "eval.classifier_learning.iterations=0"]
+    start = evaluate(compose_cfg(tmp_path / "start", overrides), overrides)
+    for split in ("base", "novel"):
+        assert start[f"test/classifier_learning/{split}/top1"] == start[f"test/{split}/top1"]
+    overrides = [f"ckpt_path={checkpoint}", "eval=classifier_learning"]
+    trained = evaluate(compose_cfg(tmp_path / "trained", overrides), overrides)
+    assert sorted(trained) == sorted(f"test/classifier_learning/{split}/{measure}" for split in ("base", "novel")
+                                     for measure in ("top1", "coverage@0.99", "coverage@0.999"))
+    assert (tmp_path / "trained" / "classifier_precision_coverage.png").stat().st_size > 1000

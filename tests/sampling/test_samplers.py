@@ -143,8 +143,9 @@ def test_impossible_settings_raise_clear_errors():
         IdentityBatchSampler(SamplerContext(torch.arange(5).repeat(2)), batch_size=40, examples_per_class=2)
     with pytest.raises(ValueError, match="examples_per_class"):
         IdentityBatchSampler(SamplerContext(LABELS), 30, examples_per_class=(5, 2))
-    with pytest.raises(ValueError, match="random_ratio"):
-        DoppelgangerBatchSampler(SamplerContext(LABELS, table=DoppelgangerTable(40)), 30, random_ratio=0.0)
+    for bad in (0.0, "0/27", "28/27", "nine", "1/0"):
+        with pytest.raises(ValueError, match="random_ratio"):
+            DoppelgangerBatchSampler(SamplerContext(LABELS, table=DoppelgangerTable(40)), 30, random_ratio=bad)
     with pytest.raises(ValueError, match="no training images"):
         IdentityBatchSampler(SamplerContext(torch.tensor([0, 0, 2, 2])), 2)
 
@@ -261,3 +262,11 @@ def test_image_seeds_of_a_resumed_epoch_are_those_of_the_uninterrupted_one():
     restored.load_state_dict(source.state_dict(consumed=3))
     assert seen == whole[:5] and list(KeyedBatches(restored)) == whole[3:]
     assert len({seed for batch in whole for _, seed in batch}) == 8 * 12  # every slot its own seed
+
+
+def test_random_ratio_may_be_written_as_table_5_writes_it():
+    table = DoppelgangerTable(40)
+    for written, n_random in (("9/27", 9), ("1/27", 1), ("2 / 27", 2), ("27/27", 27), (0.5, 14)):
+        sampler = DoppelgangerBatchSampler(SamplerContext(LABELS, table=table), 27, random_ratio=written,
+                                           examples_per_class=3)
+        assert sampler.n_random(27) == n_random, written

@@ -1,20 +1,34 @@
 import json
+import math
 
 from tests.conftest import load_script
 
 
-def test_rows_group_seeds_and_report_mean_and_spread(tmp_path):
-    summarize_sweep = load_script("summarize_sweep")
-    runs = [("random", 0, 0.10), ("random", 1, 0.20), ("random", 2, 0.30), ("doppel", 0, 0.5), ("doppel", 1, 0.7)]
+def write_sweep(root, runs):
     for i, (sampler, seed, top1) in enumerate(runs):
-        job = tmp_path / str(i)
+        job = root / str(i)
         (job / ".hydra").mkdir(parents=True)
         (job / ".hydra" / "overrides.yaml").write_text(f"- sampler={sampler}\n- seed={seed}\n")
         (job / "metrics.json").write_text(json.dumps({"test/novel/top1": top1}))
-    table = summarize_sweep.summarize(summarize_sweep.load_jobs(tmp_path), None, ["test/novel/top1"])
+    return root
+
+
+def test_rows_group_seeds_with_t_intervals_and_paired_tests_against_a_baseline(tmp_path):
+    summarize_sweep = load_script("summarize_sweep")
+    random = write_sweep(tmp_path / "a", [("random", 0, 0.10), ("random", 1, 0.20), ("random", 2, 0.30)])
+    doppel = write_sweep(tmp_path / "b", [("doppel", 0, 0.5), ("doppel", 1, 0.7)])
+    table = summarize_sweep.summarize(summarize_sweep.load_jobs(random, doppel), None, ["test/novel/top1"],
+                                      baseline="sampler=random")
     lines = table.splitlines()
-    assert lines[2] == "| sampler=random | 3 | 20.00 ± 10.00 |"
-    assert lines[3] == "| sampler=doppel | 2 | 60.00 ± 14.14 |"
+    # t(0.975, 2) = 4.302653 (tables); 10 / sqrt(3) * 4.302653 = 24.84
+    assert lines[2] == "| sampler=random | 3 | 20.00 ± 24.84 |"
+    # t(0.975, 1) = 12.706205; 14.142 / sqrt(2) * 12.706205 = 127.06
+    assert lines[3] == "| sampler=doppel | 2 | 60.00 ± 127.06 |"
+    # pairs (seeds 0, 1): differences 40, 50: mean 45, sd 7.071, t = 9 with 1 degree of freedom, whose
+    # distribution is Cauchy's: p = 1 - 2 atan(9) / pi
+    p = 1 - 2 * math.atan(9) / math.pi
+    half = 12.706205 * math.sqrt(50) / math.sqrt(2)
+    assert lines[-3] == f"| sampler=doppel | 2 | +45.00 ± {half:.2f} (p={p:.3f}) |"
 
 
 def test_overhead_benchmark_runs_both_samplers_and_mines():

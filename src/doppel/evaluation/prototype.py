@@ -66,35 +66,40 @@ def prototype_metrics(embeddings: torch.Tensor, labels: torch.Tensor, parts: tor
 
 class PrototypeProtocol(Protocol):
     headline = "novel/coverage@0.99"
+    key = "prototype"  # its node under eval, for messages
+    prefix = ""  # of its metric names: {prefix}{split}/{measure}
 
     def __init__(self, flip: bool = True, precisions: tuple[float, ...] = (0.99, 0.999)) -> None:
         for p in precisions:
             if not 0 < p <= 1:
-                raise ValueError(f"eval.prototype.precisions: {p} must be in (0, 1].")
+                raise ValueError(f"eval.{self.key}.precisions: {p} must be in (0, 1].")
         self.flip, self.precisions = flip, tuple(float(p) for p in precisions)
-        self.headline = f"novel/coverage@{self.precisions[0]}" if self.precisions else "novel/top1"
+        self.headline_measure = f"coverage@{self.precisions[0]}" if self.precisions else "top1"
+        self.headline = f"{self.prefix}novel/{self.headline_measure}"
         self.splits: list[str] = list(SPLITS)
         self.curves: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def bind(self, facts: DataFacts) -> None:
         self.splits = [split for split, (query, _) in SPLITS.items() if facts.has(query)]
         if "novel" in self.splits and not facts.has(Part.REFERENCE):
-            raise ValueError("eval.prototype: the data has novel queries but no reference (prototype) images; "
+            raise ValueError(f"eval.{self.key}: the data has novel queries but no reference (prototype) images; "
                              "mark one image per test class as its prototype (docs/data.md).")
         if not self.splits:
-            raise ValueError("eval.prototype needs base queries (held-out images of trained classes) or novel "
+            raise ValueError(f"eval.{self.key} needs base queries (held-out images of trained classes) or novel "
                              "classes: set data.novel_fraction > 0 or data.base_queries=true, or choose another "
                              "protocol (eval=retrieval, eval=classification).")
-        if self.headline.split("/")[0] not in self.splits:
-            self.headline = self.headline.replace(self.headline.split("/")[0], self.splits[0], 1)
+        split = "novel" if "novel" in self.splits else self.splits[0]
+        self.headline = f"{self.prefix}{split}/{self.headline_measure}"
 
     def parts(self) -> set[Part]:
         parts = {Part.REFERENCE, Part.QUERY} if "novel" in self.splits else set()
         return parts | ({Part.TRAIN, Part.HELD_OUT} if "base" in self.splits else set())
 
+    def measures(self) -> list[str]:
+        return ["top1", *(f"coverage@{p}" for p in self.precisions), "recall@1"]
+
     def metric_names(self) -> list[str]:
-        return [f"{split}/{metric}" for split in self.splits
-                for metric in ("top1", *(f"coverage@{p}" for p in self.precisions), "recall@1")]
+        return [f"{self.prefix}{split}/{measure}" for split in self.splits for measure in self.measures()]
 
     def evaluate(self, inputs: Inputs) -> dict[str, float]:
         split = inputs.split.of_parts(self.parts())
@@ -107,10 +112,9 @@ class PrototypeProtocol(Protocol):
         return [("precision_coverage", precision_coverage_figure(self.curves, self.precisions))] if self.curves else []
 
     def summary(self, metrics: dict[str, float]) -> list[str]:
-        names = ["top1", *(f"coverage@{p}" for p in self.precisions), "recall@1"]
         rows = [f"{'metric':<16}" + "".join(f"{split:>10}" for split in self.splits)]
-        rows += [f"{name:<16}" + "".join(f"{_percent(metrics.get(f'{split}/{name}')):>10}" for split in self.splits)
-                 for name in names]
+        rows += [f"{measure:<16}" + "".join(f"{_percent(metrics.get(f'{self.prefix}{split}/{measure}')):>10}"
+                                            for split in self.splits) for measure in self.measures()]
         return rows
 
 

@@ -26,6 +26,7 @@ import math
 from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Any, ClassVar
 
 import torch
@@ -222,16 +223,18 @@ class IdentityBatchSampler(Sampler[list[int]]):
 class DoppelgangerBatchSampler(IdentityBatchSampler):
     """Sec. 3.1: N_r random classes, then each class the doppelganger of the one N_r places before.
 
-    ``random_ratio`` is N_r / N_c (Table 5 sweeps it; 1.0 is random sampling with the table still
-    mined). N_r = max(1, round(random_ratio * N_c)). With ``doppel.top_k > 1`` the best of the class's
-    doppelgangers that is not yet in the batch is taken before falling back to a random class. Under
-    data parallelism each process's sub-batch is drawn this way, so chains never cross processes.
+    ``random_ratio`` is N_r / N_c, a number or a fraction such as ``"9/27"`` (Table 5 sweeps it; 1.0 is
+    random sampling with the table still mined). N_r = max(1, round(random_ratio * N_c)). With
+    ``doppel.top_k > 1`` the best of the class's doppelgangers that is not yet in the batch is taken
+    before falling back to a random class. Under data parallelism each process's sub-batch is drawn this
+    way, so chains never cross processes.
     """
 
     uses_table = True
 
-    def __init__(self, context: SamplerContext, batch_size: int, random_ratio: float = 1 / 3, **kwargs) -> None:
-        _check_random_ratio(random_ratio)
+    def __init__(self, context: SamplerContext, batch_size: int, random_ratio: float | str = 1 / 3,
+                 **kwargs) -> None:
+        random_ratio = parse_random_ratio(random_ratio)
         super().__init__(context, batch_size, **kwargs)
         table = context.table
         if table is None:
@@ -244,8 +247,8 @@ class DoppelgangerBatchSampler(IdentityBatchSampler):
         self.stats = {"random": 0, "table": 0, "fallback_empty": 0, "fallback_taken": 0}
 
     @classmethod
-    def check_settings(cls, batch_size: int, random_ratio: float = 1 / 3, **settings) -> None:
-        _check_random_ratio(random_ratio)
+    def check_settings(cls, batch_size: int, random_ratio: float | str = 1 / 3, **settings) -> None:
+        parse_random_ratio(random_ratio)
         super().check_settings(batch_size, **settings)
 
     def state_dict(self, consumed: int | None = None) -> dict:
@@ -288,9 +291,15 @@ class AutoBatchSampler(DoppelgangerBatchSampler):
         return IdentityBatchSampler, {k: v for k, v in settings.items() if k != "random_ratio"}
 
 
-def _check_random_ratio(random_ratio: float) -> None:
-    if not 0.0 < random_ratio <= 1.0:
-        raise ValueError(f"sampler.random_ratio={random_ratio} must be in (0, 1].")
+def parse_random_ratio(random_ratio: float | str) -> float:
+    """``sampler.random_ratio`` as a float: a number or a fraction string such as ``"9/27"``, in (0, 1]."""
+    try:
+        ratio = float(Fraction(str(random_ratio).replace(" ", "")))
+    except (ValueError, ZeroDivisionError):
+        ratio = math.nan
+    if not 0.0 < ratio <= 1.0:
+        raise ValueError(f"sampler.random_ratio={random_ratio} must be a number or fraction (e.g. 9/27) in (0, 1].")
+    return ratio
 
 
 def _count_range(examples_per_class: int | Sequence[int]) -> tuple[int, int]:

@@ -1,0 +1,110 @@
+"""Every ``configs/experiment/*.yaml``: each setting of its sweep composes, and the experiment takes a
+training step (and evaluates) on tiny data in its format, with the experiment's own sampler, loss and
+backbone; the sweeps are the papers' tables."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf, open_dict
+
+from doppel.sampling.samplers import parse_random_ratio
+from doppel.train import CONFIG_DIR, train
+from tests.e2e.test_formats import FORMATS
+
+EXPERIMENTS = sorted(path.stem for path in (CONFIG_DIR / "experiment").glob("*.yaml"))
+# One step, small batches (3 identities x the experiment's images per class), quick evaluation.
+ONE_STEP = ["trainer.max_epochs=1", "trainer.limit_train_batches=1", "trainer.check_val_every_n_epoch=1",
+            "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "lsuv.batch_size=8",
+            "data.eval_batch_size=32", "data.num_workers=0"]
+BUNDLED = {"cjk", "emoji"}
+
+
+def compose_experiment(name: str, overrides: list[str] = ()):
+    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+        return compose("train", overrides=[f"experiment={name}", *overrides], return_hydra_config=True)
+
+
+def sweep_settings(cfg) -> list[list[str]]:
+    """Every combination of the experiment's sweep, seeds left out (they change no composition)."""
+    params = {key: str(values).split(",") for key, values in (cfg.hydra.sweeper.get("params") or {}).items()
+              if key != "seed"}
+    return [[f"{k}={v}" for k, v in zip(params, combo)] for combo in itertools.product(*params.values())]
+
+
+def test_there_are_experiments_and_each_names_how_to_run_it():
+    assert {"dm_paper", "dm_bundled", "dm_table4_paper", "dm_table4_bundled", "dm_table5_paper",
+            "dm_table5_bundled"} <= set(EXPERIMENTS)
+    for name in EXPERIMENTS:
+        text = (CONFIG_DIR / "experiment" / f"{name}.yaml").read_text()
+        assert text.startswith("# @package _global_") and f"experiment={name}" in text, name
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_every_setting_of_the_experiment_composes(name):
+    cfg = compose_experiment(name)
+    for setting in sweep_settings(cfg):
+        chosen = compose_experiment(name, setting)
+        for override in setting:
+            key, value = override.split("=", 1)
+            if key in chosen.hydra.runtime.choices:
+                assert chosen.hydra.runtime.choices[key] == value
+            else:
+                assert str(OmegaConf.select(chosen, key)) == value
+
+
+def run_config(name: str) -> str:
+    """The experiment's settings for one run (its sweep and output folder left out)."""
+    cfg = compose_experiment(name)
+    with open_dict(cfg):
+        del cfg.hydra
+    return OmegaConf.to_yaml(cfg)
+
+
+def distinct_runs() -> dict[str, list[str]]:
+    """Experiments grouped by the run they configure: a table's sweep around a recipe runs that recipe."""
+    groups: dict[str, list[str]] = {}
+    for name in EXPERIMENTS:
+        groups.setdefault(run_config(name), []).append(name)
+    return {names[0]: names for names in groups.values()}
+
+
+@pytest.mark.parametrize("name", sorted(distinct_runs()))
+def test_the_experiment_takes_a_training_step_on_tiny_data_in_its_format(tmp_path, name):
+    choice = compose_experiment(name).hydra.runtime.choices["data"]
+    data = ["data.max_groups=40"] if choice in BUNDLED else FORMATS[choice](tmp_path)
+    per_class = compose_experiment(name).sampler.examples_per_class
+    cfg = compose_experiment(name, [*data, *ONE_STEP, f"sampler.batch_size={3 * per_class}"])
+    with open_dict(cfg):
+        del cfg.hydra
+        cfg.paths.output_dir = str(tmp_path / "run")
+    metrics = train(cfg)
+    assert metrics["train/epochs"] == 1
+    assert all(math.isfinite(value) for value in metrics.values())
+    assert (Path(tmp_path) / "run" / "metrics.json").is_file()
+
+
+def test_every_experiment_runs_one_of_the_configurations_stepped_above():
+    stepped = distinct_runs()
+    assert sorted(name for names in stepped.values() for name in names) == EXPERIMENTS
+    assert stepped["dm_bundled"] == ["dm_bundled", "dm_table4_bundled", "dm_table5_bundled"]
+
+
+def test_the_doppelganger_tables_sweep_what_the_paper_varies():
+    for variant in ("paper", "bundled"):
+        table4 = compose_experiment(f"dm_table4_{variant}").hydra.sweeper.params
+        assert str(table4.loss).split(",") == ["l2s", "l2s_le", "l2s_mb", "l2s_le_mb"]
+        assert [parse_random_ratio(r) for r in str(table4["sampler.random_ratio"]).split(",")] == [1.0, 9 / 27]
+        table5 = compose_experiment(f"dm_table5_{variant}").hydra.sweeper.params
+        ratios = [parse_random_ratio(r) for r in str(table5["sampler.random_ratio"]).split(",")]
+        assert ratios == [n / 27 for n in (1, 2, 3, 6, 9, 15, 21, 27)]  # Table 5's rows
+        if variant == "bundled":
+            assert str(table4.seed).split(",") == str(table5.seed).split(",") == ["0", "1", "2", "3", "4"]
+    paper = compose_experiment("dm_paper")
+    assert (paper.backbone.name, paper.backbone.input_size, paper.sampler.batch_size,
+            paper.sampler.examples_per_class, paper.trainer.max_steps) == ("face_resnet", 259, 81, 3, 300000)
+    assert paper.hydra.runtime.choices["data"] == "mslowshot"
