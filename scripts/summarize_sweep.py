@@ -7,12 +7,15 @@ paired t-test's two-sided p-value.
 
 Reads every job's ``metrics.json`` and ``.hydra/overrides.yaml`` under the given multirun directories;
 jobs that share all overrides except ``seed`` (or only the ``--group`` keys, if given) form one row.
-Prints Markdown tables; values in %.
+Prints Markdown tables; values in %. ``--series KEY`` (repeatable) adds, per row, a per-epoch table of a
+value the runs log once an epoch in ``csv/metrics.csv`` (``doppel/lookalike_share``,
+``sampler/exposure_cv``, ...): mean ± half width of the 95% interval over seeds, as logged.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import math
 import statistics
@@ -25,7 +28,7 @@ DEFAULT_METRICS = ["test/novel/top1", "test/novel/coverage@0.99", "test/novel/co
                    "test/base/top1", "test/base/coverage@0.99", "test/base/recall@1"]
 CONFIDENCE = 0.95
 
-Job = tuple[dict[str, str], dict[str, float]]
+Job = tuple[dict[str, str], dict[str, float], Path]  # overrides, final metrics, job directory
 
 
 def load_jobs(*sweep_dirs: Path) -> list[Job]:
@@ -34,7 +37,7 @@ def load_jobs(*sweep_dirs: Path) -> list[Job]:
         for metrics_file in sorted(Path(sweep_dir).glob("*/metrics.json")):
             overrides = yaml.safe_load((metrics_file.parent / ".hydra" / "overrides.yaml").read_text()) or []
             settings = dict(item.split("=", 1) for item in overrides)
-            jobs.append((settings, json.loads(metrics_file.read_text())))
+            jobs.append((settings, json.loads(metrics_file.read_text()), metrics_file.parent))
     if not jobs:
         raise SystemExit(f"no */metrics.json under {', '.join(map(str, sweep_dirs))}: are they finished multiruns?")
     return jobs
@@ -60,16 +63,17 @@ def paired(baseline: dict[str, float], other: dict[str, float]) -> tuple[float, 
 
 def group_rows(jobs: list[Job], group: list[str] | None) -> dict[str, list[Job]]:
     rows: dict[str, list[Job]] = {}
-    for settings, values in jobs:
+    for job in jobs:
+        settings = job[0]
         keys = group or sorted(k for k in settings if k != "seed")
         name = ", ".join(f"{k}={settings.get(k, 'default')}" for k in keys) or "default"
-        rows.setdefault(name, []).append((settings, values))
+        rows.setdefault(name, []).append(job)
     return rows
 
 
 def by_seed(runs: list[Job], metric: str) -> dict[str, float]:
     """Metric in % per seed (the config's default seed is 0)."""
-    return {settings.get("seed", "0"): 100 * values[metric] for settings, values in runs if metric in values}
+    return {settings.get("seed", "0"): 100 * values[metric] for settings, values, _ in runs if metric in values}
 
 
 def summarize(jobs: list[Job], group: list[str] | None, metrics: list[str], baseline: str | None = None) -> str:
@@ -103,14 +107,43 @@ def summarize(jobs: list[Job], group: list[str] | None, metrics: list[str], base
     return "\n".join(lines)
 
 
+def logged_series(job_dir: Path, key: str) -> dict[int, float]:
+    """Epoch -> the value of ``key`` logged in that epoch (the last one, if several)."""
+    series: dict[int, float] = {}
+    with open(job_dir / "csv" / "metrics.csv", newline="") as file:
+        for row in csv.DictReader(file):
+            if row.get(key):
+                series[int(row["epoch"])] = float(row[key])
+    return series
+
+
+def series_table(jobs: list[Job], group: list[str] | None, key: str) -> str:
+    rows = group_rows(jobs, group)
+    per_row = {name: [logged_series(job_dir, key) for _, _, job_dir in runs] for name, runs in rows.items()}
+    epochs = sorted({epoch for runs in per_row.values() for series in runs for epoch in series})
+    lines = [f"{key} per epoch (mean ± half width of the {CONFIDENCE:.0%} t-interval over seeds, as logged):", "",
+             "| setting | " + " | ".join(f"epoch {e}" for e in epochs) + " |", "|" + "---|" * (len(epochs) + 1)]
+    for name, runs in per_row.items():
+        cells = []
+        for epoch in epochs:
+            values = [series[epoch] for series in runs if epoch in series]
+            cells.append(f"{statistics.mean(values):.4g} ± {half_width(values):.2g}" if values else "-")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("sweep_dirs", type=Path, nargs="+")
     parser.add_argument("--group", nargs="*", help="override keys that define a row (default: all but seed)")
     parser.add_argument("--metrics", nargs="*", default=DEFAULT_METRICS)
     parser.add_argument("--baseline", help="the row the others are compared with, e.g. sampler=random")
+    parser.add_argument("--series", action="append", default=[], help="a per-epoch logged key to tabulate")
     args = parser.parse_args()
-    print(summarize(load_jobs(*args.sweep_dirs), args.group, args.metrics, args.baseline))
+    jobs = load_jobs(*args.sweep_dirs)
+    print(summarize(jobs, args.group, args.metrics, args.baseline))
+    for key in args.series:
+        print("\n" + series_table(jobs, args.group, key))
 
 
 if __name__ == "__main__":

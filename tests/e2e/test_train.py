@@ -54,6 +54,7 @@ def test_training_improves_over_the_untrained_network(tmp_path):
     ["loss=l2s_le_mb", "sampler=random"],
     ["loss=l2s", "sampler=doppel", "doppel.top_k=2", "doppel.reduction=mean"],
     ["loss=l2s_le", "sampler=random", "optim=adam", "sampler.examples_per_class=3"],
+    ["loss=l2s_mb", "sampler=doppel_balanced", "sampler.cap=1.5"],
 ])
 def test_other_loss_sampler_and_optimiser_combinations(tmp_path, overrides):
     cfg = compose_cfg(tmp_path, [*overrides, "trainer.max_epochs=1"])

@@ -5,7 +5,12 @@ import pytest
 import torch
 
 from doppel.sampling.doppelganger import DoppelgangerTable
-from doppel.sampling.samplers import DoppelgangerBatchSampler, IdentityBatchSampler, SamplerContext
+from doppel.sampling.samplers import (
+    BalancedDoppelgangerBatchSampler,
+    DoppelgangerBatchSampler,
+    IdentityBatchSampler,
+    SamplerContext,
+)
 
 LABELS = torch.arange(40).repeat_interleave(3)  # 40 classes x 3 images
 
@@ -187,12 +192,12 @@ def _consume(sampler, table, prefetch, stop=None, start=0):
     return trained
 
 
+@pytest.mark.parametrize("kind", [DoppelgangerBatchSampler, BalancedDoppelgangerBatchSampler])
 @pytest.mark.parametrize("prefetch", [0, 3])
 @pytest.mark.parametrize("stop", [1, 4, 9])
-def test_position_state_resumes_mid_epoch_exactly(prefetch, stop):
+def test_position_state_resumes_mid_epoch_exactly(prefetch, stop, kind):
     def sampler(table):
-        s = DoppelgangerBatchSampler(SamplerContext(LABELS, seed=3, table=table),
-                                     12, examples_per_class=(2, 4), batches_per_epoch=10)
+        s = kind(SamplerContext(LABELS, seed=3, table=table), 12, examples_per_class=(2, 4), batches_per_epoch=10)
         s.set_epoch(2)
         return s
 
@@ -206,8 +211,7 @@ def test_position_state_resumes_mid_epoch_exactly(prefetch, stop):
     assert len(state["position"]["ahead"]) == min(prefetch, 10 - stop)
     resumed_table = DoppelgangerTable(40)
     resumed_table.load_state_dict(table.state_dict())
-    resumed = DoppelgangerBatchSampler(SamplerContext(LABELS, table=resumed_table),
-                                       12, examples_per_class=(2, 4), batches_per_epoch=10)
+    resumed = kind(SamplerContext(LABELS, table=resumed_table), 12, examples_per_class=(2, 4), batches_per_epoch=10)
     resumed.load_state_dict(state)
     resumed.set_epoch(2)
     tail = _consume(resumed, resumed_table, prefetch, start=stop)
@@ -270,3 +274,53 @@ def test_random_ratio_may_be_written_as_table_5_writes_it():
         sampler = DoppelgangerBatchSampler(SamplerContext(LABELS, table=table), 27, random_ratio=written,
                                            examples_per_class=3)
         assert sampler.n_random(27) == n_random, written
+
+
+def hub_table(num_classes: int) -> DoppelgangerTable:
+    """Every class's doppelganger is class 0 (and class 0's is class 1): one hub."""
+    table = DoppelgangerTable(num_classes)
+    table.table[:, 0] = 0
+    table.table[0, 0] = 1
+    return table
+
+
+def exposure_of(sampler, epochs=1):
+    counts = torch.zeros(sampler.num_classes)
+    for epoch in range(epochs):
+        sampler.set_epoch(epoch)
+        for batch in sampler:
+            counts[torch.tensor(sorted({int(LABELS[i]) for i in batch}))] += 1
+    return counts
+
+
+def test_balanced_sampler_caps_the_hub_that_the_papers_rule_lets_into_every_batch():
+    context = SamplerContext(LABELS, seed=0, table=hub_table(40))
+    paper = exposure_of(DoppelgangerBatchSampler(context, 27, examples_per_class=3, batches_per_epoch=30))
+    balanced_sampler = BalancedDoppelgangerBatchSampler(context, 27, examples_per_class=3, batches_per_epoch=30,
+                                                        cap=2.0)
+    balanced = exposure_of(balanced_sampler)
+    assert paper[0] == 30  # the hub is in every batch under the paper's rule
+    # the hub joins as a doppelganger only below 2x the mean so far; one random draw may add one more
+    assert balanced[0] <= 2.0 * balanced.mean() + 1
+    assert balanced.std() / balanced.mean() < paper.std() / paper.mean()
+    assert balanced_sampler.stats["capped"] > 0
+    assert torch.equal(balanced_sampler.exposure, balanced.long())  # its own count is the batches' classes
+
+
+def test_random_classes_are_drawn_inversely_to_their_exposure():
+    labels = torch.arange(3).repeat_interleave(2)
+    sampler = BalancedDoppelgangerBatchSampler(SamplerContext(labels, table=DoppelgangerTable(3)), 2,
+                                               examples_per_class=2)
+    sampler.exposure = torch.tensor([0, 3, 1])
+    generator = torch.Generator().manual_seed(0)
+    picks = Counter(sampler._random_classes(1, set(), generator)[0] for _ in range(20000))
+    expected = torch.tensor([1, 1 / 4, 1 / 2]) / (1 + 1 / 4 + 1 / 2)  # 1 / (1 + exposure), normalised
+    for cls in range(3):
+        assert abs(picks[cls] / 20000 - float(expected[cls])) < 0.01
+    assert sampler._random_classes(2, {0}, generator) in ([1, 2], [2, 1])  # never a class already taken
+
+
+def test_balanced_sampler_refuses_a_cap_below_one():
+    for cap in (0.5, "two"):
+        with pytest.raises(ValueError, match="sampler.cap"):
+            BalancedDoppelgangerBatchSampler(SamplerContext(LABELS, table=DoppelgangerTable(40)), 27, cap=cap)

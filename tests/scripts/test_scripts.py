@@ -31,6 +31,19 @@ def test_rows_group_seeds_with_t_intervals_and_paired_tests_against_a_baseline(t
     assert lines[-3] == f"| sampler=doppel | 2 | +45.00 ± {half:.2f} (p={p:.3f}) |"
 
 
+def test_a_logged_series_is_tabulated_per_epoch_over_seeds(tmp_path):
+    summarize_sweep = load_script("summarize_sweep")
+    sweep = write_sweep(tmp_path, [("doppel", 0, 0.5), ("doppel", 1, 0.7)])
+    for job, shares in (("0", (0.1, 0.3)), ("1", (0.2, 0.5))):
+        (sweep / job / "csv").mkdir()
+        lines = ["doppel/lookalike_share,epoch,step,train/loss", ",0,9,1.5"]  # a step row without the key
+        lines += [f"{share},{epoch},{10 * (epoch + 1)}," for epoch, share in enumerate(shares)]
+        (sweep / job / "csv" / "metrics.csv").write_text("\n".join(lines) + "\n")
+    table = summarize_sweep.series_table(summarize_sweep.load_jobs(sweep), None, "doppel/lookalike_share")
+    # epoch 0: 0.1, 0.2 -> 0.15 ± 12.706 * 0.0707 / sqrt(2) = 0.64; epoch 1: 0.3, 0.5 -> 0.4 ± 1.3
+    assert table.splitlines()[-1] == "| sampler=doppel | 0.15 ± 0.64 | 0.4 ± 1.3 |"
+
+
 def test_overhead_benchmark_runs_both_samplers_and_mines():
     bench = load_script("bench/doppel_overhead")
     import torch

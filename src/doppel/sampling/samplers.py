@@ -134,7 +134,8 @@ class IdentityBatchSampler(Sampler[list[int]]):
             if len(ahead) != self._drawn - consumed:
                 raise RuntimeError(f"{self._drawn - consumed} batches were drawn ahead of training, more than the "
                                    f"{MAX_DRAWN_AHEAD} a checkpoint keeps: lower data.num_workers.")
-            state["position"] = {"drawn": self._drawn, "generator": self._stream.get_state(), "ahead": ahead}
+            state["position"] = {"drawn": self._drawn, "generator": self._stream.get_state(), "ahead": ahead,
+                                 **self._epoch_state()}
         return state
 
     def load_state_dict(self, state: dict) -> None:
@@ -153,11 +154,13 @@ class IdentityBatchSampler(Sampler[list[int]]):
             position = resume[1]
             generator.set_state(position["generator"])
             self._drawn, ahead = position["drawn"], [list(batch) for batch in position["ahead"]]
+            self._begin_epoch(position)
         else:
             # One reproducible stream per (seed, epoch), which every process follows; the trailing 0 keeps
             # the stream a single process drew before data parallelism was exact.
             generator.manual_seed(stable_seed(self.seed, self.epoch, 0))
             self._drawn, ahead = 0, []
+            self._begin_epoch(None)
         self._stream = generator
         self._recent.clear()
         for index, batch in enumerate(ahead, start=self._drawn - len(ahead)):
@@ -168,6 +171,7 @@ class IdentityBatchSampler(Sampler[list[int]]):
             for rank in range(self.world_size):  # every process draws all sub-batches, keeps its own
                 counts = self._draw_counts(generator)
                 classes = self._choose_classes(len(counts), generator)
+                self._drew(classes)
                 drawn = self._fill(classes, counts, generator)
                 if rank == self.rank:
                     batch = drawn
@@ -180,6 +184,16 @@ class IdentityBatchSampler(Sampler[list[int]]):
     def current_batch(self) -> int:
         """Index in the epoch of the batch yielded last (a resumed epoch first yields those drawn ahead)."""
         return self._current
+
+    def _epoch_state(self) -> dict:
+        """What a subclass keeps of the epoch so far (saved with the position)."""
+        return {}
+
+    def _begin_epoch(self, position: dict | None) -> None:
+        """A new epoch starts (``position`` None) or a saved one resumes."""
+
+    def _drew(self, classes: list[int]) -> None:
+        """The classes of a sub-batch just drawn (of any process)."""
 
     def _draw_counts(self, generator: torch.Generator) -> list[int]:
         low, high = self.count_range
@@ -274,6 +288,77 @@ class DoppelgangerBatchSampler(IdentityBatchSampler):
                 self.stats["table"] += 1
             else:
                 self.stats["fallback_taken" if known else "fallback_empty"] += 1
+                cls = self._random_classes(1, in_batch, generator)[0]
+            chosen.append(cls)
+            in_batch.add(cls)
+        return chosen
+
+
+class BalancedDoppelgangerBatchSampler(DoppelgangerBatchSampler):
+    """Doppelganger sampling that keeps every class's exposure near the mean (``sampler=doppel_balanced``).
+
+    The paper's rule lets hubs (the doppelganger of many classes) into most batches while classes that
+    are nobody's doppelganger get only the random slots. Here, within an epoch: a doppelganger joins a
+    batch only while the number of batches it has been in is below ``cap`` times the mean over classes
+    (at least 1); otherwise the chain goes on with a random class. The random classes are drawn with
+    probability proportional to 1 / (1 + batches the class has been in), so starved classes catch up.
+    Counts cover every process's sub-batch and are kept with the resume position.
+    """
+
+    def __init__(self, context: SamplerContext, batch_size: int, random_ratio: float | str = 1 / 3,
+                 cap: float = 2.0, **kwargs) -> None:
+        self.check_cap(cap)
+        super().__init__(context, batch_size, random_ratio, **kwargs)
+        self.cap = float(cap)
+        self.exposure = torch.zeros(self.num_classes, dtype=torch.long)
+        self.stats["capped"] = 0
+
+    @classmethod
+    def check_settings(cls, batch_size: int, random_ratio: float | str = 1 / 3, cap: float = 2.0,
+                       **settings) -> None:
+        cls.check_cap(cap)
+        super().check_settings(batch_size, random_ratio, **settings)
+
+    @staticmethod
+    def check_cap(cap: float) -> None:
+        if not isinstance(cap, (int, float)) or not cap >= 1:
+            raise ValueError(f"sampler.cap={cap} must be a number >= 1 (a class's batches over the mean).")
+
+    def _epoch_state(self) -> dict:
+        return {"exposure": self.exposure.clone()}
+
+    def _begin_epoch(self, position: dict | None) -> None:
+        self.exposure = position["exposure"].clone() if position else torch.zeros(self.num_classes, dtype=torch.long)
+
+    def _drew(self, classes: list[int]) -> None:
+        self.exposure[torch.tensor(classes)] += 1
+
+    def _limit(self) -> float:
+        return max(1.0, self.cap * float(self.exposure.sum()) / self.num_classes)
+
+    def _random_classes(self, n: int, taken: set[int], generator: torch.Generator) -> list[int]:
+        weights = 1.0 / (1.0 + self.exposure.double())
+        if taken:
+            weights[torch.tensor(sorted(taken))] = 0.0
+        chosen = torch.multinomial(weights, n, replacement=False, generator=generator).tolist()
+        taken.update(chosen)
+        return chosen
+
+    def _choose_classes(self, n_classes: int, generator: torch.Generator) -> list[int]:
+        n_random = self.n_random(n_classes)
+        in_batch: set[int] = set()
+        chosen = self._random_classes(n_random, in_batch, generator)
+        self.stats["random"] += n_random
+        limit = self._limit()
+        for i in range(n_random, n_classes):
+            known = self.table.doppelgangers(chosen[i - n_random])
+            fresh = [c for c in known if c not in in_batch]
+            allowed = [c for c in fresh if self.exposure[c] < limit]
+            if allowed:
+                cls = allowed[0]
+                self.stats["table"] += 1
+            else:
+                self.stats["capped" if fresh else "fallback_taken" if known else "fallback_empty"] += 1
                 cls = self._random_classes(1, in_batch, generator)[0]
             chosen.append(cls)
             in_batch.add(cls)
