@@ -5,6 +5,10 @@ With ``ckpt_path`` the run's own settings are used for what made the weights (ba
 the command line names them, for the data and the protocols, so a plain ``python eval.py
 ckpt_path=<run>/checkpoints/last.ckpt`` repeats the run's final evaluation; ``data.root=...`` and other
 dotted settings on the command line still apply on top (data moved to another disk).
+
+``ckpt_path=[a.ckpt,b.ckpt,...]`` scores the checkpoints as one ensemble (the Doppelganger paper's
+Table 6): each network embeds with its own settings, the embeddings stand side by side, and every
+similarity is the mean of the networks' cosine similarities; data and protocols come from the first.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from doppel.checkpoint import STAMP, check_state_dict
 from doppel.config import bind_evaluator, build
 from doppel.data.transforms import PaperAugment
 from doppel.losses.loss_set import LossSet
+from doppel.models.ensemble import EnsembleNet
 from doppel.module import DoppelModule
 from doppel.serialization import CheckpointError, load_checkpoint
 from doppel.train import RunMetrics, finish_wandb, report, save_config
@@ -37,22 +42,27 @@ def evaluate(cfg: DictConfig, overrides: list[str] | None = None) -> RunMetrics:
     checkpoint's settings."""
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    checkpoint = None
-    if cfg.ckpt_path is not None:
-        path = Path(str(cfg.ckpt_path)).expanduser()
-        if not path.is_file():
-            raise FileNotFoundError(f"ckpt_path={str(path)!r} is not a file: point it at a run's "
-                                    "checkpoints/last.ckpt.")
-        checkpoint = load_checkpoint(path)
-        if STAMP not in checkpoint or "state_dict" not in checkpoint:
-            raise CheckpointError(f"ckpt_path={str(path)!r} was not written by a Doppel run; evaluate other weights "
-                                  "through the backbone (backbone=timm backbone.pretrained_path=...).")
-        cfg = _with_run_settings(cfg, checkpoint[STAMP]["config"], overrides or [])
+    paths = [] if cfg.ckpt_path is None else [str(p) for p in cfg.ckpt_path] if OmegaConf.is_list(cfg.ckpt_path) \
+        else [str(cfg.ckpt_path)]
+    checkpoints = [_run_checkpoint(path) for path in paths]
+    checkpoint = checkpoints[0] if len(checkpoints) == 1 else None
+    members = [_with_run_settings(cfg, c[STAMP]["config"], overrides or []) for c in checkpoints]
+    if members:
+        cfg = members[0]
     pl.seed_everything(cfg.seed, workers=True)  # a head built fresh (external backbone) is the same each time
     datamodule = build(cfg.data)
     datamodule.setup()
     evaluator, objective = bind_evaluator(cfg, datamodule)
-    backbone = build(cfg.backbone, image_size=datamodule.image_shape()[-1])
+    if len(checkpoints) > 1:
+        backbone = _ensemble(members, checkpoints, paths, datamodule.image_shape()[-1])
+        evaluator.blocks = backbone.blocks
+        needing = [name for name, p in evaluator.protocols.items() if p.needs_classifier]
+        if needing:
+            raise ValueError(f"eval={needing[0]} scores with a training classifier, which an ensemble of "
+                             "checkpoints has not: choose eval=prototype, retrieval or face_verification.")
+        rank_zero_info(f"evaluating the ensemble of {', '.join(paths)}")
+    else:
+        backbone = build(cfg.backbone, image_size=datamodule.image_shape()[-1])
     loss_set = LossSet(cfg.loss.terms, embedding_dim=backbone.embedding_dim, num_classes=datamodule.num_classes,
                        regularizer=cfg.get("regularizer"))
     evaluator.check_model(loss_set)
@@ -78,6 +88,33 @@ def evaluate(cfg: DictConfig, overrides: list[str] | None = None) -> RunMetrics:
     finally:
         finish_wandb(loggers)
     return RunMetrics(metrics, objective)
+
+
+def _run_checkpoint(path: str) -> dict[str, Any]:
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise FileNotFoundError(f"ckpt_path={str(file)!r} is not a file: point it at a run's checkpoints/last.ckpt.")
+    checkpoint = load_checkpoint(file)
+    if STAMP not in checkpoint or "state_dict" not in checkpoint:
+        raise CheckpointError(f"ckpt_path={str(file)!r} was not written by a Doppel run; evaluate other weights "
+                              "through the backbone (backbone=timm backbone.pretrained_path=...).")
+    return checkpoint
+
+
+def _ensemble(members: list[DictConfig], checkpoints: list[dict[str, Any]], paths: list[str],
+              image_size: int) -> EnsembleNet:
+    """Each checkpoint's backbone, built with its own settings and weights."""
+    nets = []
+    for member, checkpoint, path in zip(members, checkpoints, paths):
+        net = build(member.backbone, image_size=image_size)
+        weights = {k.removeprefix("backbone."): v for k, v in checkpoint["state_dict"].items()
+                   if k.startswith("backbone.")}
+        missing, unexpected = net.load_state_dict(weights, strict=False)
+        if missing or unexpected:
+            raise CheckpointError(f"ckpt_path {path!r}: its backbone weights do not fit its backbone settings "
+                                  f"(missing {missing[:3]}, unexpected {unexpected[:3]}).")
+        nets.append(net)
+    return EnsembleNet(nets)
 
 
 def _with_run_settings(cfg: DictConfig, saved: dict[str, Any], overrides: list[str]) -> DictConfig:

@@ -79,3 +79,42 @@ def test_eval_py_learns_the_stage_2_classifier_on_a_checkpoint(tmp_path):
     assert sorted(trained) == sorted(f"test/classifier_learning/{split}/{measure}" for split in ("base", "novel")
                                      for measure in ("top1", "coverage@0.99", "coverage@0.999"))
     assert (tmp_path / "trained" / "classifier_precision_coverage.png").stat().st_size > 1000
+
+
+def test_eval_py_scores_checkpoints_as_an_ensemble(tmp_path):
+    """The same network twice scores as itself (the mean of two equal cosines); two networks give the
+    ensemble's own numbers; a protocol that needs a classifier is refused."""
+    for seed in (0, 1):
+        train(compose_cfg(tmp_path / f"run{seed}", [f"seed={seed}"]))
+    first, second = (tmp_path / f"run{seed}" / "checkpoints" / "last.ckpt" for seed in (0, 1))
+    single = evaluate(compose_cfg(tmp_path / "one", [f"ckpt_path={first}"]), [f"ckpt_path={first}"])
+    twice = [f"ckpt_path=[{first},{first}]"]
+    assert evaluate(compose_cfg(tmp_path / "twice", twice), twice) == pytest.approx(single, abs=1e-6)
+    both = [f"ckpt_path=[{first},{second}]"]
+    cfg = compose_cfg(tmp_path / "both", both)
+    ensemble = evaluate(cfg, both)
+    assert sorted(ensemble) == sorted(single) and ensemble != single
+    # the same numbers from the two networks' embeddings of the split, computed here
+    from hydra.utils import instantiate
+
+    from doppel.evaluation.protocol import normalize_blocks
+    from doppel.evaluation.prototype import prototype_metrics
+
+    datamodule = instantiate(cfg.data)
+    datamodule.setup()
+    split = datamodule.split
+    images = torch.stack([datamodule._dataset(torch.arange(len(split.label)), train=False)[i][0]
+                          for i in range(len(split.label))])
+    embeddings = []
+    for path in (first, second):
+        net = instantiate(cfg.backbone, image_size=32)
+        state = torch.load(path, weights_only=True)["state_dict"]
+        net.load_state_dict({k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")})
+        with torch.no_grad():
+            embeddings.append(net.eval()(images))
+    expected = prototype_metrics(normalize_blocks(torch.cat(embeddings, dim=1), 2), split.label, split.part,
+                                 blocks=2)
+    assert ensemble == pytest.approx({f"test/{k}": v for k, v in expected.items()}, abs=1e-6)
+    refused = [f"ckpt_path=[{first},{second}]", "eval=classification"]
+    with pytest.raises(ValueError, match="ensemble"):
+        evaluate(compose_cfg(tmp_path / "refused", refused), refused)

@@ -26,6 +26,7 @@ class Evaluator:
         if not protocols:
             raise ValueError("eval: no protocol is selected; choose one, e.g. eval=prototype or eval=retrieval.")
         self.protocols = protocols
+        self.blocks = 1  # an ensemble's networks (set by eval.py for ckpt_path=[...])
         self.sets: list[str] = []  # evaluation loader i embeds set sets[i]
         self.flips: list[bool] = []  # whether loader i's images are embedded mirrored as well
         self.labels: torch.Tensor | None = None  # of the embedded split images
@@ -101,7 +102,7 @@ class Evaluator:
             if gathered is not None:
                 plain, flipped = gathered.tensor_split(2, dim=1) if self.flips[loader] else (gathered, None)
                 embedded[name] = Embedded(plain, flipped, self.labels if name == SPLIT else None,
-                                          self.parts if name == SPLIT else None)
+                                          self.parts if name == SPLIT else None, self.blocks)
         outcome: list[dict[str, float] | BaseException | None] = [None]
         if _rank() == 0:
             try:

@@ -42,17 +42,28 @@ class Embedded:
     flipped: torch.Tensor | None
     labels: torch.Tensor | None = None  # split images: their run labels
     parts: torch.Tensor | None = None  # split images: their Part
+    blocks: int = 1  # an ensemble's networks, side by side (each block normalised on its own)
 
     def fused(self, flip: bool, normalise: bool = True) -> torch.Tensor:
-        """The mirror trick when ``flip`` (the image's and its mirror's embeddings summed), L2-normalised."""
+        """The mirror trick when ``flip`` (the image's and its mirror's embeddings summed), L2-normalised
+        (an ensemble: each network's block, so that dot products are the mean of the networks' cosines)."""
         embeddings = self.plain + self.flipped if flip else self.plain
-        return F.normalize(embeddings, dim=1) if normalise else embeddings
+        return normalize_blocks(embeddings, self.blocks) if normalise else embeddings
 
     def of_parts(self, parts: set[Part]) -> Embedded:
         """The split images in any of ``parts``."""
         mask = in_parts(self.parts, parts)
         return Embedded(self.plain[mask], None if self.flipped is None else self.flipped[mask], self.labels[mask],
-                        self.parts[mask])
+                        self.parts[mask], self.blocks)
+
+
+def normalize_blocks(embeddings: torch.Tensor, blocks: int = 1) -> torch.Tensor:
+    """Each of ``blocks`` equal column blocks L2-normalised, scaled by 1 / sqrt(blocks): rows of unit norm
+    whose dot product is the mean of the blocks' cosine similarities."""
+    if blocks == 1:
+        return F.normalize(embeddings, dim=1)
+    parts = embeddings.unflatten(1, (blocks, -1))
+    return (F.normalize(parts, dim=2) / blocks ** 0.5).flatten(1)
 
 
 @dataclass

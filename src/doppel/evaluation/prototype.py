@@ -18,7 +18,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from doppel.data.dataset import Part, in_parts
 from doppel.evaluation.metrics import (
@@ -28,23 +27,24 @@ from doppel.evaluation.metrics import (
     recall_at_k,
     top1_accuracy,
 )
-from doppel.evaluation.protocol import DataFacts, Inputs, Protocol
+from doppel.evaluation.protocol import DataFacts, Inputs, Protocol, normalize_blocks
 
 SPLITS = {"base": (Part.HELD_OUT, (Part.TRAIN, Part.HELD_OUT)), "novel": (Part.QUERY, (Part.REFERENCE, Part.QUERY))}
 
 
 def prototype_metrics(embeddings: torch.Tensor, labels: torch.Tensor, parts: torch.Tensor,
                       precisions: tuple[float, ...] = (0.99, 0.999),
-                      curves: dict[str, Any] | None = None) -> dict[str, float]:
-    """Metrics ``{split}/{metric}`` for split in (base, novel) from L2-normalised embeddings; with
-    ``curves``, each split's precision-coverage curve is stored in it."""
+                      curves: dict[str, Any] | None = None, blocks: int = 1) -> dict[str, float]:
+    """Metrics ``{split}/{metric}`` for split in (base, novel) from L2-normalised embeddings (an ensemble's
+    ``blocks`` normalised each, and so each network's prototype); with ``curves``, each split's
+    precision-coverage curve is stored in it."""
     embeddings = embeddings.float()
     base_train = parts == Part.TRAIN
     base_ids = torch.unique(labels[base_train])
     index = torch.searchsorted(base_ids, labels[base_train])
     sums = embeddings.new_zeros(len(base_ids), embeddings.shape[1]).index_add_(0, index, embeddings[base_train])
     references = parts == Part.REFERENCE
-    prototypes = torch.cat([F.normalize(sums, dim=1), embeddings[references]])
+    prototypes = torch.cat([normalize_blocks(sums, blocks), embeddings[references]])
     prototype_labels = torch.cat([base_ids, labels[references]])
 
     results: dict[str, float] = {}
@@ -104,7 +104,8 @@ class PrototypeProtocol(Protocol):
     def evaluate(self, inputs: Inputs) -> dict[str, float]:
         split = inputs.split.of_parts(self.parts())
         self.curves = {}
-        return prototype_metrics(split.fused(self.flip), split.labels, split.parts, self.precisions, self.curves)
+        return prototype_metrics(split.fused(self.flip), split.labels, split.parts, self.precisions, self.curves,
+                                 split.blocks)
 
     def figures(self) -> list[tuple[str, Any]]:
         from doppel.evaluation.plots import precision_coverage_figure
