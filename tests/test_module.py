@@ -1,5 +1,6 @@
 """DoppelModule: the backbone may run in reduced precision, the loss terms never do."""
 
+import pytest
 import torch
 from torch import nn
 
@@ -75,3 +76,22 @@ def test_non_finite_evaluation_embeddings_are_an_error_not_metrics():
     module._eval_step((torch.rand(4, 3, 28, 28) * 255, torch.arange(4)))
     with pytest.raises(FloatingPointError, match="4 of 4 val embeddings are not finite"):
         module._eval_end("val")
+
+
+def test_a_scheduler_gets_the_run_length_only_if_it_takes_one():
+    from functools import partial
+
+    from doppel.module import make_scheduler
+
+    def optimizer():
+        return torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+
+    cosine = make_scheduler(partial(torch.optim.lr_scheduler.CosineAnnealingLR, eta_min=0.0), optimizer(), 40)
+    assert cosine.T_max == 40
+    steps = make_scheduler(partial(torch.optim.lr_scheduler.MultiStepLR, milestones=[2, 3], gamma=0.1), optimizer(), 40)
+    lrs = []
+    for _ in range(4):
+        lrs.append(steps.optimizer.param_groups[0]["lr"])
+        steps.optimizer.step()
+        steps.step()
+    assert lrs == pytest.approx([1.0, 1.0, 0.1, 0.01])

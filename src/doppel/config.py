@@ -23,6 +23,7 @@ from doppel.data.transforms import PaperAugment
 from doppel.evaluation.evaluator import Evaluator
 from doppel.losses.loss_set import LossSet
 from doppel.models.factory import check_backbone
+from doppel.module import make_scheduler
 from doppel.sampling.doppelganger import DoppelgangerTable
 
 # The Hydra config tree of the repository (editable install / source checkout).
@@ -216,7 +217,7 @@ def _check_values(cfg: DictConfig) -> None:
         raise ValueError(f"trainer.max_epochs={max_epochs} must be a positive integer (or set trainer.max_steps).")
     optimizer = _build("optim", lambda: instantiate(cfg.optim)([torch.nn.Parameter(torch.zeros(1))]))
     if cfg.get("sched"):
-        _build("sched", lambda: instantiate(cfg.sched)(optimizer, T_max=1))
+        _build("sched", lambda: make_scheduler(instantiate(cfg.sched), optimizer, 1))
     if not cfg.get("logger"):
         for name, spec in (cfg.get("callbacks") or {}).items():
             target = get_object(spec._target_)

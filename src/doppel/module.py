@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from typing import Any
 
@@ -103,6 +104,13 @@ class DoppelModule(pl.LightningModule):
         optimizer = self.optimizer_factory([{"params": decay}, {"params": no_decay, "weight_decay": 0.0}])
         if self.scheduler_factory is None:
             return optimizer
-        total_steps = max(1, int(self.trainer.estimated_stepping_batches))
-        scheduler = self.scheduler_factory(optimizer, T_max=total_steps)
+        scheduler = make_scheduler(self.scheduler_factory, optimizer, int(self.trainer.estimated_stepping_batches))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def make_scheduler(factory: Any, optimizer: torch.optim.Optimizer, total_steps: int) -> Any:
+    """The configured scheduler, stepped once per optimizer step; one that takes ``T_max`` (the cosine)
+    gets the run's length in steps, one with its own milestones (``sched=multistep``) does not."""
+    func = getattr(factory, "func", factory)
+    takes_length = "T_max" in inspect.signature(func).parameters
+    return factory(optimizer, T_max=max(1, total_steps)) if takes_length else factory(optimizer)

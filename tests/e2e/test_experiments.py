@@ -38,7 +38,7 @@ def sweep_settings(cfg) -> list[list[str]]:
 
 def test_there_are_experiments_and_each_names_how_to_run_it():
     assert {"dm_paper", "dm_bundled", "dm_table4_paper", "dm_table4_bundled", "dm_table5_paper",
-            "dm_table5_bundled"} <= set(EXPERIMENTS)
+            "dm_table5_bundled", "ie_mnist_paper", "ie_fashion_mnist"} <= set(EXPERIMENTS)
     for name in EXPERIMENTS:
         text = (CONFIG_DIR / "experiment" / f"{name}.yaml").read_text()
         assert text.startswith("# @package _global_") and f"experiment={name}" in text, name
@@ -77,8 +77,9 @@ def distinct_runs() -> dict[str, list[str]]:
 def test_the_experiment_takes_a_training_step_on_tiny_data_in_its_format(tmp_path, name):
     choice = compose_experiment(name).hydra.runtime.choices["data"]
     data = ["data.max_groups=40"] if choice in BUNDLED else FORMATS[choice](tmp_path)
-    per_class = compose_experiment(name).sampler.examples_per_class
-    cfg = compose_experiment(name, [*data, *ONE_STEP, f"sampler.batch_size={3 * per_class}"])
+    per_class = compose_experiment(name, data).sampler.examples_per_class
+    fewest = per_class if isinstance(per_class, int) else min(per_class)
+    cfg = compose_experiment(name, [*data, *ONE_STEP, f"sampler.batch_size={3 * fewest}"])
     with open_dict(cfg):
         del cfg.hydra
         cfg.paths.output_dir = str(tmp_path / "run")
@@ -92,6 +93,7 @@ def test_every_experiment_runs_one_of_the_configurations_stepped_above():
     stepped = distinct_runs()
     assert sorted(name for names in stepped.values() for name in names) == EXPERIMENTS
     assert stepped["dm_bundled"] == ["dm_bundled", "dm_table4_bundled", "dm_table5_bundled"]
+    assert stepped["ie_fashion_mnist"] == ["ie_fashion_mnist"]  # another data folder and schedule
 
 
 def test_the_doppelganger_tables_sweep_what_the_paper_varies():
@@ -104,6 +106,11 @@ def test_the_doppelganger_tables_sweep_what_the_paper_varies():
         assert ratios == [n / 27 for n in (1, 2, 3, 6, 9, 15, 21, 27)]  # Table 5's rows
         if variant == "bundled":
             assert str(table4.seed).split(",") == str(table5.seed).split(",") == ["0", "1", "2", "3", "4"]
+    ie = compose_experiment("ie_mnist_paper")
+    assert str(ie.hydra.sweeper.params.loss).split(",") == ["softmax", "lsoftmax", "center", "ie_mnist"]
+    assert (ie.sampler.batch_size, ie.optim.lr, list(ie.sched.milestones), ie.trainer.max_steps) == (
+        256, 0.01, [12000, 15000], 20000)  # sec. 4.2, MNIST
+    assert (ie.loss.terms.ie.weight, ie.loss.terms.ie.alpha) == (0.15, 0.1)  # Table B.1 (b)
     paper = compose_experiment("dm_paper")
     assert (paper.backbone.name, paper.backbone.input_size, paper.sampler.batch_size,
             paper.sampler.examples_per_class, paper.trainer.max_steps) == ("face_resnet", 259, 81, 3, 300000)
