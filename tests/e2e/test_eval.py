@@ -79,6 +79,8 @@ def test_eval_py_learns_the_stage_2_classifier_on_a_checkpoint(tmp_path):
     assert sorted(trained) == sorted(f"test/classifier_learning/{split}/{measure}" for split in ("base", "novel")
                                      for measure in ("top1", "coverage@0.99", "coverage@0.999"))
     assert (tmp_path / "trained" / "classifier_precision_coverage.png").stat().st_size > 1000
+    probe = [f"ckpt_path={checkpoint}", "eval=linear_probe"]  # trains under Lightning's inference mode too
+    assert list(evaluate(compose_cfg(tmp_path / "probe", probe), probe)) == ["test/linear_probe/top1"]
 
 
 def test_eval_py_scores_checkpoints_as_an_ensemble(tmp_path):
