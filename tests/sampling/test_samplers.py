@@ -324,3 +324,16 @@ def test_balanced_sampler_refuses_a_cap_below_one():
     for cap in (0.5, "two"):
         with pytest.raises(ValueError, match="sampler.cap"):
             BalancedDoppelgangerBatchSampler(SamplerContext(LABELS, table=DoppelgangerTable(40)), 27, cap=cap)
+
+
+@pytest.mark.parametrize("kind", [DoppelgangerBatchSampler, BalancedDoppelgangerBatchSampler])
+def test_a_warm_up_samples_at_random_before_doppelgangers_join(kind):
+    sampler = kind(SamplerContext(LABELS, seed=0, table=hub_table(40)), 27, examples_per_class=3,
+                   batches_per_epoch=4, warmup_epochs=2)
+    for epoch in range(3):
+        sampler.set_epoch(epoch)
+        list(sampler)
+        assert (sampler.stats["table"] > 0) == (epoch >= 2), epoch  # the hub table is used only after
+        sampler.stats = {key: 0 for key in sampler.stats}
+    with pytest.raises(ValueError, match="sampler.warmup_epochs"):
+        kind(SamplerContext(LABELS, table=DoppelgangerTable(40)), 27, warmup_epochs=-1)

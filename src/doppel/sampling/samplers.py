@@ -240,16 +240,19 @@ class DoppelgangerBatchSampler(IdentityBatchSampler):
     ``random_ratio`` is N_r / N_c, a number or a fraction such as ``"9/27"`` (Table 5 sweeps it; 1.0 is
     random sampling with the table still mined). N_r = max(1, round(random_ratio * N_c)). With
     ``doppel.top_k > 1`` the best of the class's doppelgangers that is not yet in the batch is taken
-    before falling back to a random class. Under data parallelism each process's sub-batch is drawn this
-    way, so chains never cross processes.
+    before falling back to a random class. For the first ``warmup_epochs`` epochs every class is random
+    (the table is mined all along; not in the paper: an ablation). Under data parallelism each process's
+    sub-batch is drawn this way, so chains never cross processes.
     """
 
     uses_table = True
 
     def __init__(self, context: SamplerContext, batch_size: int, random_ratio: float | str = 1 / 3,
-                 **kwargs) -> None:
+                 warmup_epochs: int = 0, **kwargs) -> None:
         random_ratio = parse_random_ratio(random_ratio)
+        _check_warmup(warmup_epochs)
         super().__init__(context, batch_size, **kwargs)
+        self.warmup_epochs = warmup_epochs
         table = context.table
         if table is None:
             raise ValueError(f"{type(self).__name__} samples from the doppelganger table: the run must mine one.")
@@ -261,8 +264,10 @@ class DoppelgangerBatchSampler(IdentityBatchSampler):
         self.stats = {"random": 0, "table": 0, "fallback_empty": 0, "fallback_taken": 0}
 
     @classmethod
-    def check_settings(cls, batch_size: int, random_ratio: float | str = 1 / 3, **settings) -> None:
+    def check_settings(cls, batch_size: int, random_ratio: float | str = 1 / 3, warmup_epochs: int = 0,
+                       **settings) -> None:
         parse_random_ratio(random_ratio)
+        _check_warmup(warmup_epochs)
         super().check_settings(batch_size, **settings)
 
     def state_dict(self, consumed: int | None = None) -> dict:
@@ -273,6 +278,8 @@ class DoppelgangerBatchSampler(IdentityBatchSampler):
         self.stats.update(state.get("stats", {}))
 
     def n_random(self, n_classes: int) -> int:
+        if self.epoch < self.warmup_epochs:
+            return n_classes
         return max(1, min(n_classes, round(self.random_ratio * n_classes)))
 
     def _choose_classes(self, n_classes: int, generator: torch.Generator) -> list[int]:
@@ -373,7 +380,12 @@ class AutoBatchSampler(DoppelgangerBatchSampler):
     def resolve(cls, settings: dict[str, Any], has_prototype: bool) -> tuple[type[IdentityBatchSampler], dict]:
         if has_prototype:
             return DoppelgangerBatchSampler, settings
-        return IdentityBatchSampler, {k: v for k, v in settings.items() if k != "random_ratio"}
+        return IdentityBatchSampler, {k: v for k, v in settings.items() if k not in ("random_ratio", "warmup_epochs")}
+
+
+def _check_warmup(warmup_epochs: int) -> None:
+    if not isinstance(warmup_epochs, int) or warmup_epochs < 0:
+        raise ValueError(f"sampler.warmup_epochs={warmup_epochs} must be a non-negative integer (0: no warm-up).")
 
 
 def parse_random_ratio(random_ratio: float | str) -> float:
