@@ -6,7 +6,14 @@ paired t-test's two-sided p-value.
         --group sampler --baseline sampler=random
 
 Reads every job's ``metrics.json`` and ``.hydra/overrides.yaml`` under the given multirun directories;
-jobs that share all overrides except ``seed`` (or only the ``--group`` keys, if given) form one row.
+jobs that share all overrides except ``seed`` (or only the ``--group`` keys, if given) form one row. An
+``eval.py`` job of one checkpoint takes the overrides of the training run that wrote it (its
+``ckpt_path`` replaced by them; the job's own overrides win), so evaluation sweeps group and pair by the
+training settings and seeds:
+
+    python eval.py -m ckpt_path=outputs/results/cjk_random/0/checkpoints/last.ckpt,... \\
+        eval=[prototype,classifier_learning] hydra.sweep.dir=outputs/results/cjk_stage2_random
+
 Prints Markdown tables; values in %. ``--series KEY`` (repeatable) adds, per row, a per-epoch table of a
 value the runs log once an epoch in ``csv/metrics.csv`` (``doppel/lookalike_share``,
 ``sampler/exposure_cv``, ...): mean ± half width of the 95% interval over seeds, as logged.
@@ -35,12 +42,25 @@ def load_jobs(*sweep_dirs: Path) -> list[Job]:
     jobs = []
     for sweep_dir in sweep_dirs:
         for metrics_file in sorted(Path(sweep_dir).glob("*/metrics.json")):
-            overrides = yaml.safe_load((metrics_file.parent / ".hydra" / "overrides.yaml").read_text()) or []
-            settings = dict(item.split("=", 1) for item in overrides)
+            settings = read_overrides(metrics_file.parent)
             jobs.append((settings, json.loads(metrics_file.read_text()), metrics_file.parent))
     if not jobs:
         raise SystemExit(f"no */metrics.json under {', '.join(map(str, sweep_dirs))}: are they finished multiruns?")
     return jobs
+
+
+def read_overrides(job_dir: Path) -> dict[str, str]:
+    overrides = yaml.safe_load((job_dir / ".hydra" / "overrides.yaml").read_text()) or []
+    settings = dict(item.split("=", 1) for item in overrides)
+    checkpoint = settings.get("ckpt_path", "")
+    if checkpoint and not checkpoint.startswith("["):  # one network (not an ensemble): its training run
+        run_dir = Path(checkpoint).parent.parent  # <run>/checkpoints/<file>
+        if not (run_dir / ".hydra" / "overrides.yaml").is_file():
+            raise SystemExit(f"{job_dir} evaluated {checkpoint}, whose run has no .hydra/overrides.yaml: "
+                             "keep the checkpoint in its run directory to summarise by training settings.")
+        del settings["ckpt_path"]
+        settings = {**read_overrides(run_dir), **settings}
+    return settings
 
 
 def half_width(values: list[float]) -> float:
@@ -76,6 +96,11 @@ def by_seed(runs: list[Job], metric: str) -> dict[str, float]:
     return {settings.get("seed", "0"): 100 * values[metric] for settings, values, _ in runs if metric in values}
 
 
+def p_value_text(p: float) -> str:
+    """Three decimals, and "p<0.001" rather than a p of zero."""
+    return "p<0.001" if p < 0.001 else f"p={p:.3f}"
+
+
 def summarize(jobs: list[Job], group: list[str] | None, metrics: list[str], baseline: str | None = None) -> str:
     rows = group_rows(jobs, group)
     header = ["setting", "runs", *metrics]
@@ -100,7 +125,7 @@ def summarize(jobs: list[Job], group: list[str] | None, metrics: list[str], base
         for metric in metrics:
             mean, half, p, pairs_here = paired(by_seed(rows[baseline], metric), by_seed(runs, metric))
             pairs = max(pairs, pairs_here)
-            cells.append("-" if math.isnan(mean) else f"{mean:+.2f} ± {half:.2f} (p={p:.3f})")
+            cells.append("-" if math.isnan(mean) else f"{mean:+.2f} ± {half:.2f} ({p_value_text(p)})")
         lines.append(f"| {name} | {pairs} | " + " | ".join(cells) + " |")
     lines.append(f"\ndifference of the means ± half width of its {CONFIDENCE:.0%} t-interval, in points; "
                  "p: two-sided paired t-test.")

@@ -19,7 +19,6 @@ from hydra.errors import InstantiationException
 from hydra.utils import get_class, get_object, instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from doppel.data.transforms import PaperAugment
 from doppel.evaluation.evaluator import Evaluator
 from doppel.losses.loss_set import LossSet
 from doppel.models.factory import check_backbone
@@ -191,10 +190,10 @@ def _check_values(cfg: DictConfig) -> None:
     views = cfg.loss.get("views", 1)
     if not isinstance(views, int) or views < 1:
         raise ValueError(f"loss.views={views} must be a positive integer (2 for NT-Xent's two views).")
-    augment = PaperAugment(**cfg.augment)
-    if views > 1 and not (augment.mirror or augment.color_shift > 0 or augment.grayscale_p > 0):
+    augment = build(cfg.augment)
+    if views > 1 and not augment.varies():
         raise ValueError(f"loss.views={views} needs augmentation to make the views differ: enable augment.mirror, "
-                         "augment.color_shift or augment.grayscale_p.")
+                         "augment.color_shift or augment.grayscale_p, or choose augment=simclr.")
     embedding_dim = backbone.get("embedding_dim") if isinstance(backbone.get("embedding_dim"), int) else 8
     loss_set = LossSet(cfg.loss.get("terms") or {}, embedding_dim=embedding_dim, num_classes=8,
                        regularizer=cfg.get("regularizer"))

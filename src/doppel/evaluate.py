@@ -23,7 +23,6 @@ from pytorch_lightning.utilities import rank_zero_info
 
 from doppel.checkpoint import STAMP, check_state_dict
 from doppel.config import bind_evaluator, build
-from doppel.data.transforms import PaperAugment
 from doppel.losses.loss_set import LossSet
 from doppel.models.ensemble import EnsembleNet
 from doppel.module import DoppelModule
@@ -66,7 +65,7 @@ def evaluate(cfg: DictConfig, overrides: list[str] | None = None) -> RunMetrics:
     loss_set = LossSet(cfg.loss.terms, embedding_dim=backbone.embedding_dim, num_classes=datamodule.num_classes,
                        regularizer=cfg.get("regularizer"))
     evaluator.check_model(loss_set)
-    module = DoppelModule(backbone, loss_set, optimizer=None, augment=PaperAugment(**cfg.augment),
+    module = DoppelModule(backbone, loss_set, optimizer=None, augment=build(cfg.augment),
                           views=cfg.loss.views, evaluator=evaluator)
     if checkpoint is not None:
         check_state_dict(checkpoint, module.state_dict(), f"ckpt_path={cfg.ckpt_path!r}")

@@ -11,7 +11,6 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
-from doppel.data.transforms import PaperAugment
 from doppel.evaluation.evaluator import Evaluator
 from doppel.losses.loss_set import LossSet
 from doppel.seeding import seed_for_rank
@@ -22,7 +21,7 @@ warnings.filterwarnings("ignore", message=r"It is recommended to use `self.log\(
 
 class DoppelModule(pl.LightningModule):
     def __init__(self, backbone: nn.Module, loss_set: LossSet, optimizer: Any, scheduler: Any | None = None,
-                 augment: PaperAugment | None = None, views: int = 1, evaluator: Evaluator | None = None) -> None:
+                 augment: nn.Module | None = None, views: int = 1, evaluator: Evaluator | None = None) -> None:
         super().__init__()
         self.backbone = backbone
         self.loss_set = loss_set

@@ -20,7 +20,6 @@ from doppel.callbacks.exact_resume import ExactResume
 from doppel.callbacks.exposure import ExposureMonitor
 from doppel.checkpoint import SafeCheckpointIO, check_checkpoint, check_state_dict, checkpoint_dir, resolve_ckpt_path
 from doppel.config import CONFIG_DIR, bind_evaluator, build, check_config, resolve_mining
-from doppel.data.transforms import PaperAugment
 from doppel.evaluation.evaluator import Evaluator
 from doppel.losses.loss_set import LossSet
 from doppel.models.layers import lsuv_init_
@@ -85,7 +84,7 @@ def train(cfg: DictConfig) -> RunMetrics:
     optimizer = instantiate(cfg.optim)
     scheduler = instantiate(cfg.sched) if cfg.sched else None
     module = DoppelModule(backbone, loss_set, optimizer, scheduler,
-                          augment=PaperAugment(**cfg.augment, seed=cfg.seed), views=cfg.loss.views,
+                          augment=build(cfg.augment, seed=cfg.seed), views=cfg.loss.views,
                           evaluator=evaluator)
     if checkpoint is not None:
         check_state_dict(checkpoint, module.state_dict(), f"ckpt_path={str(ckpt_path)!r}")

@@ -1,9 +1,10 @@
 """The paper's augmentation (sec. 4.2.3) on hand-computed cases: mirror, colour shift, grayscale."""
 
+import numpy as np
 import pytest
 import torch
 
-from doppel.data.transforms import PaperAugment
+from doppel.data.transforms import PaperAugment, luma
 
 RED, BLUE = (255.0, 0.0, 0.0), (0.0, 0.0, 255.0)
 LUMA_RED, LUMA_BLUE = 0.299 * 255, 0.114 * 255  # ITU-R BT.601
@@ -67,3 +68,89 @@ def test_own_generator_fixed_by_the_seed_and_global_rng_untouched():
 def test_impossible_settings_name_their_key(settings, key):
     with pytest.raises(ValueError, match=key):
         PaperAugment(**settings)
+
+
+# --- SimCLR's augmentation ---
+
+def simclr(**settings):
+    from doppel.data.transforms import SimCLRAugment
+
+    base = {"mirror": False, "crop_scale": (1.0, 1.0), "jitter_p": 0.0, "grayscale_p": 0.0, "blur_p": 0.0}
+    return SimCLRAugment(**{**base, **settings})
+
+
+def test_simclr_with_everything_off_returns_the_images_and_mirrors_exactly():
+    images = torch.randint(0, 256, (16, 3, 8, 8)).float()
+    assert torch.allclose(simclr()(images), images, atol=1e-3)  # the whole image: no box of area 1 fits
+    out = simclr(mirror=True)(images)
+    mirrored = [torch.allclose(out[i], images[i].flip(-1), atol=1e-3) for i in range(16)]
+    kept = [torch.allclose(out[i], images[i], atol=1e-3) for i in range(16)]
+    assert all(m or k for m, k in zip(mirrored, kept)) and any(mirrored) and any(kept)
+
+
+def test_a_crop_samples_its_box_bilinearly():
+    """On a ramp (pixel value = column), the right half scaled to 8 columns reads columns 3.75 + j / 2:
+    output pixel j's centre maps into the box, and bilinear sampling of a ramp is exact (up to the last
+    column, 7, where the border is repeated)."""
+    from doppel.data.transforms import crop_resized
+
+    ramp = torch.arange(8.0).expand(1, 3, 8, 8).clone()
+    half = torch.tensor([0.5])
+    out = crop_resized(ramp, half, torch.ones(1), half, torch.zeros(1), torch.tensor([False]))
+    expected = (3.75 + torch.arange(8.0) / 2).clamp(max=7)
+    assert torch.allclose(out[0, 0, 0], expected, atol=1e-5)
+    mirrored = crop_resized(ramp, half, torch.ones(1), half, torch.zeros(1), torch.tensor([True]))
+    assert torch.allclose(mirrored[0, 0, 0], expected.flip(0), atol=1e-5)
+
+
+def test_simclr_views_of_one_batch_differ_and_stay_in_range():
+    from doppel.data.transforms import SimCLRAugment
+
+    augment = SimCLRAugment(blur_p=0.5)
+    images = torch.randint(0, 256, (8, 3, 32, 32)).float()
+    first, second = augment(images), augment(images)
+    assert not torch.allclose(first, second) and first.min() >= 0 and first.max() <= 255
+
+
+def test_color_jitter_follows_its_formulas_on_a_hand_computed_pixel():
+    from doppel.data.transforms import color_jitter
+
+    x = torch.tensor([0.2, 0.4, 0.6]).view(1, 3, 1, 1)
+    one = torch.ones(1)
+    assert torch.allclose(color_jitter(x, one, one, one, torch.zeros(1)), x, atol=1e-6)
+    bright = color_jitter(x, torch.tensor([1.5]), one, one, torch.zeros(1))
+    assert torch.allclose(bright.flatten(), torch.tensor([0.3, 0.6, 0.9]), atol=1e-6)
+    # saturation 0: every channel the pixel's luma (0.299 * 0.2 + 0.587 * 0.4 + 0.114 * 0.6 = 0.3630)
+    gray = color_jitter(x, one, one, torch.zeros(1), torch.zeros(1))
+    assert torch.allclose(gray.flatten(), torch.full((3,), 0.3630), atol=1e-4)
+    # a full turn of hue is no change; half a turn negates the chroma (I, Q) and keeps the luma
+    assert torch.allclose(color_jitter(x, one, one, one, one), x, atol=1e-5)
+    half = color_jitter(x, one, one, one, torch.tensor([0.5]))
+    assert float(luma(half)) == pytest.approx(float(luma(x)), abs=1e-5)
+    assert torch.allclose(half - luma(half), -(x - luma(x)), atol=1e-5)
+
+
+def test_blur_is_scipys_gaussian_filter_with_the_same_taps():
+    from scipy.ndimage import correlate1d
+
+    from doppel.data.transforms import gaussian_blur, kernel_size
+
+    x = torch.rand(2, 3, 20, 20, dtype=torch.float64)
+    sigma = torch.tensor([0.7, 1.6], dtype=torch.float64)
+    size = kernel_size(40)  # 5 taps for a 40-pixel image
+    assert size == 5 and kernel_size(32) == 3 and kernel_size(224) == 23
+    out = gaussian_blur(x, sigma, size)
+    for b in range(2):
+        taps = np.exp(-np.arange(-2, 3) ** 2 / (2 * float(sigma[b]) ** 2))
+        taps /= taps.sum()
+        expected = correlate1d(correlate1d(x[b].numpy(), taps, axis=2, mode="mirror"), taps, axis=1, mode="mirror")
+        assert np.allclose(out[b].numpy(), expected, atol=1e-12)
+
+
+def test_simclr_settings_are_checked():
+    from doppel.data.transforms import SimCLRAugment
+
+    for settings, key in (({"crop_scale": (0.0, 1.0)}, "crop_scale"), ({"jitter_p": 2.0}, "jitter_p"),
+                          ({"strength": 3.0}, "strength")):
+        with pytest.raises(ValueError, match=f"augment.{key}"):
+            SimCLRAugment(**settings)

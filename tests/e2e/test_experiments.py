@@ -38,7 +38,8 @@ def sweep_settings(cfg) -> list[list[str]]:
 
 def test_there_are_experiments_and_each_names_how_to_run_it():
     assert {"dm_paper", "dm_bundled", "dm_table4_paper", "dm_table4_bundled", "dm_table5_paper",
-            "dm_table5_bundled", "ie_mnist_paper", "ie_fashion_mnist"} <= set(EXPERIMENTS)
+            "dm_table5_bundled", "ie_mnist_paper", "ie_fashion_mnist", "sec_simclr_paper",
+            "sec_simclr_bundled"} <= set(EXPERIMENTS)
     for name in EXPERIMENTS:
         text = (CONFIG_DIR / "experiment" / f"{name}.yaml").read_text()
         assert text.startswith("# @package _global_") and f"experiment={name}" in text, name
@@ -106,6 +107,11 @@ def test_the_doppelganger_tables_sweep_what_the_paper_varies():
         assert ratios == [n / 27 for n in (1, 2, 3, 6, 9, 15, 21, 27)]  # Table 5's rows
         if variant == "bundled":
             assert str(table4.seed).split(",") == str(table5.seed).split(",") == ["0", "1", "2", "3", "4"]
+    for variant in ("paper", "bundled"):
+        simclr = compose_experiment(f"sec_simclr_{variant}")
+        assert str(simclr.hydra.sweeper.params.regularizer).split(",") == ["none", "l2reg", "sec"]  # Table 5
+        assert (simclr.hydra.runtime.choices["augment"], list(simclr.eval), simclr.loss.views,
+                simclr.loss.terms.ntxent.temperature) == ("simclr", ["linear_probe"], 2, 0.5)
     ie = compose_experiment("ie_mnist_paper")
     assert str(ie.hydra.sweeper.params.loss).split(",") == ["softmax", "lsoftmax", "center", "ie_mnist"]
     assert (ie.sampler.batch_size, ie.optim.lr, list(ie.sched.milestones), ie.trainer.max_steps) == (

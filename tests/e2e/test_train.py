@@ -108,8 +108,9 @@ def test_a_new_sampler_class_is_built_from_the_config_with_the_table_it_declares
 
     BatchRecorder.batches.clear()
     train(compose_cfg(tmp_path, ["sampler._target_=tests.sampling.custom.PairsFromTheTable", "~sampler.random_ratio",
-                                 "~sampler.examples_per_class", "+callbacks.recorder._target_=tests.e2e.recorder."
-                                 "BatchRecorder", "trainer.max_epochs=1", "trainer.limit_train_batches=4"]))
+                                 "~sampler.warmup_epochs", "~sampler.examples_per_class",
+                                 "+callbacks.recorder._target_=tests.e2e.recorder.BatchRecorder",
+                                 "trainer.max_epochs=1", "trainer.limit_train_batches=4"]))
     assert len(BatchRecorder.batches) == 4
     for _, labels in BatchRecorder.batches:
         assert len(labels) == 24 and (torch.bincount(torch.tensor(labels)) % 2 == 0).all()  # 2 examples per class

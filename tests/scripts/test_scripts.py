@@ -1,6 +1,8 @@
 import json
 import math
 
+import pytest
+
 from tests.conftest import load_script
 
 
@@ -29,6 +31,17 @@ def test_rows_group_seeds_with_t_intervals_and_paired_tests_against_a_baseline(t
     p = 1 - 2 * math.atan(9) / math.pi
     half = 12.706205 * math.sqrt(50) / math.sqrt(2)
     assert lines[-3] == f"| sampler=doppel | 2 | +45.00 ± {half:.2f} (p={p:.3f}) |"
+
+
+def test_a_p_value_below_one_in_a_thousand_is_printed_as_such(tmp_path):
+    summarize_sweep = load_script("summarize_sweep")
+    random = write_sweep(tmp_path / "a", [("random", seed, 0.10) for seed in range(3)])
+    doppel = write_sweep(tmp_path / "b", [("doppel", 0, 0.50), ("doppel", 1, 0.51), ("doppel", 2, 0.50)])
+    table = summarize_sweep.summarize(summarize_sweep.load_jobs(random, doppel), None, ["test/novel/top1"],
+                                      baseline="sampler=random")
+    # differences 40, 41, 40: mean 40.33, sd 0.577, t = 121 with 2 degrees of freedom: p = 6.8e-5
+    half = 4.302653 * math.sqrt(1 / 3) / math.sqrt(3)
+    assert table.splitlines()[-3] == f"| sampler=doppel | 3 | +40.33 ± {half:.2f} (p<0.001) |"
 
 
 def test_a_logged_series_is_tabulated_per_epoch_over_seeds(tmp_path):
@@ -70,3 +83,27 @@ def test_backbone_benchmark_steps_train_the_network_in_each_setting():
         assert all(p.grad is None for p in net.parameters())  # and the step cleared it
     rates = bench.measure("ie_cnn_mnist", ["fp32", "channels_last"], batch=2, device=device, rounds=1, steps=1)
     assert set(rates) == {"fp32", "channels_last"} and all(r > 0 for r in rates.values())
+
+
+def test_an_evaluation_job_takes_the_settings_and_seed_of_the_training_run_it_evaluates(tmp_path):
+    summarize_sweep = load_script("summarize_sweep")
+    training = write_sweep(tmp_path / "train", [("random", 3, 0.0), ("doppel", 3, 0.0), ("random", 4, 0.0)])
+    evaluations = [(training / "0", 0.10), (training / "1", 0.25), (training / "2", 0.20)]
+    for i, (run, top1) in enumerate(evaluations):
+        job = tmp_path / "eval" / str(i)
+        (job / ".hydra").mkdir(parents=True)
+        (job / ".hydra" / "overrides.yaml").write_text(
+            f"- ckpt_path={run}/checkpoints/last.ckpt\n- eval=[prototype,classifier_learning]\n")
+        (job / "metrics.json").write_text(json.dumps({"test/novel/top1": top1}))
+    table = summarize_sweep.summarize(summarize_sweep.load_jobs(tmp_path / "eval"), ["sampler"],
+                                      ["test/novel/top1"], baseline="sampler=random").splitlines()
+    assert table[2] == f"| sampler=random | 2 | 15.00 ± {12.706205 * math.sqrt(50) / math.sqrt(2):.2f} |"
+    # paired on the training seed 3 (the evaluation jobs set none): 25 - 10
+    assert table[-3] == "| sampler=doppel | 1 | +15.00 ± nan (p=nan) |"
+    ensemble = tmp_path / "ensemble" / "0"
+    (ensemble / ".hydra").mkdir(parents=True)
+    (ensemble / ".hydra" / "overrides.yaml").write_text(f"- ckpt_path=[{training}/0/c.ckpt,{training}/1/c.ckpt]\n")
+    assert summarize_sweep.read_overrides(ensemble) == {"ckpt_path": f"[{training}/0/c.ckpt,{training}/1/c.ckpt]"}
+    (ensemble / ".hydra" / "overrides.yaml").write_text(f"- ckpt_path={tmp_path}/moved.ckpt\n")
+    with pytest.raises(SystemExit, match="moved.ckpt, whose run has no .hydra/overrides.yaml"):
+        summarize_sweep.read_overrides(ensemble)

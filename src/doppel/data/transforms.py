@@ -1,6 +1,9 @@
-"""Preprocessing and the paper's augmentation (sec. 4.2.3), applied to whole batches on the device."""
+"""Preprocessing and the augmentations (the Doppelganger paper's, sec. 4.2.3; SimCLR's), applied to
+whole batches on the device."""
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -87,6 +90,125 @@ class PaperAugment(nn.Module):
         images = torch.where(flip[:, None, None, None], images.flip(-1), images)
         images = torch.where(gray[:, None, None, None], luma(images).expand_as(images), images)
         return (images + shift[:, :, None, None]).clamp(0, 255)
+
+    def varies(self) -> bool:
+        """Whether two passes over one batch can differ (several views need that)."""
+        return self.mirror or self.color_shift > 0 or self.grayscale_p > 0
+
+
+# RGB -> YIQ (NTSC); a hue change rotates the (I, Q) chroma plane.
+_YIQ = ((0.299, 0.587, 0.114), (0.596, -0.274, -0.322), (0.211, -0.523, 0.312))
+
+
+class SimCLRAugment(nn.Module):
+    """SimCLR's augmentation (Chen et al. 2020), used by the SEC paper's self-supervised rows (sec. 4.4):
+    a random resized crop (area fraction in ``crop_scale``, aspect ratio in [3/4, 4/3], scaled back to the
+    image size, bilinear), a horizontal mirror (``mirror``), colour jitter with probability ``jitter_p``
+    (brightness, contrast and saturation factors in [1 - 0.8 s, 1 + 0.8 s], hue in [-0.2 s, 0.2 s] of a
+    turn, applied in that order; s = ``strength``), grayscale with probability ``grayscale_p`` and a
+    Gaussian blur (kernel 10% of the side, sigma in [0.1, 2.0] pixels) with probability ``blur_p``
+    (SimCLR's CIFAR recipe leaves it out). 0-255 float batches in and out; its own seeded generator."""
+
+    def __init__(self, mirror: bool = True, strength: float = 0.5, crop_scale: tuple[float, float] = (0.08, 1.0),
+                 jitter_p: float = 0.8, grayscale_p: float = 0.2, blur_p: float = 0.0, seed: int = 0) -> None:
+        super().__init__()
+        low, high = (float(v) for v in crop_scale)
+        if not 0 < low <= high <= 1:
+            raise ValueError(f"augment.crop_scale={list(crop_scale)} must be [low, high] with 0 < low <= high <= 1.")
+        for key, value in (("jitter_p", jitter_p), ("grayscale_p", grayscale_p), ("blur_p", blur_p)):
+            if not 0 <= value <= 1:
+                raise ValueError(f"augment.{key}={value} must be a probability in [0, 1].")
+        if not 0 <= strength <= 1.25:
+            raise ValueError(f"augment.strength={strength} must be in [0, 1.25] (factors stay positive).")
+        self.mirror, self.strength, self.crop_scale = mirror, float(strength), (low, high)
+        self.jitter_p, self.grayscale_p, self.blur_p = jitter_p, grayscale_p, blur_p
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def varies(self) -> bool:
+        return True
+
+    def _uniform(self, b: int, low: float, high: float) -> torch.Tensor:
+        return low + (high - low) * torch.rand(b, generator=self.generator)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        b = images.shape[0]
+        x = images.float() / 255.0
+        # crop box: its width and height as fractions of the image, its centre in [-1, 1] coordinates
+        area = self._uniform(b, *self.crop_scale)
+        ratio = torch.exp(self._uniform(b, math.log(3 / 4), math.log(4 / 3)))
+        width, height = (area * ratio).sqrt(), (area / ratio).sqrt()
+        fits = (width <= 1) & (height <= 1)  # a box that does not fit is the whole image
+        width, height = torch.where(fits, width, 1.0), torch.where(fits, height, 1.0)
+        centre_x = (self._uniform(b, -1.0, 1.0)) * (1 - width)
+        centre_y = (self._uniform(b, -1.0, 1.0)) * (1 - height)
+        mirrored = torch.rand(b, generator=self.generator) < (0.5 if self.mirror else 0.0)
+        s = self.strength
+        factors = [self._uniform(b, 1 - 0.8 * s, 1 + 0.8 * s) for _ in range(3)]
+        hue = self._uniform(b, -0.2 * s, 0.2 * s)
+        jitter = torch.rand(b, generator=self.generator) < self.jitter_p
+        gray = torch.rand(b, generator=self.generator) < self.grayscale_p
+        blur = torch.rand(b, generator=self.generator) < self.blur_p
+        sigma = self._uniform(b, 0.1, 2.0)
+
+        device = x.device
+        x = crop_resized(x, width, height, centre_x, centre_y, mirrored)
+        jittered = color_jitter(x, *(f.to(device) for f in factors), hue.to(device))
+        x = torch.where(jitter.to(device)[:, None, None, None], jittered, x)
+        x = torch.where(gray.to(device)[:, None, None, None], luma(x).expand_as(x), x)
+        if blur.any():
+            chosen = blur.nonzero().flatten().to(device)
+            x[chosen] = gaussian_blur(x[chosen], sigma[blur].to(device), kernel_size(x.shape[-1]))
+        return (x * 255.0).clamp(0, 255)
+
+
+def crop_resized(x: torch.Tensor, width: torch.Tensor, height: torch.Tensor, centre_x: torch.Tensor,
+                 centre_y: torch.Tensor, mirrored: torch.Tensor) -> torch.Tensor:
+    """Per image, the box of ``width`` x ``height`` (fractions of the image) centred at (``centre_x``,
+    ``centre_y``) in [-1, 1] coordinates, scaled to the image size (bilinear), mirrored where asked."""
+    sign = torch.where(mirrored, -1.0, 1.0)
+    theta = torch.zeros(len(x), 2, 3)
+    theta[:, 0, 0], theta[:, 0, 2] = width * sign, centre_x
+    theta[:, 1, 1], theta[:, 1, 2] = height, centre_y
+    grid = F.affine_grid(theta.to(x.device), list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def color_jitter(x: torch.Tensor, brightness: torch.Tensor, contrast: torch.Tensor, saturation: torch.Tensor,
+                 hue: torch.Tensor) -> torch.Tensor:
+    """Per image (factors [B]): scale by ``brightness``; move away from the mean luma by ``contrast``; away
+    from the pixel's luma by ``saturation``; rotate the chroma by ``hue`` turns. [0, 1] RGB in and out."""
+    x = (x * brightness[:, None, None, None]).clamp(0, 1)
+    mean = luma(x).mean(dim=(2, 3), keepdim=True)
+    x = ((x - mean) * contrast[:, None, None, None] + mean).clamp(0, 1)
+    gray = luma(x)
+    x = ((x - gray) * saturation[:, None, None, None] + gray).clamp(0, 1)
+    to_yiq = x.new_tensor(_YIQ)
+    yiq = torch.einsum("ij,bjhw->bihw", to_yiq, x)
+    angle = 2 * math.pi * hue
+    cos, sin = torch.cos(angle)[:, None, None], torch.sin(angle)[:, None, None]
+    i, q = yiq[:, 1], yiq[:, 2]
+    yiq = torch.stack([yiq[:, 0], i * cos - q * sin, i * sin + q * cos], dim=1)
+    return torch.einsum("ij,bjhw->bihw", torch.linalg.inv(to_yiq), yiq).clamp(0, 1)
+
+
+def kernel_size(side: int) -> int:
+    """SimCLR's blur kernel: 10% of the image side, odd, at least 3."""
+    return max(3, int(0.1 * side) // 2 * 2 + 1)
+
+
+def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, size: int) -> torch.Tensor:
+    """Each image blurred by a separable Gaussian of its own ``sigma`` (pixels), ``size`` taps, borders
+    reflected."""
+    b, c, h, w = x.shape
+    offsets = torch.arange(size, device=x.device, dtype=x.dtype) - size // 2
+    kernels = torch.exp(-offsets[None] ** 2 / (2 * sigma[:, None] ** 2))
+    kernels = kernels / kernels.sum(1, keepdim=True)  # [B, size]
+    weight = kernels.repeat_interleave(c, dim=0)  # one kernel per (image, channel)
+    pad = size // 2
+    flat = x.reshape(1, b * c, h, w)
+    flat = F.conv2d(F.pad(flat, (pad, pad, 0, 0), mode="reflect"), weight[:, None, None, :], groups=b * c)
+    flat = F.conv2d(F.pad(flat, (0, 0, pad, pad), mode="reflect"), weight[:, None, :, None], groups=b * c)
+    return flat.reshape(b, c, h, w)
 
 
 class ImageTransform:
