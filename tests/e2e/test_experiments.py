@@ -38,8 +38,8 @@ def sweep_settings(cfg) -> list[list[str]]:
 
 def test_there_are_experiments_and_each_names_how_to_run_it():
     assert {"dm_paper", "dm_bundled", "dm_table4_paper", "dm_table4_bundled", "dm_table5_paper",
-            "dm_table5_bundled", "ie_mnist_paper", "ie_fashion_mnist", "sec_simclr_paper",
-            "sec_simclr_bundled"} <= set(EXPERIMENTS)
+            "dm_table5_bundled", "dm_table6_paper", "dm_table6_bundled", "ie_mnist_paper", "ie_fashion_mnist",
+            "sec_simclr_paper", "sec_simclr_bundled"} <= set(EXPERIMENTS)
     for name in EXPERIMENTS:
         text = (CONFIG_DIR / "experiment" / f"{name}.yaml").read_text()
         assert text.startswith("# @package _global_") and f"experiment={name}" in text, name
@@ -105,7 +105,13 @@ def test_the_doppelganger_tables_sweep_what_the_paper_varies():
         table5 = compose_experiment(f"dm_table5_{variant}").hydra.sweeper.params
         ratios = [parse_random_ratio(r) for r in str(table5["sampler.random_ratio"]).split(",")]
         assert ratios == [n / 27 for n in (1, 2, 3, 6, 9, 15, 21, 27)]  # Table 5's rows
+        table6 = compose_experiment(f"dm_table6_{variant}")
+        assert str(table6.hydra.sweeper.params["sampler.random_ratio"]) == str(table5["sampler.random_ratio"])
+        assert list(table6.eval) == ["prototype", "classifier_learning"]  # each network before and after stage 2
+        assert (table6.eval.classifier_learning.iterations, table6.eval.classifier_learning.batch_size,
+                table6.eval.classifier_learning.lr, table6.eval.classifier_learning.lr_end) == (500, 81, 1e-3, 1e-4)
         if variant == "bundled":
+            assert str(table6.hydra.sweeper.params.seed) == str(table5.seed)
             assert str(table4.seed).split(",") == str(table5.seed).split(",") == ["0", "1", "2", "3", "4"]
     for variant in ("paper", "bundled"):
         simclr = compose_experiment(f"sec_simclr_{variant}")
