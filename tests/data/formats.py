@@ -176,3 +176,16 @@ def write_mslowshot(root: Path, classes: list[list[torch.Tensor]], n_base: int) 
     for name, lines in files.items():
         (root / name).write_text("\r\n".join(lines) + "\r\n")  # the files' Windows line ends
     return root
+
+
+def write_pack(path: Path, classes: list[list[torch.Tensor]]) -> Path:
+    """An InsightFace verification pack of 20 'same' pairs (one image twice) and 20 'different' pairs."""
+    from doppel.data.readers.verification_bin import write_verification_bin
+
+    images, issame = [], []
+    for c in range(20):
+        images += [encode(classes[c][3]), encode(classes[c][3]), encode(classes[c][2]),
+                   encode(classes[(c + 3) % 20][2])]
+        issame += [True, False]
+    write_verification_bin(path, images, issame)
+    return path

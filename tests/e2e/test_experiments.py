@@ -14,6 +14,7 @@ from omegaconf import OmegaConf, open_dict
 
 from doppel.sampling.samplers import parse_random_ratio
 from doppel.train import CONFIG_DIR, train
+from tests.data.formats import identities, write_pack
 from tests.e2e.test_formats import FORMATS
 
 EXPERIMENTS = sorted(path.stem for path in (CONFIG_DIR / "experiment").glob("*.yaml"))
@@ -39,7 +40,9 @@ def sweep_settings(cfg) -> list[list[str]]:
 def test_there_are_experiments_and_each_names_how_to_run_it():
     assert {"dm_paper", "dm_bundled", "dm_table4_paper", "dm_table4_bundled", "dm_table5_paper",
             "dm_table5_bundled", "dm_table6_paper", "dm_table6_bundled", "ie_mnist_paper", "ie_fashion_mnist",
-            "sec_simclr_paper", "sec_simclr_bundled"} <= set(EXPERIMENTS)
+            "sec_simclr_paper", "sec_simclr_bundled", "sec_dml_paper", "sec_table3_cub_paper",
+            "sec_table3_cars_paper", "sec_table3_sop_paper", "sec_table3_inshop_paper", "sec_table4_paper",
+            "ie_cifar10_paper", "ie_cifar100_paper"} <= set(EXPERIMENTS)
     for name in EXPERIMENTS:
         text = (CONFIG_DIR / "experiment" / f"{name}.yaml").read_text()
         assert text.startswith("# @package _global_") and f"experiment={name}" in text, name
@@ -76,8 +79,13 @@ def distinct_runs() -> dict[str, list[str]]:
 
 @pytest.mark.parametrize("name", sorted(distinct_runs()))
 def test_the_experiment_takes_a_training_step_on_tiny_data_in_its_format(tmp_path, name):
-    choice = compose_experiment(name).hydra.runtime.choices["data"]
+    composed = compose_experiment(name)
+    choice = composed.hydra.runtime.choices["data"]
     data = ["data.max_groups=40"] if choice in BUNDLED else FORMATS[choice](tmp_path)
+    if "verification" in composed.eval:  # the packs lie beside the training data, as InsightFace ships them
+        write_pack(tmp_path / "lfw.bin", identities())
+    if composed.backbone.name == "bn_inception":  # five stride-2 stages: 16-pixel crops would vanish
+        data += ["data.resize=72", "data.crop=64"]
     per_class = compose_experiment(name, data).sampler.examples_per_class
     fewest = per_class if isinstance(per_class, int) else min(per_class)
     cfg = compose_experiment(name, [*data, *ONE_STEP, f"sampler.batch_size={3 * fewest}"])
@@ -97,7 +105,7 @@ def test_every_experiment_runs_one_of_the_configurations_stepped_above():
     assert stepped["ie_fashion_mnist"] == ["ie_fashion_mnist"]  # another data folder and schedule
 
 
-def test_the_doppelganger_tables_sweep_what_the_paper_varies():
+def test_the_tables_sweep_what_the_papers_vary():
     for variant in ("paper", "bundled"):
         table4 = compose_experiment(f"dm_table4_{variant}").hydra.sweeper.params
         assert str(table4.loss).split(",") == ["l2s", "l2s_le", "l2s_mb", "l2s_le_mb"]
@@ -118,6 +126,30 @@ def test_the_doppelganger_tables_sweep_what_the_paper_varies():
         assert str(simclr.hydra.sweeper.params.regularizer).split(",") == ["none", "l2reg", "sec"]  # Table 5
         assert (simclr.hydra.runtime.choices["augment"], list(simclr.eval), simclr.loss.views,
                 simclr.loss.terms.ntxent.temperature) == ("simclr", ["linear_probe"], 2, 0.5)
+    for dataset, lr, milestones, steps in (("cub", 1e-5, [5000], 8000), ("cars", 1e-5, [2000], 8000),
+                                           ("sop", 2.5e-4, [6000], 12000), ("inshop", 5e-4, [6000], 12000)):
+        dml = compose_experiment(f"sec_table3_{dataset}_paper")  # Table 3, the authors' schedule per set
+        assert dml.hydra.runtime.choices["data"] == dataset and list(dml.eval) == ["retrieval"]
+        assert str(dml.hydra.sweeper.params.loss).split(",") == ["triplet", "semihard", "npair", "ms"]
+        assert str(dml.hydra.sweeper.params.regularizer).split(",") == ["none", "l2reg", "sec"]
+        assert (dml.backbone.name, dml.backbone.embedding_dim, dml.sampler.batch_size, dml.data.crop,
+                list(dml.data.crop_scale)) == ("bn_inception", 512, 120, 227, [0.16, 1.0])
+        assert (dml.optim._target_, dml.optim.lr, list(dml.sched.milestones), dml.trainer.max_steps) == (
+            "torch.optim.Adam", lr, milestones, steps)
+    faces = compose_experiment("sec_table4_paper")  # Table 4
+    assert str(faces.hydra.sweeper.params.loss).split(",") == ["sphereface", "cosface", "arcface"]
+    assert (faces.backbone.name, faces.sampler.batch_size, list(faces.eval)) == ("se_resnet50_ir", 256,
+                                                                                 ["verification"])
+    for loss, margin in (("sphereface", 3), ("cosface", 0.35), ("arcface", 0.45)):
+        term = compose_experiment("sec_table4_paper", [f"loss={loss}"]).loss.terms[loss]
+        assert (term.scale, term.margin) == (64.0, margin)
+    for classes, weight in ((10, 0.07), (100, 0.007)):  # Tables 3 and 4 [N], IE at Tables B.2 / B.3
+        cifar = compose_experiment(f"ie_cifar{classes}_paper")
+        assert str(cifar.hydra.sweeper.params.loss).split(",") == ["softmax", "lsoftmax", "center",
+                                                                   f"ie_cifar{classes}"]
+        assert (cifar.backbone.name, cifar.optim.lr, list(cifar.sched.milestones), cifar.trainer.max_steps) == (
+            f"ie_cnn_cifar{classes}", 0.01, [10000, 17000], 22000)
+        assert (cifar.loss.terms.ie.weight, cifar.loss.terms.ie.alpha) == (weight, 0.1)
     ie = compose_experiment("ie_mnist_paper")
     assert str(ie.hydra.sweeper.params.loss).split(",") == ["softmax", "lsoftmax", "center", "ie_mnist"]
     assert (ie.sampler.batch_size, ie.optim.lr, list(ie.sched.milestones), ie.trainer.max_steps) == (

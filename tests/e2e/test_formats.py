@@ -21,6 +21,7 @@ from tests.data.formats import (
     write_inshop,
     write_mnist,
     write_mslowshot,
+    write_pack,
     write_sop,
 )
 
@@ -138,16 +139,9 @@ def test_verification_packs_beside_the_data_are_evaluated_pair_by_pair(tmp_path)
 
 def faces_with_a_pack(tmp_path: Path) -> list[str]:
     """A folder of identities with a verification pack beside it (as InsightFace ships lfw.bin)."""
-    from doppel.data.readers.verification_bin import write_verification_bin
-
     classes = identities()
     root = write_folder(tmp_path / "faces", classes, "png")
-    images, issame = [], []
-    for c in range(20):
-        images += [encode(classes[c][3]), encode(classes[c][3])]
-        images += [encode(classes[c][2]), encode(classes[(c + 3) % 20][2])]
-        issame += [True, False]
-    write_verification_bin(root / "lfw.bin", images, issame)
+    write_pack(root / "lfw.bin", classes)
     return ["data=folder", f"data.root={root}", "data.novel_fraction=0.25"]
 
 
