@@ -42,7 +42,7 @@ def test_there_are_experiments_and_each_names_how_to_run_it():
             "dm_table5_bundled", "dm_table6_paper", "dm_table6_bundled", "ie_mnist_paper", "ie_fashion_mnist",
             "sec_simclr_paper", "sec_simclr_bundled", "sec_dml_paper", "sec_table3_cub_paper",
             "sec_table3_cars_paper", "sec_table3_sop_paper", "sec_table3_inshop_paper", "sec_table4_paper",
-            "ie_cifar10_paper", "ie_cifar100_paper"} <= set(EXPERIMENTS)
+            "ie_cifar10_paper", "ie_cifar100_paper", "ie_face_paper"} <= set(EXPERIMENTS)
     for name in EXPERIMENTS:
         text = (CONFIG_DIR / "experiment" / f"{name}.yaml").read_text()
         assert text.startswith("# @package _global_") and f"experiment={name}" in text, name
@@ -150,6 +150,13 @@ def test_the_tables_sweep_what_the_papers_vary():
         assert (cifar.backbone.name, cifar.optim.lr, list(cifar.sched.milestones), cifar.trainer.max_steps) == (
             f"ie_cnn_cifar{classes}", 0.01, [10000, 17000], 22000)
         assert (cifar.loss.terms.ie.weight, cifar.loss.terms.ie.alpha) == (weight, 0.1)
+    face = compose_experiment("ie_face_paper")  # Table 6 [N]: the face setting of IE (sec. 4.3)
+    assert str(face.hydra.sweeper.params.loss).split(",") == ["softmax", "lsoftmax", "center", "ie"]
+    assert (face.backbone.name, list(face.backbone.input_size), face.sampler.batch_size, face.optim.lr,
+            list(face.sched.milestones), face.trainer.max_steps) == ("ie_face_resnet", [112, 96], 256, 0.1,
+                                                                      [16000, 24000], 28000)
+    assert (face.loss.terms.ie.weight, face.loss.terms.ie.q_fraction, face.eval.verification.flip) == (0.05, 0.2,
+                                                                                                      True)
     ie = compose_experiment("ie_mnist_paper")
     assert str(ie.hydra.sweeper.params.loss).split(",") == ["softmax", "lsoftmax", "center", "ie_mnist"]
     assert (ie.sampler.batch_size, ie.optim.lr, list(ie.sched.milestones), ie.trainer.max_steps) == (
