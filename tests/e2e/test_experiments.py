@@ -42,7 +42,8 @@ def test_there_are_experiments_and_each_names_how_to_run_it():
             "dm_table5_bundled", "dm_table6_paper", "dm_table6_bundled", "ie_mnist_paper", "ie_fashion_mnist",
             "sec_simclr_paper", "sec_simclr_bundled", "sec_dml_paper", "sec_table3_cub_paper",
             "sec_table3_cars_paper", "sec_table3_sop_paper", "sec_table3_inshop_paper", "sec_table4_paper",
-            "ie_cifar10_paper", "ie_cifar100_paper", "ie_face_paper"} <= set(EXPERIMENTS)
+            "ie_cifar10_paper", "ie_cifar100_paper", "ie_face_paper",
+            "sec_table3_bundled", "sec_table4_bundled"} <= set(EXPERIMENTS)
     for name in EXPERIMENTS:
         text = (CONFIG_DIR / "experiment" / f"{name}.yaml").read_text()
         assert text.startswith("# @package _global_") and f"experiment={name}" in text, name
@@ -136,6 +137,11 @@ def test_the_tables_sweep_what_the_papers_vary():
                 list(dml.data.crop_scale)) == ("bn_inception", 512, 120, 227, [0.16, 1.0])
         assert (dml.optim._target_, dml.optim.lr, list(dml.sched.milestones), dml.trainer.max_steps) == (
             "torch.optim.Adam", lr, milestones, steps)
+    for bundled, paper in (("sec_table3_bundled", "sec_table3_cub_paper"), ("sec_table4_bundled", "sec_table4_paper")):
+        params, reference = (compose_experiment(name).hydra.sweeper.params for name in (bundled, paper))
+        assert (params.loss, params.regularizer) == (reference.loss, reference.regularizer)  # the same rows
+        assert str(params.seed).split(",") == ["0", "1", "2", "3", "4"]
+    assert list(compose_experiment("sec_table3_bundled").eval) == ["retrieval"]
     faces = compose_experiment("sec_table4_paper")  # Table 4
     assert str(faces.hydra.sweeper.params.loss).split(",") == ["sphereface", "cosface", "arcface"]
     assert (faces.backbone.name, faces.sampler.batch_size, list(faces.eval)) == ("se_resnet50_ir", 256,
