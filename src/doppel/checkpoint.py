@@ -146,6 +146,24 @@ def check_state_dict(checkpoint: Mapping[str, Any], expected: Mapping[str, torch
                                   f"{list(saved[key].shape)} in the checkpoint and {list(tensor.shape)} here.")
 
 
+def copy_matching_weights(checkpoint: Mapping[str, Any], model: torch.nn.Module, name: str) -> list[str]:
+    """Fine-tuning: the backbone entire, and every loss-head tensor of the same name and shape (a new term,
+    or one the checkpoint lacks, keeps its initialisation). Returns the model's tensors left as they were.
+    Refuses a checkpoint whose backbone is not this config's, tensor for tensor."""
+    saved = checkpoint.get("state_dict") if isinstance(checkpoint, Mapping) else None
+    if not isinstance(saved, Mapping):
+        raise CheckpointError(f"{name} has no state_dict: it is not a checkpoint written by a Doppel run.")
+    own = model.state_dict()
+    for key in (k for k in own if k.startswith("backbone.")):
+        if key not in saved or tuple(saved[key].shape) != tuple(own[key].shape):
+            found = list(saved[key].shape) if key in saved else "absent"
+            raise CheckpointError(f"{name}: its backbone does not fit the one this config builds ({key}: "
+                                  f"{found} there, {list(own[key].shape)} here); set backbone.* as in its run.")
+    fits = {k: v for k, v in saved.items() if k in own and tuple(v.shape) == tuple(own[k].shape)}
+    model.load_state_dict(fits, strict=False)
+    return [k for k in own if k not in fits]
+
+
 def _tensors(tree: Any, where: str = "") -> Iterator[tuple[str, torch.Tensor]]:
     if isinstance(tree, torch.Tensor):
         yield where, tree

@@ -193,7 +193,7 @@ def _check_values(cfg: DictConfig) -> None:
     augment = build(cfg.augment)
     if views > 1 and not augment.varies():
         raise ValueError(f"loss.views={views} needs augmentation to make the views differ: enable augment.mirror, "
-                         "augment.color_shift or augment.grayscale_p, or choose augment=simclr.")
+                         "augment.color_shift, augment.grayscale_p or augment.pad_crop, or choose augment=simclr.")
     embedding_dim = backbone.get("embedding_dim") if isinstance(backbone.get("embedding_dim"), int) else 8
     loss_set = LossSet(cfg.loss.get("terms") or {}, embedding_dim=embedding_dim, num_classes=8,
                        regularizer=cfg.get("regularizer"))

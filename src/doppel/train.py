@@ -18,7 +18,14 @@ from doppel.callbacks.checkpointing import LastCheckpoint, RunInterrupted
 from doppel.callbacks.doppelganger_mining import DoppelgangerMining
 from doppel.callbacks.exact_resume import ExactResume
 from doppel.callbacks.exposure import ExposureMonitor
-from doppel.checkpoint import SafeCheckpointIO, check_checkpoint, check_state_dict, checkpoint_dir, resolve_ckpt_path
+from doppel.checkpoint import (
+    SafeCheckpointIO,
+    check_checkpoint,
+    check_state_dict,
+    checkpoint_dir,
+    copy_matching_weights,
+    resolve_ckpt_path,
+)
 from doppel.config import CONFIG_DIR, bind_evaluator, build, check_config, resolve_mining
 from doppel.evaluation.evaluator import Evaluator
 from doppel.losses.loss_set import LossSet
@@ -56,6 +63,9 @@ def train(cfg: DictConfig) -> RunMetrics:
         rank_zero_info(f"resuming from {ckpt_path} (step {checkpoint.get('global_step')})")
     elif cfg.ckpt_path == "auto":
         rank_zero_info(f"ckpt_path=auto: no checkpoint in {checkpoint_dir(output_dir)}, starting a new run")
+    start_weights = None
+    if cfg.init_from is not None and checkpoint is None:  # a resumed run already holds the fine-tuned weights
+        start_weights = load_checkpoint(cfg.init_from, key="init_from")
 
     pl.seed_everything(cfg.seed, workers=True)
     datamodule.setup()
@@ -72,7 +82,7 @@ def train(cfg: DictConfig) -> RunMetrics:
     datamodule.attach_sampler(sampler_cfg, table, cfg.seed)
     datamodule.build_sampler()  # the sampler checks its own settings against the data
 
-    if cfg.lsuv.enabled and checkpoint is None:
+    if cfg.lsuv.enabled and checkpoint is None and start_weights is None:
         generator = torch.Generator().manual_seed(cfg.seed)
         lsuv_init_(backbone, datamodule.training_images(cfg.lsuv.batch_size, generator))
     if cfg.speed.channels_last:
@@ -88,6 +98,9 @@ def train(cfg: DictConfig) -> RunMetrics:
                           evaluator=evaluator)
     if checkpoint is not None:
         check_state_dict(checkpoint, module.state_dict(), f"ckpt_path={str(ckpt_path)!r}")
+    if start_weights is not None:
+        left = copy_matching_weights(start_weights, module, f"init_from={cfg.init_from!r}")
+        rank_zero_info(f"init_from={cfg.init_from}: weights loaded; kept at initialisation: {left or 'none'}")
 
     callbacks: list[pl.Callback] = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
     if not cfg.trainer.get("enable_progress_bar", True):

@@ -154,3 +154,31 @@ def test_simclr_settings_are_checked():
                           ({"strength": 3.0}, "strength")):
         with pytest.raises(ValueError, match=f"augment.{key}"):
             SimCLRAugment(**settings)
+
+
+def test_pad_crop_is_a_window_of_the_zero_padded_image_at_every_offset_in_range():
+    """Each output is the image zero-padded by p on every side, cropped back to its size at one offset
+    (dy, dx) in [0, 2p]^2, found here by trying them all; over many images every offset occurs."""
+    p, n = 2, 600
+    images = torch.arange(1, 3 * 5 * 6 + 1, dtype=torch.float32).reshape(1, 3, 5, 6).repeat(n, 1, 1, 1)
+    out = PaperAugment(mirror=False, color_shift=0, grayscale_p=0, pad_crop=p, seed=3)(images)
+    padded = np.zeros((3, 5 + 2 * p, 6 + 2 * p), dtype=np.float32)
+    padded[:, p:p + 5, p:p + 6] = images[0].numpy()
+    seen = set()
+    for crop in out.numpy():
+        matches = [(dy, dx) for dy in range(2 * p + 1) for dx in range(2 * p + 1)
+                   if np.array_equal(crop, padded[:, dy:dy + 5, dx:dx + 6])]
+        assert len(matches) == 1, matches
+        seen.add(matches[0])
+    assert seen == {(dy, dx) for dy in range(2 * p + 1) for dx in range(2 * p + 1)}
+
+
+def test_pad_crop_off_draws_nothing_so_earlier_runs_keep_their_augmentation():
+    """Numbers written by PaperAugment before pad_crop existed (commit 419e3f5), same seed and batch."""
+    images = red_blue(50) + torch.arange(50.0)[:, None, None, None]
+    out = PaperAugment(mirror=True, color_shift=10.0, grayscale_p=0.1, pad_crop=0, seed=4)(images)
+    assert out.double().sum().item() == pytest.approx(29557.981357336044, rel=1e-6)
+    assert out[7].flatten().tolist() == pytest.approx([253.24444580078125, 0.0, 1.9489107131958008,
+                                                       1.9489107131958008, 2.289442539215088, 255.0], rel=1e-6)
+    with pytest.raises(ValueError, match="augment.pad_crop=-1"):
+        PaperAugment(pad_crop=-1)

@@ -42,7 +42,7 @@ def test_there_are_experiments_and_each_names_how_to_run_it():
             "dm_table5_bundled", "dm_table6_paper", "dm_table6_bundled", "ie_mnist_paper", "ie_fashion_mnist",
             "sec_simclr_paper", "sec_simclr_bundled", "sec_dml_paper", "sec_table3_cub_paper",
             "sec_table3_cars_paper", "sec_table3_sop_paper", "sec_table3_inshop_paper", "sec_table4_paper",
-            "ie_cifar10_paper", "ie_cifar100_paper", "ie_face_paper",
+            "ie_cifar10_paper", "ie_cifar100_paper", "ie_face_paper", "ie_cifar10_wrn_paper", "ie_cifar100_wrn_paper",
             "sec_table3_bundled", "sec_table4_bundled"} <= set(EXPERIMENTS)
     for name in EXPERIMENTS:
         text = (CONFIG_DIR / "experiment" / f"{name}.yaml").read_text()
@@ -156,6 +156,10 @@ def test_the_tables_sweep_what_the_papers_vary():
         assert (cifar.backbone.name, cifar.optim.lr, list(cifar.sched.milestones), cifar.trainer.max_steps) == (
             f"ie_cnn_cifar{classes}", 0.01, [10000, 17000], 22000)
         assert (cifar.loss.terms.ie.weight, cifar.loss.terms.ie.alpha) == (weight, 0.1)
+    for classes, pad in ((10, 4), (100, 0)):  # [P]: WRN-28-10, pad-and-crop on CIFAR-10 only
+        wrn = compose_experiment(f"ie_cifar{classes}_wrn_paper")
+        assert (wrn.backbone.name, wrn.sampler.batch_size, wrn.augment.pad_crop, wrn.augment.mirror,
+                str(wrn.hydra.sweeper.params.loss)) == ("wrn28_10", 128, pad, True, "softmax")
     face = compose_experiment("ie_face_paper")  # Table 6 [N]: the face setting of IE (sec. 4.3)
     assert str(face.hydra.sweeper.params.loss).split(",") == ["softmax", "lsoftmax", "center", "ie"]
     assert (face.backbone.name, list(face.backbone.input_size), face.sampler.batch_size, face.optim.lr,

@@ -114,3 +114,27 @@ def test_a_new_sampler_class_is_built_from_the_config_with_the_table_it_declares
     assert len(BatchRecorder.batches) == 4
     for _, labels in BatchRecorder.batches:
         assert len(labels) == 24 and (torch.bincount(torch.tensor(labels)) % 2 == 0).all()  # 2 examples per class
+
+
+def test_init_from_starts_a_new_run_from_a_checkpoints_weights(tmp_path):
+    """A softmax run's weights start a center-loss run that cannot move them (lr 0): its backbone and
+    softmax classifier are the first run's trained ones, its new center term keeps its initialisation."""
+    from doppel.serialization import load_checkpoint
+
+    train(compose_cfg(tmp_path / "softmax", ["loss=softmax", "sampler=random"]))
+    first = load_checkpoint(tmp_path / "softmax" / "checkpoints" / "last.ckpt")["state_dict"]
+    start = str(tmp_path / "softmax" / "checkpoints" / "last.ckpt")
+    fixed = ["loss=center", "sampler=random", "optim.lr=0", "optim.weight_decay=0", "trainer.max_epochs=1",
+             "trainer.limit_train_batches=1", f"init_from={start}"]
+    train(compose_cfg(tmp_path / "center", fixed))
+    second = load_checkpoint(tmp_path / "center" / "checkpoints" / "last.ckpt")["state_dict"]
+    weights = [k for k in first if k.startswith("backbone.") and first[k].is_floating_point()
+               and "running_" not in k]  # batch-norm statistics move even at lr 0
+    assert len(weights) > 10 and all(torch.equal(second[k], first[k]) for k in weights)
+    head = [k for k in first if k.startswith("loss_set.") or k.startswith("losses.")]
+    assert head and all(torch.equal(second[k], first[k]) for k in head), head
+    new = [k for k in second if k not in first]
+    assert new and all("center" in k for k in new), new
+    with pytest.raises(Exception, match="its backbone does not fit the one this config builds"):
+        train(compose_cfg(tmp_path / "wide", [*fixed, "backbone.widths=[16,16,16,16]", "backbone.stem_channels=16",
+                                              "backbone.embedding_dim=32"]))

@@ -68,21 +68,27 @@ class Preprocess(nn.Module):
 
 class PaperAugment(nn.Module):
     """Random horizontal mirror, a per-channel colour shift in [-shift, shift], and grayscale with
-    probability ``grayscale_p``. Works on 0-255 float batches; draws from its own seeded generator."""
+    probability ``grayscale_p``; with ``pad_crop`` = p > 0, first the CIFAR crop (zero padding of p pixels
+    on each side, then a crop of the original size at a uniform offset in [0, 2p] per axis). Works on
+    0-255 float batches; draws from its own seeded generator (the crop's draws only when it is on)."""
 
     def __init__(self, mirror: bool = True, color_shift: float = 10.0, grayscale_p: float = 0.1,
-                 seed: int = 0) -> None:
+                 pad_crop: int = 0, seed: int = 0) -> None:
         super().__init__()
         if not color_shift >= 0:
             raise ValueError(f"augment.color_shift={color_shift} must be >= 0 (0 turns it off).")
         if not 0 <= grayscale_p <= 1:
             raise ValueError(f"augment.grayscale_p={grayscale_p} must be a probability in [0, 1].")
-        self.mirror, self.color_shift, self.grayscale_p = mirror, color_shift, grayscale_p
+        if not isinstance(pad_crop, int) or pad_crop < 0:
+            raise ValueError(f"augment.pad_crop={pad_crop} must be a whole number of pixels >= 0 (0 turns it off).")
+        self.mirror, self.color_shift, self.grayscale_p, self.pad_crop = mirror, color_shift, grayscale_p, pad_crop
         self.generator = torch.Generator().manual_seed(seed)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         b = images.shape[0]
         images = images.float()
+        if self.pad_crop:
+            images = self._pad_and_crop(images)
         flip = torch.rand(b, generator=self.generator) < (0.5 if self.mirror else 0.0)
         shift = (torch.rand(b, 3, generator=self.generator) * 2 - 1) * self.color_shift
         gray = torch.rand(b, generator=self.generator) < self.grayscale_p
@@ -91,9 +97,20 @@ class PaperAugment(nn.Module):
         images = torch.where(gray[:, None, None, None], luma(images).expand_as(images), images)
         return (images + shift[:, :, None, None]).clamp(0, 255)
 
+    def _pad_and_crop(self, images: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = images.shape
+        p = self.pad_crop
+        offsets = torch.randint(0, 2 * p + 1, (b, 2), generator=self.generator).to(images.device)
+        padded = F.pad(images, (p, p, p, p))
+        rows = (offsets[:, 0, None] + torch.arange(h, device=images.device))[:, None, :, None]
+        cols = (offsets[:, 1, None] + torch.arange(w, device=images.device))[:, None, None, :]
+        batch = torch.arange(b, device=images.device)[:, None, None, None]
+        channel = torch.arange(c, device=images.device)[None, :, None, None]
+        return padded[batch, channel, rows, cols]
+
     def varies(self) -> bool:
         """Whether two passes over one batch can differ (several views need that)."""
-        return self.mirror or self.color_shift > 0 or self.grayscale_p > 0
+        return self.mirror or self.color_shift > 0 or self.grayscale_p > 0 or self.pad_crop > 0
 
 
 # RGB -> YIQ (NTSC); a hue change rotates the (I, Q) chroma plane.
