@@ -31,6 +31,7 @@ from doppel.evaluation.evaluator import Evaluator
 from doppel.losses.loss_set import LossSet
 from doppel.models.layers import lsuv_init_
 from doppel.module import DoppelModule
+from doppel.report import write_report
 from doppel.sampling.doppelganger import DoppelgangerTable
 from doppel.serialization import load_checkpoint
 
@@ -146,13 +147,15 @@ def save_config(cfg: DictConfig, output_dir: Path) -> None:
 
 @rank_zero_only
 def report(metrics: dict[str, float], evaluator: Evaluator, output_dir: Path, loggers: list[Any]) -> None:
-    """Write ``metrics.json`` and each protocol's curves (PNG, and W&B images), print the final table."""
+    """Write ``metrics.json``, each protocol's curves (PNG, and W&B images) and ``report.html``; print the
+    final table."""
     (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
     figures = evaluator.write_figures(output_dir)
     log_images(loggers, figures)
     tested = {k[len("test/"):]: v for k, v in metrics.items() if k.startswith("test/")}
     lines = [f"final metrics ({output_dir / 'metrics.json'})", *evaluator.summary(tested)]
     lines += [f"curves: {', '.join(str(f) for f in figures)}"] if figures else []
+    lines += [f"report: {write_report([output_dir], output_dir / 'report.html')}"]
     print("\n".join(lines), flush=True)
 
 

@@ -94,6 +94,18 @@ def test_cli_multirun_runs_two_jobs_each_its_own_wandb_run(tmp_path):
 
         with Image.open(media[0]) as logged, Image.open(job / "precision_coverage.png") as written:
             assert logged.size == written.size and logged.convert("RGB").tobytes() == written.convert("RGB").tobytes()
+        # and the diagnostics: the same pictures as the run directory's, the doppelganger pairs as a table
+        for key, written in (("gallery", "gallery_e000"), ("hubs", "hubs_e000"), ("norms", "norms"),
+                             ("projection", "projection_e000")):  # the last epoch was validated: no test
+            media = list(job.rglob(f"offline-run-*/files/media/images/diagnostics/{key}_*.png"))
+            assert len(media) == 1, key
+            with Image.open(media[0]) as logged, Image.open(job / "diagnostics" / f"{written}.png") as picture:
+                assert logged.convert("RGB").tobytes() == picture.convert("RGB").tobytes(), key
+        logged_table = json.loads(next(job.rglob("offline-run-*/files/media/table/diagnostics/doppelgangers_*.json"))
+                                  .read_text())
+        gallery = json.loads((job / "diagnostics" / "gallery_e000.json").read_text())
+        assert [[row[1], row[3], row[6]] for row in logged_table["data"]] == [
+            [r["name"], d["name"], pytest.approx(d["score"])] for r in gallery for d in r["doppelgangers"]]
 
 
 def test_final_metrics_reuse_a_last_epoch_validation_exactly(tmp_path):

@@ -219,6 +219,33 @@ class IdentityDataModule(pl.LightningDataModule):
         self.setup()
         return self.split.base_lookalikes(self.data)
 
+    @property
+    def class_groups(self) -> list[str] | None:
+        """Per run label (base classes, then novel), the family its identity belongs to (None: the data
+        names no families)."""
+        self.setup()
+        if self.data.groups is None:
+            return None
+        groups = [""] * len(self.split.names)
+        for cls, label in zip(self.data.labels[self.split.index].tolist(), self.split.label.tolist()):
+            groups[label] = self.data.groups[cls]
+        return groups
+
+    def class_images(self, labels: list[int]) -> torch.Tensor:
+        """The first training image of each base class in ``labels``, as the network receives it without
+        random transforms: uint8 [len(labels), C, H, W]."""
+        self.setup()
+        training = self.split.training
+        train_labels = self.split.label[training]
+        first = torch.full((self.split.num_classes,), -1, dtype=torch.long)
+        # scatter_reduce with amin: the smallest training position of each class
+        first = first.scatter_reduce(0, train_labels, torch.arange(len(training)), reduce="amin", include_self=False)
+        missing = [label for label in labels if not 0 <= label < self.split.num_classes or first[label] < 0]
+        if missing:
+            raise ValueError(f"class_images: labels {missing[:5]} are not base classes with a training image.")
+        dataset = self._dataset(training, train=False)
+        return collate([dataset[int(first[label])][:1] for label in labels])[0]
+
     def _dataset(self, positions: torch.Tensor, train: bool) -> _Images:
         return _Images(self.data, self.split, positions, self.transform, train, self.skip_corrupt)
 

@@ -33,6 +33,7 @@ class Evaluator:
         self.parts: torch.Tensor | None = None
         self.sizes: list[int] = []
         self._rows: dict[int, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]] = {}
+        self.last_split: Embedded | None = None  # the split images' embeddings last scored (process 0)
 
     # -- set-up ------------------------------------------------------------------------------
     def bind(self, datamodule: Any) -> None:
@@ -108,6 +109,7 @@ class Evaluator:
             try:
                 for name, item in embedded.items():
                     _check_finite(item, f"{where} embeddings" + (f" of {name}" if name != SPLIT else ""))
+                self.last_split = embedded.get(SPLIT)
                 inputs = Inputs(split=embedded.get(SPLIT), pairs={k: v for k, v in embedded.items() if k != SPLIT},
                                 classify=classify)
                 metrics: dict[str, float] = {}
@@ -123,14 +125,14 @@ class Evaluator:
         return outcome[0]
 
     # -- outputs -----------------------------------------------------------------------------
-    def write_figures(self, folder: Path) -> list[Path]:
-        """Each protocol's curves of the last evaluation as ``<folder>/<stem>.png`` (process 0)."""
+    def write_figures(self, folder: Path, suffix: str = "") -> list[Path]:
+        """Each protocol's curves of the last evaluation as ``<folder>/<stem><suffix>.png`` (process 0)."""
         import matplotlib.pyplot as plt
 
         written = []
         for protocol in self.protocols.values():
             for stem, figure in protocol.figures():
-                path = folder / f"{stem}.png"
+                path = folder / f"{stem}{suffix}.png"
                 figure.savefig(path, dpi=120)
                 plt.close(figure)
                 written.append(path)

@@ -1,0 +1,238 @@
+"""``python -m doppel.report RUN_DIR [RUN_DIR ...]``: one self-contained HTML page (images inlined, no script,
+no network) of one or several runs: their final metrics, what their configs change, the logged curves, the
+protocols' figures and the diagnostics pictures. A run writes its own ``report.html`` when it finishes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import csv
+import html
+import io
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
+from omegaconf import OmegaConf  # noqa: E402
+
+# Curves drawn when a run logged them: (title, metric keys, x axis).
+CURVES = [
+    ("training loss", ["train/loss"], "step"),
+    ("learning rate", ["train/lr"], "step"),
+    ("embedding norms", ["embedding/norm_mean", "embedding/norm_var"], "epoch"),
+    ("doppelganger table", ["doppel/table_filled", "doppel/churn", "doppel/from_table", "doppel/lookalike_share"],
+     "epoch"),
+    ("sampler exposure", ["sampler/exposure_cv", "sampler/exposure_starved"], "epoch"),
+]
+FIGURES = ["precision_coverage", "classifier_precision_coverage", "roc", "recall_at_k"]  # the protocols' own
+DIAGNOSTICS = ["gallery", "hubs", "norms", "projection"]
+
+
+def read_log(run: Path) -> list[dict[str, float]]:
+    """``csv/metrics.csv`` as rows of the values each holds (empty cells dropped)."""
+    path = run / "csv" / "metrics.csv"
+    if not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        return [{k: float(v) for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(f)]
+
+
+def series(rows: list[dict[str, float]], key: str, x: str = "step") -> tuple[list[float], list[float]]:
+    """The logged points of ``key``: x (``step`` or ``epoch``) and value, in log order."""
+    points = [(row[x], row[key]) for row in rows if key in row and x in row]
+    return [p[0] for p in points], [p[1] for p in points]
+
+
+def flatten(config: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested config as ``{"dotted.key": value}``."""
+    if isinstance(config, dict):
+        out: dict[str, Any] = {}
+        for key, value in config.items():
+            out.update(flatten(value, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: config}
+
+
+def config_differences(configs: list[dict[str, Any]], runs: list[Path] | None = None) -> dict[str, list[Any]]:
+    """Keys whose value is not the same in every config (missing counts as a value), sorted; a run's own
+    folder in a value reads ``<run>`` (every run has its own)."""
+    flat = [flatten(c) for c in configs]
+    for values, run in zip(flat, runs or []):
+        own = str(Path(run).resolve())
+        for key, value in values.items():
+            if isinstance(value, str) and value.startswith(own):
+                values[key] = "<run>" + value[len(own):]
+    keys = sorted(set().union(*flat))
+    ignored = ("paths.", "hydra.")  # where a run lives is not a setting
+    return {k: [f.get(k, "—") for f in flat] for k in keys
+            if not k.startswith(ignored) and len({json.dumps(f.get(k), sort_keys=True, default=str) for f in flat}) > 1}
+
+
+def _png(figure: Any) -> bytes:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=90)
+    plt.close(figure)
+    return buffer.getvalue()
+
+
+def curve_figure(title: str, keys: list[str], x: str, logs: dict[str, list[dict[str, float]]]) -> Any | None:
+    """One panel per key with a line per run; None when no run logged any of them."""
+    drawn = [k for k in keys if any(series(rows, k, x)[0] for rows in logs.values())]
+    if not drawn:
+        return None
+    figure, axes = plt.subplots(1, len(drawn), figsize=(3.6 * len(drawn), 2.8), squeeze=False)
+    for panel, key in zip(axes[0], drawn):
+        for name, rows in logs.items():
+            xs, ys = series(rows, key, x)
+            if xs:
+                panel.plot(xs, ys, marker="o" if len(xs) < 30 else None, markersize=3, label=name)
+        panel.set(title=key, xlabel=x)
+        panel.tick_params(labelsize=7)
+    axes[0][0].legend(fontsize=6)
+    figure.suptitle(title, fontsize=9)
+    figure.tight_layout()
+    return figure
+
+
+def _table(name: str, header: list[str], rows: list[list[str]]) -> str:
+    """An HTML table; cells are escaped here."""
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table id='{name}'><tr>{head}</tr>{body}</table>"
+
+
+def _image(data: bytes, alt: str) -> str:
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(data).decode()}">'
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else f"{value:.4f}"
+    return str(value)
+
+
+def _latest(folder: Path, stem: str) -> Path | None:
+    """``<stem>.png``, else the last of ``<stem>_*.png`` (``final`` after every epoch)."""
+    if (folder / f"{stem}.png").is_file():
+        return folder / f"{stem}.png"
+    found = sorted(folder.glob(f"{stem}_e[0-9]*.png")) + sorted(folder.glob(f"{stem}_final.png"))
+    return found[-1] if found else None
+
+
+STYLE = """body{font-family:sans-serif;margin:1.5em;color:#222} table{border-collapse:collapse;margin:.5em 0}
+td,th{border:1px solid #bbb;padding:3px 7px;font-size:13px;text-align:right} th{background:#eee}
+td:first-child,th:first-child{text-align:left} img{max-width:100%;margin:4px;border:1px solid #ddd}
+h2{border-bottom:1px solid #ccc;margin-top:1.5em} .run{display:inline-block;vertical-align:top;margin-right:1em}"""
+
+
+def _is_run(folder: Path) -> bool:
+    return (folder / "config.yaml").is_file() or (folder / "metrics.json").is_file()
+
+
+def expand_runs(paths: list[Path]) -> list[Path]:
+    """Run directories as given; a multirun's folder stands for its jobs (in job order)."""
+    runs: list[Path] = []
+    for path in map(Path, paths):
+        if _is_run(path):
+            runs.append(path)
+            continue
+        jobs = sorted((p for p in path.glob("*") if p.is_dir() and _is_run(p)),
+                      key=lambda p: (not p.name.isdigit(), int(p.name) if p.name.isdigit() else 0, p.name))
+        if not jobs:
+            raise FileNotFoundError(f"{path} is neither a run directory nor a multirun's (no config.yaml or "
+                                    "metrics.json in it or its subfolders): pass outputs/runs/<time> or "
+                                    "outputs/multirun/<time>.")
+        runs += jobs
+    return runs
+
+
+def build_report(runs: list[Path], names: list[str] | None = None) -> str:
+    """The HTML page of ``runs`` (run directories, or multirun folders for all their jobs)."""
+    runs = expand_runs(runs)
+    names = names or _names(runs)
+    metrics = [json.loads((r / "metrics.json").read_text()) if (r / "metrics.json").is_file() else {} for r in runs]
+    configs = [OmegaConf.to_container(OmegaConf.load(r / "config.yaml")) if (r / "config.yaml").is_file() else {}
+               for r in runs]
+    logs = {name: read_log(run) for name, run in zip(names, runs)}
+    parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>Doppel report</title><style>{STYLE}</style>"
+             "</head><body>", f"<h1>Doppel report: {len(runs)} run{'s' if len(runs) > 1 else ''}</h1>"]
+
+    keys = sorted(set().union(*metrics))
+    parts.append("<h2>Final metrics</h2>")
+    if keys:
+        parts.append(_table("metrics", ["run", *keys], [[n, *(_cell(m.get(k, "—")) for k in keys)]
+                                                        for n, m in zip(names, metrics)]))
+    else:
+        parts.append("<p>No run has finished (no metrics.json).</p>")
+
+    if len(runs) > 1:
+        differences = config_differences(configs, runs)
+        parts.append("<h2>Config differences</h2>")
+        parts.append(_table("config-diff", ["key", *names], [[k, *map(str, v)] for k, v in differences.items()])
+                     if differences else "<p>The configs are identical.</p>")
+    elif configs[0]:
+        chosen = [[k, str(v)] for k, v in flatten(configs[0]).items()
+                  if k.endswith("_target_") or k in ("seed", "trainer.max_epochs")]
+        parts.append("<h2>Config</h2>" + _table("config", ["key", "value"], chosen))
+
+    parts.append("<h2>Curves</h2>")
+    for title, curve_keys, x in CURVES:
+        figure = curve_figure(title, curve_keys, x, logs)
+        if figure is not None:
+            parts.append(_image(_png(figure), title))
+    validation = sorted({k for rows in logs.values() for row in rows for k in row if k.startswith("val/")})
+    if validation:
+        figure = curve_figure("validation", validation[:4], "epoch", logs)
+        parts.append(_image(_png(figure), "validation"))
+
+    for name, run in zip(names, runs):
+        parts.append(f"<h2>{html.escape(name)}</h2><div class='run'>")
+        for stem in FIGURES:
+            if (run / f"{stem}.png").is_file():
+                parts.append(_image((run / f"{stem}.png").read_bytes(), stem))
+        for stem in DIAGNOSTICS:
+            found = _latest(run / "diagnostics", stem)
+            if found is not None:
+                parts.append(f"<figure>{_image(found.read_bytes(), found.stem)}<figcaption>{found.name}</figcaption>"
+                             "</figure>")
+        parts.append("</div>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def _names(runs: list[Path]) -> list[str]:
+    """Short distinct names: the runs' paths below their common folder."""
+    resolved = [r.resolve() for r in runs]
+    if len(resolved) == 1:
+        return [resolved[0].name]
+    common = Path(os.path.commonpath(resolved))
+    return [str(p.relative_to(common)) if p != common else p.name for p in resolved]
+
+
+def write_report(runs: list[Path], out: Path) -> Path:
+    out.write_text(build_report(runs), encoding="utf-8")
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m doppel.report", description=__doc__.split("\n\n")[0])
+    parser.add_argument("runs", nargs="+", type=Path,
+                        help="run directories (outputs/runs/<time>) or multirun folders (outputs/multirun/<time>)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="the HTML file (default: <run>/report.html for one run, report.html for several)")
+    args = parser.parse_args(argv)
+    single = len(args.runs) == 1 and _is_run(args.runs[0])
+    out = args.out or (args.runs[0] / "report.html" if single else Path("report.html"))
+    print(write_report(args.runs, out))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,120 @@
+"""``doppel.report``: the page holds the runs' own numbers, files and differences."""
+
+from __future__ import annotations
+
+import base64
+import csv
+import json
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from doppel.report import build_report, curve_figure, main, read_log
+
+
+class _Page(HTMLParser):
+    """Tables (by id) as rows of cell texts, and every inlined image's bytes by its alt text."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tables: dict[str, list[list[str]]] = {}
+        self.images: dict[str, bytes] = {}
+        self._table: str | None = None
+        self._cell: list[str] | None = None
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "table":
+            self._table = attrs.get("id")
+            self.tables[self._table] = []
+        elif tag == "tr" and self._table:
+            self.tables[self._table].append([])
+        elif tag in ("td", "th"):
+            self._cell = []
+        elif tag == "img":
+            self.images[attrs["alt"]] = base64.b64decode(attrs["src"].split(",", 1)[1])
+
+    def handle_endtag(self, tag):
+        if tag in ("td", "th") and self._table:
+            self.tables[self._table][-1].append("".join(self._cell))
+            self._cell = None
+        elif tag == "table":
+            self._table = None
+
+    def handle_data(self, data):
+        if self._cell is not None:
+            self._cell.append(data)
+
+
+def _png(path: Path, colour: tuple[int, int, int]) -> bytes:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((6, 9, 3), colour, np.uint8)).save(path)
+    return path.read_bytes()
+
+
+def _run(folder: Path, lr: float, top1: float, losses: list[float]) -> Path:
+    folder.mkdir(parents=True)
+    config = {"seed": 0, "optim": {"_target_": "torch.optim.SGD", "lr": lr},
+              "paths": {"output_dir": str(folder)}, "logger": {"csv": {"save_dir": str(folder)}}}
+    (folder / "config.yaml").write_text(yaml.safe_dump(config))
+    (folder / "metrics.json").write_text(json.dumps({"test/novel/top1": top1, "train/epochs": 2.0}))
+    (folder / "csv").mkdir()
+    with open(folder / "csv" / "metrics.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, ["epoch", "step", "train/loss", "embedding/norm_mean"])
+        writer.writeheader()
+        for step, loss in enumerate(losses):
+            writer.writerow({"epoch": step // 2, "step": step, "train/loss": loss, "embedding/norm_mean": ""})
+        writer.writerow({"epoch": 0, "step": 1, "embedding/norm_mean": 3.5})
+    return folder
+
+
+def test_the_report_shows_each_runs_metrics_files_and_what_their_configs_change(tmp_path):
+    a = _run(tmp_path / "sweep" / "0", lr=0.01, top1=0.5, losses=[4.0, 3.0, 2.5, 2.0])
+    b = _run(tmp_path / "sweep" / "1", lr=0.1, top1=0.625, losses=[4.5, 3.5, 3.0, 2.75])
+    figure_a = _png(a / "precision_coverage.png", (255, 0, 0))
+    _png(a / "diagnostics" / "gallery_e000.png", (0, 0, 255))
+    gallery_a = _png(a / "diagnostics" / "gallery_e001.png", (0, 255, 0))  # the latest is shown
+    page = _Page()
+    page.feed(build_report([a, b]))
+    assert page.tables["metrics"] == [["run", "test/novel/top1", "train/epochs"],
+                                      ["0", "0.5000", "2.0000"], ["1", "0.6250", "2.0000"]]
+    # only what differs, and not the runs' own folders
+    assert page.tables["config-diff"] == [["key", "0", "1"], ["optim.lr", "0.01", "0.1"]]
+    assert page.images["precision_coverage"] == figure_a
+    assert page.images["gallery_e001"] == gallery_a and "gallery_e000" not in page.images
+    assert {"training loss", "embedding norms"} <= set(page.images)
+
+
+def test_a_curve_draws_the_logged_points_of_every_run(tmp_path):
+    a = _run(tmp_path / "a", lr=0.01, top1=0.5, losses=[4.0, 3.0, 2.5])
+    b = _run(tmp_path / "b", lr=0.1, top1=0.6, losses=[5.0, 1.0])
+    logs = {"a": read_log(a), "b": read_log(b)}
+    figure = curve_figure("loss", ["train/loss", "embedding/norm_mean", "never/logged"], "step", logs)
+    loss_panel, norm_panel = figure.axes  # a key no run logged gets no panel
+    assert [(list(line.get_xdata()), list(line.get_ydata())) for line in loss_panel.lines] == [
+        ([0.0, 1.0, 2.0], [4.0, 3.0, 2.5]), ([0.0, 1.0], [5.0, 1.0])]
+    assert [list(line.get_ydata()) for line in norm_panel.lines] == [[3.5], [3.5]]
+    assert curve_figure("none", ["never/logged"], "step", logs) is None
+
+
+def test_the_command_writes_the_page_and_names_a_folder_that_is_not_a_run(tmp_path, capsys):
+    run = _run(tmp_path / "run", lr=0.01, top1=0.5, losses=[1.0])
+    main([str(run)])
+    assert (run / "report.html").read_text().startswith("<!DOCTYPE html>")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="neither a run directory nor a multirun"):
+        main([str(tmp_path / "empty"), "--out", str(tmp_path / "x.html")])
+
+
+def test_a_multirun_folder_stands_for_its_jobs_in_job_order(tmp_path):
+    sweep = tmp_path / "multirun"
+    for job in (0, 2, 10):
+        _run(sweep / str(job), lr=0.01 * (job + 1), top1=0.5, losses=[1.0])
+    (sweep / "multirun.yaml").write_text("x: 1\n")
+    page = _Page()
+    page.feed(build_report([sweep]))
+    assert [row[0] for row in page.tables["metrics"][1:]] == ["0", "2", "10"]
