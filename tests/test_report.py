@@ -80,8 +80,8 @@ def test_the_report_shows_each_runs_metrics_files_and_what_their_configs_change(
     gallery_a = _png(a / "diagnostics" / "gallery_e001.png", (0, 255, 0))  # the latest is shown
     page = _Page()
     page.feed(build_report([a, b]))
-    assert page.tables["metrics"] == [["run", "test/novel/top1", "train/epochs"],
-                                      ["0", "0.5000", "2.0000"], ["1", "0.6250", "2.0000"]]
+    assert page.tables["metrics"] == [["metric", "0", "1"], ["test/novel/top1", "0.5000", "0.6250"],
+                                      ["train/epochs", "2.0000", "2.0000"]]
     # only what differs, and not the runs' own folders
     assert page.tables["config-diff"] == [["key", "0", "1"], ["optim.lr", "0.01", "0.1"]]
     assert page.images["precision_coverage"] == figure_a
@@ -117,4 +117,4 @@ def test_a_multirun_folder_stands_for_its_jobs_in_job_order(tmp_path):
     (sweep / "multirun.yaml").write_text("x: 1\n")
     page = _Page()
     page.feed(build_report([sweep]))
-    assert [row[0] for row in page.tables["metrics"][1:]] == ["0", "2", "10"]
+    assert page.tables["metrics"][0] == ["metric", "0", "2", "10"]

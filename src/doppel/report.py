@@ -168,8 +168,8 @@ def build_report(runs: list[Path], names: list[str] | None = None) -> str:
     keys = sorted(set().union(*metrics))
     parts.append("<h2>Final metrics</h2>")
     if keys:
-        parts.append(_table("metrics", ["run", *keys], [[n, *(_cell(m.get(k, "—")) for k in keys)]
-                                                        for n, m in zip(names, metrics)]))
+        parts.append(_table("metrics", ["metric", *names], [[k, *(_cell(m.get(k, "—")) for m in metrics)]
+                                                            for k in keys]))
     else:
         parts.append("<p>No run has finished (no metrics.json).</p>")
 

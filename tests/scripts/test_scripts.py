@@ -107,3 +107,33 @@ def test_an_evaluation_job_takes_the_settings_and_seed_of_the_training_run_it_ev
     (ensemble / ".hydra" / "overrides.yaml").write_text(f"- ckpt_path={tmp_path}/moved.ckpt\n")
     with pytest.raises(SystemExit, match="moved.ckpt, whose run has no .hydra/overrides.yaml"):
         summarize_sweep.read_overrides(ensemble)
+
+
+def test_a_report_renders_in_headless_chromium_every_image_and_table(tmp_path):
+    """Skipped where Debian's chromium is not installed (apt-get install chromium)."""
+    check = load_script("check_report_in_browser")
+    binary = check.browser()
+    if binary is None:
+        pytest.skip("no Chromium on this machine: apt-get install chromium")
+    from doppel.report import build_report
+    from tests.test_report import _Page, _png, _run
+
+    runs = [_run(tmp_path / str(i), lr=0.01 * (i + 1), top1=0.5, losses=[3.0, 2.0, 1.5]) for i in range(2)]
+    _png(runs[0] / "precision_coverage.png", (255, 0, 0))
+    _png(runs[1] / "diagnostics" / "gallery_e000.png", (0, 0, 255))
+    page_text = build_report(runs)
+    report = tmp_path / "report.html"
+    report.write_text(page_text)
+    page = _Page()
+    page.feed(page_text)
+    seen = check.rendered(report, binary)
+    widths = {alt: width for alt, width, _ in seen["images"]}
+    assert set(widths) == set(page.images) and len(seen["images"]) == len(page.images)
+    assert widths["precision_coverage"] == 9 and widths["gallery_e000"] == 9  # the PNGs the runs hold
+    assert all(width > 100 for alt, width in widths.items() if alt not in ("precision_coverage", "gallery_e000"))
+    assert seen["tables"] == {name: len(rows) for name, rows in page.tables.items()}
+    assert check.main([str(report), "--screenshot", str(tmp_path / "shot.png")]) == 0
+    assert (tmp_path / "shot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # an image the browser cannot decode is reported
+    report.write_text(page_text.replace("base64,iVBOR", "base64,AAAA", 1))
+    assert check.main([str(report)]) == 1
