@@ -9,7 +9,8 @@ Reads every job's ``metrics.json`` and ``.hydra/overrides.yaml`` under the given
 jobs that share all overrides except ``seed`` (or only the ``--group`` keys, if given) form one row. An
 ``eval.py`` job of one checkpoint takes the overrides of the training run that wrote it (its
 ``ckpt_path`` replaced by them; the job's own overrides win), so evaluation sweeps group and pair by the
-training settings and seeds:
+training settings and seeds (a training job resumed from its own checkpoint, ``ckpt_path=auto`` or its
+``last.ckpt``, keeps its settings):
 
     python eval.py -m ckpt_path=outputs/results/cjk_random/0/checkpoints/last.ckpt,... \\
         eval=[prototype,classifier_learning] hydra.sweep.dir=outputs/results/cjk_stage2_random
@@ -53,6 +54,9 @@ def read_overrides(job_dir: Path) -> dict[str, str]:
     overrides = yaml.safe_load((job_dir / ".hydra" / "overrides.yaml").read_text()) or []
     settings = dict(item.split("=", 1) for item in overrides)
     checkpoint = settings.get("ckpt_path", "")
+    if checkpoint == "auto" or (checkpoint and Path(checkpoint).resolve().parent.parent == job_dir.resolve()):
+        del settings["ckpt_path"]  # a training run resumed from its own checkpoint: not another setting
+        return settings
     if checkpoint and not checkpoint.startswith("["):  # one network (not an ensemble): its training run
         run_dir = Path(checkpoint).parent.parent  # <run>/checkpoints/<file>
         if not (run_dir / ".hydra" / "overrides.yaml").is_file():

@@ -109,6 +109,17 @@ def test_an_evaluation_job_takes_the_settings_and_seed_of_the_training_run_it_ev
         summarize_sweep.read_overrides(ensemble)
 
 
+def test_a_training_job_resumed_from_its_own_checkpoint_keeps_its_settings(tmp_path):
+    summarize_sweep = load_script("summarize_sweep")
+    for i, checkpoint in enumerate(["auto", "{job}/checkpoints/last.ckpt"]):
+        job = tmp_path / str(i)
+        (job / ".hydra").mkdir(parents=True)
+        resumed_from = checkpoint.format(job=job)
+        (job / ".hydra" / "overrides.yaml").write_text(
+            f"- sampler=doppel_balanced\n- seed={i}\n- ckpt_path={resumed_from}\n")
+        assert summarize_sweep.read_overrides(job) == {"sampler": "doppel_balanced", "seed": str(i)}
+
+
 def test_a_report_renders_in_headless_chromium_every_image_and_table(tmp_path):
     """Skipped where Debian's chromium is not installed (apt-get install chromium)."""
     check = load_script("check_report_in_browser")
