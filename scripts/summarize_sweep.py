@@ -15,7 +15,8 @@ training settings and seeds (a training job resumed from its own checkpoint, ``c
     python eval.py -m ckpt_path=outputs/results/cjk_random/0/checkpoints/last.ckpt,... \\
         eval=[prototype,classifier_learning] hydra.sweep.dir=outputs/results/cjk_stage2_random
 
-Prints Markdown tables; values in %. ``--series KEY`` (repeatable) adds, per row, a per-epoch table of a
+Prints Markdown tables; values in %, the best mean of each column in bold (lowest for a loss or error);
+``--wandb PROJECT`` also logs the table to W&B. ``--series KEY`` (repeatable) adds, per row, a per-epoch table of a
 value the runs log once an epoch in ``csv/metrics.csv`` (``doppel/lookalike_share``,
 ``sampler/exposure_cv``, ...): mean ± half width of the 95% interval over seeds, as logged.
 """
@@ -105,17 +106,47 @@ def p_value_text(p: float) -> str:
     return "p<0.001" if p < 0.001 else f"p={p:.3f}"
 
 
-def summarize(jobs: list[Job], group: list[str] | None, metrics: list[str], baseline: str | None = None) -> str:
-    rows = group_rows(jobs, group)
-    header = ["setting", "runs", *metrics]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for name, runs in rows.items():
-        cells = [name, str(len(runs))]
+def row_statistics(jobs: list[Job], group: list[str] | None,
+                   metrics: list[str]) -> dict[str, tuple[int, dict[str, tuple[float, float] | None]]]:
+    """Per row: its number of runs and, per metric, (mean, half width of the interval) in %, or None."""
+    table = {}
+    for name, runs in group_rows(jobs, group).items():
+        cells = {}
         for metric in metrics:
             values = list(by_seed(runs, metric).values())
-            cells.append(f"{statistics.mean(values):.2f} ± {half_width(values):.2f}" if values else "-")
+            cells[metric] = (statistics.mean(values), half_width(values)) if values else None
+        table[name] = (len(runs), cells)
+    return table
+
+
+def best_rows(table: dict[str, tuple[int, dict]], metric: str, lower: bool = False) -> set[str]:
+    """The rows with the best mean of ``metric`` (highest, or lowest when ``lower``); none for one row."""
+    means = {name: cells[metric][0] for name, (_, cells) in table.items() if cells[metric] is not None}
+    if len(means) < 2:
+        return set()
+    best = (min if lower else max)(means.values())
+    return {name for name, mean in means.items() if mean == best}
+
+
+def lower_is_better(metric: str) -> bool:
+    return "loss" in metric or metric.endswith("error")
+
+
+def summarize(jobs: list[Job], group: list[str] | None, metrics: list[str], baseline: str | None = None) -> str:
+    rows = group_rows(jobs, group)
+    table = row_statistics(jobs, group, metrics)
+    best = {metric: best_rows(table, metric, lower_is_better(metric)) for metric in metrics}
+    header = ["setting", "runs", *metrics]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name, (count, statistics_of) in table.items():
+        cells = [name, str(count)]
+        for metric in metrics:
+            value = statistics_of[metric]
+            text = "-" if value is None else f"{value[0]:.2f} ± {value[1]:.2f}"
+            cells.append(f"**{text}**" if name in best[metric] else text)
         lines.append("| " + " | ".join(cells) + " |")
-    lines.append(f"\nmean ± half width of the {CONFIDENCE:.0%} t-interval over seeds, in %.")
+    lines.append(f"\nmean ± half width of the {CONFIDENCE:.0%} t-interval over seeds, in %; the best mean of each "
+                 "column in bold.")
     if baseline is None:
         return "\n".join(lines)
     if baseline not in rows:
@@ -161,16 +192,46 @@ def series_table(jobs: list[Job], group: list[str] | None, key: str) -> str:
     return "\n".join(lines)
 
 
+def present_metrics(jobs: list[Job]) -> list[str]:
+    """The default metrics the jobs have; else every ``test/`` metric of theirs (retrieval, linear probe, ...)."""
+    have = set().union(*(values for _, values, _ in jobs))
+    chosen = [m for m in DEFAULT_METRICS if m in have]
+    return chosen or sorted(m for m in have if m.startswith("test/"))
+
+
+def log_to_wandb(table: dict[str, tuple[int, dict]], metrics: list[str], project: str, name: str) -> Path:
+    """The row statistics as a W&B table (``sweep/summary``) in a run of their own (offline unless
+    WANDB_MODE says otherwise); returns the run's folder."""
+    import os
+
+    import wandb
+
+    columns = ["setting", "runs"] + [f"{m} {part}" for m in metrics for part in ("mean", "ci95")]
+    data = [[row, count] + [v for m in metrics for v in (cells[m] if cells[m] is not None else (None, None))]
+            for row, (count, cells) in table.items()]
+    run = wandb.init(project=project, name=name, job_type="sweep-summary", mode=os.environ.get("WANDB_MODE", "offline"))
+    run.log({"sweep/summary": wandb.Table(columns=columns, data=data)})
+    folder = Path(run.dir).parent
+    run.finish()
+    return folder
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("sweep_dirs", type=Path, nargs="+")
     parser.add_argument("--group", nargs="*", help="override keys that define a row (default: all but seed)")
-    parser.add_argument("--metrics", nargs="*", default=DEFAULT_METRICS)
+    parser.add_argument("--metrics", nargs="*", default=None,
+                        help="final metrics to tabulate (default: the prototype protocol's, else every test/ one)")
     parser.add_argument("--baseline", help="the row the others are compared with, e.g. sampler=random")
     parser.add_argument("--series", action="append", default=[], help="a per-epoch logged key to tabulate")
+    parser.add_argument("--wandb", metavar="PROJECT", help="also log the table to W&B (offline unless WANDB_MODE)")
     args = parser.parse_args()
     jobs = load_jobs(*args.sweep_dirs)
-    print(summarize(jobs, args.group, args.metrics, args.baseline))
+    metrics = args.metrics or present_metrics(jobs)
+    print(summarize(jobs, args.group, metrics, args.baseline))
+    if args.wandb:
+        name = "summary of " + ", ".join(p.name for p in args.sweep_dirs)
+        print(f"W&B: {log_to_wandb(row_statistics(jobs, args.group, metrics), metrics, args.wandb, name)}")
     for key in args.series:
         print("\n" + series_table(jobs, args.group, key))
 

@@ -25,7 +25,7 @@ def test_rows_group_seeds_with_t_intervals_and_paired_tests_against_a_baseline(t
     # t(0.975, 2) = 4.302653 (tables); 10 / sqrt(3) * 4.302653 = 24.84
     assert lines[2] == "| sampler=random | 3 | 20.00 ± 24.84 |"
     # t(0.975, 1) = 12.706205; 14.142 / sqrt(2) * 12.706205 = 127.06
-    assert lines[3] == "| sampler=doppel | 2 | 60.00 ± 127.06 |"
+    assert lines[3] == "| sampler=doppel | 2 | **60.00 ± 127.06** |"  # the best mean of the column
     # pairs (seeds 0, 1): differences 40, 50: mean 45, sd 7.071, t = 9 with 1 degree of freedom, whose
     # distribution is Cauchy's: p = 1 - 2 atan(9) / pi
     p = 1 - 2 * math.atan(9) / math.pi
@@ -107,6 +107,29 @@ def test_an_evaluation_job_takes_the_settings_and_seed_of_the_training_run_it_ev
     (ensemble / ".hydra" / "overrides.yaml").write_text(f"- ckpt_path={tmp_path}/moved.ckpt\n")
     with pytest.raises(SystemExit, match="moved.ckpt, whose run has no .hydra/overrides.yaml"):
         summarize_sweep.read_overrides(ensemble)
+
+
+def test_the_best_mean_of_each_column_is_bold_and_the_table_goes_to_wandb(tmp_path, monkeypatch):
+    summarize_sweep = load_script("summarize_sweep")
+    jobs = []
+    for setting, seed, top1, loss in [("a", 0, 0.5, 0.2), ("a", 1, 0.7, 0.4), ("b", 0, 0.6, 0.1), ("b", 1, 0.6, 0.3),
+                                      ("c", 0, 0.1, 0.9)]:
+        jobs.append(({"sampler": setting, "seed": str(seed)}, {"test/top1": top1, "test/loss": loss}, tmp_path))
+    lines = summarize_sweep.summarize(jobs, None, ["test/top1", "test/loss"]).splitlines()
+    # a tie on top-1 (60 and 60) bolds both; the lowest loss (20) is the best loss
+    assert lines[2].startswith("| sampler=a | 2 | **60.00 ± ") and "| 30.00 ± " in lines[2]
+    assert lines[3].startswith("| sampler=b | 2 | **60.00 ± ") and "| **20.00 ± " in lines[3]
+    assert lines[4] == "| sampler=c | 1 | 10.00 ± 0.00 | 90.00 ± 0.00 |"
+    assert summarize_sweep.present_metrics(jobs) == ["test/loss", "test/top1"]  # no prototype metric: all test/
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    table = summarize_sweep.row_statistics(jobs, None, ["test/top1"])
+    run = summarize_sweep.log_to_wandb(table, ["test/top1"], "doppel-test", "summary")
+    logged = json.loads(next(run.rglob("files/media/table/sweep/summary_*.table.json")).read_text())
+    assert logged["columns"] == ["setting", "runs", "test/top1 mean", "test/top1 ci95"]
+    assert [row[:3] for row in logged["data"]] == [["sampler=a", 2, 60.0], ["sampler=b", 2, 60.0],
+                                                   ["sampler=c", 1, 10.0]]
+    assert logged["data"][0][3] == pytest.approx(12.706205 * 14.142136 / math.sqrt(2), rel=1e-5)
 
 
 def test_a_training_job_resumed_from_its_own_checkpoint_keeps_its_settings(tmp_path):
