@@ -6,8 +6,24 @@ import csv
 import warnings
 from pathlib import Path
 
+from omegaconf import OmegaConf
 from pytorch_lightning.loggers import CSVLogger as LightningCSVLogger
 from pytorch_lightning.loggers.csv_logs import ExperimentWriter
+
+
+def multirun_folder() -> str | None:
+    """The folder of the multirun this job belongs to (None for a single run): ``logger.wandb.group``
+    (``${doppel_multirun:}``), so that W&B shows the jobs of one sweep together."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized():  # composed by a test or a notebook, not run by Hydra
+        return None
+    hydra = HydraConfig.get()
+    return str(hydra.sweep.dir) if hydra.mode == RunMode.MULTIRUN else None
+
+
+OmegaConf.register_new_resolver("doppel_multirun", multirun_folder, replace=True)
 
 
 class CSVLogger(LightningCSVLogger):

@@ -28,6 +28,7 @@ from doppel.checkpoint import (
 )
 from doppel.config import CONFIG_DIR, bind_evaluator, build, check_config, resolve_mining
 from doppel.evaluation.evaluator import Evaluator
+from doppel.loggers import multirun_folder  # noqa: F401  (registers ${doppel_multirun:} for the configs)
 from doppel.losses.loss_set import LossSet
 from doppel.models.layers import lsuv_init_
 from doppel.module import DoppelModule

@@ -85,6 +85,12 @@ def test_cli_multirun_runs_two_jobs_each_its_own_wandb_run(tmp_path):
         assert json.loads((job / "metrics.json").read_text())["test/novel/top1"] >= 0
     runs = {p.name for p in (tmp_path / "sweep").rglob("offline-run-*") if p.is_dir()}
     assert len(runs) == 2
+    # one W&B group per multirun: its folder
+    from tests.e2e.wandb_records import run_settings
+
+    for job in jobs:
+        sent = run_settings(next(job.rglob("offline-run-*")))
+        assert sent["group"] == f"{tmp_path}/sweep" and sent["job_type"] == "train"
     assert "final metrics" in result.stdout
     # each W&B run holds the protocol's curve as an image: the PNG the run directory has
     for job in jobs:
