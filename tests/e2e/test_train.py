@@ -86,11 +86,16 @@ def test_cli_multirun_runs_two_jobs_each_its_own_wandb_run(tmp_path):
     runs = {p.name for p in (tmp_path / "sweep").rglob("offline-run-*") if p.is_dir()}
     assert len(runs) == 2
     # one W&B group per multirun: its folder
-    from tests.e2e.wandb_records import run_settings
+    from tests.e2e.wandb_records import history, run_settings
 
     for job in jobs:
         sent = run_settings(next(job.rglob("offline-run-*")))
         assert sent["group"] == f"{tmp_path}/sweep" and sent["job_type"] == "train"
+        # the norm histogram W&B got is the one the run wrote
+        logged = [h for h in history(next(job.rglob("offline-run-*"))) if "embedding/norm_histogram/values" in h]
+        written = json.loads((job / "diagnostics" / "norms.json").read_text())
+        assert [h["embedding/norm_histogram/values"] for h in logged] == [e["counts"] for e in written]
+        assert logged[-1]["embedding/norm_histogram/bins"] == pytest.approx(written[-1]["edges"])
     assert "final metrics" in result.stdout
     # each W&B run holds the protocol's curve as an image: the PNG the run directory has
     for job in jobs:

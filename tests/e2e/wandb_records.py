@@ -48,3 +48,13 @@ def run_settings(run_dir: Path) -> dict[str, str]:
     path = next(Path(run_dir).glob("run-*.wandb"))
     run = next(r.run for r in records(path) if r.WhichOneof("record_type") == "run")
     return {"group": run.run_group, "job_type": run.job_type, "name": run.display_name}
+
+
+def history(run_dir: Path) -> list[dict[str, object]]:
+    """Every ``log`` call of the run as {key: value}; nested keys are joined with "/" (a histogram's
+    ``<key>/values`` and ``<key>/bins``)."""
+    import json
+
+    path = next(Path(run_dir).glob("run-*.wandb"))
+    return [{item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in r.history.item}
+            for r in records(path) if r.WhichOneof("record_type") == "history"]
