@@ -194,16 +194,15 @@ def build_report(runs: list[Path], names: list[str] | None = None) -> str:
         parts.append(_image(_png(figure), "validation"))
 
     for name, run in zip(names, runs):
-        parts.append(f"<h2>{html.escape(name)}</h2><div class='run'>")
-        for stem in FIGURES:
-            if (run / f"{stem}.png").is_file():
-                parts.append(_image((run / f"{stem}.png").read_bytes(), stem))
+        pictures = [_image((run / f"{stem}.png").read_bytes(), stem) for stem in FIGURES
+                    if (run / f"{stem}.png").is_file()]
         for stem in DIAGNOSTICS:
             found = _latest(run / "diagnostics", stem)
             if found is not None:
-                parts.append(f"<figure>{_image(found.read_bytes(), found.stem)}<figcaption>{found.name}</figcaption>"
-                             "</figure>")
-        parts.append("</div>")
+                pictures.append(f"<figure>{_image(found.read_bytes(), found.stem)}<figcaption>{found.name}"
+                                "</figcaption></figure>")
+        if pictures:  # a run without figures gets no empty section
+            parts += [f"<h2>{html.escape(name)}</h2><div class='run'>", *pictures, "</div>"]
     parts.append("</body></html>")
     return "\n".join(parts)
 
