@@ -181,6 +181,8 @@ def series_table(jobs: list[Job], group: list[str] | None, key: str) -> str:
     rows = group_rows(jobs, group)
     per_row = {name: [logged_series(job_dir, key) for _, _, job_dir in runs] for name, runs in rows.items()}
     epochs = sorted({epoch for runs in per_row.values() for series in runs for epoch in series})
+    if not epochs:
+        return f"{key}: not logged by these runs."
     lines = [f"{key} per epoch (mean ± half width of the {CONFIDENCE:.0%} t-interval over seeds, as logged):", "",
              "| setting | " + " | ".join(f"epoch {e}" for e in epochs) + " |", "|" + "---|" * (len(epochs) + 1)]
     for name, runs in per_row.items():

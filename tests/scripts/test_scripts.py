@@ -132,6 +132,21 @@ def test_the_best_mean_of_each_column_is_bold_and_the_table_goes_to_wandb(tmp_pa
     assert logged["data"][0][3] == pytest.approx(12.706205 * 14.142136 / math.sqrt(2), rel=1e-5)
 
 
+def test_a_series_no_run_logged_is_said_to_be_missing(tmp_path):
+    summarize_sweep = load_script("summarize_sweep")
+    jobs = load_jobs_with_logs(tmp_path, summarize_sweep)
+    missing = summarize_sweep.series_table(jobs, None, "embedding/norm_var")
+    assert missing == "embedding/norm_var: not logged by these runs."
+    assert "| sampler=random | 0.5 ± 0 |" in summarize_sweep.series_table(jobs, None, "doppel/churn")
+
+
+def load_jobs_with_logs(tmp_path, summarize_sweep):
+    root = write_sweep(tmp_path / "s", [("random", 0, 0.1)])
+    (root / "0" / "csv").mkdir()
+    (root / "0" / "csv" / "metrics.csv").write_text("epoch,step,doppel/churn\n0,5,0.5\n")
+    return summarize_sweep.load_jobs(root)
+
+
 def test_a_training_job_resumed_from_its_own_checkpoint_keeps_its_settings(tmp_path):
     summarize_sweep = load_script("summarize_sweep")
     for i, checkpoint in enumerate(["auto", "{job}/checkpoints/last.ckpt"]):
