@@ -175,3 +175,28 @@ def test_a_misspelt_objective_lists_the_metrics_of_the_run(tmp_path):
     with pytest.raises(ValueError, match=r"objective=test/retrieval/recall@2 is not a metric of this run; choose "
                                          r"one of: .*test/retrieval/recall@4"):
         resolve_objective("test/retrieval/recall@2", evaluator)
+
+
+def test_the_figures_draw_the_numbers_the_metrics_report():
+    """The precision-coverage curve ends at (coverage 1, precision = top-1) and its last point at 99%
+    precision is coverage@0.99; the Recall@K bars are the recall metrics."""
+    generator = torch.Generator().manual_seed(0)
+    centres = torch.nn.functional.normalize(torch.randn(15, 8, generator=generator), dim=1)
+    labels = torch.arange(15).repeat_interleave(5)
+    plain = centres[labels] + 0.35 * torch.randn(len(labels), 8, generator=generator)
+    parts = torch.tensor([Part.REFERENCE if i % 5 == 0 else Part.QUERY for i in range(len(labels))])
+    protocol = PrototypeProtocol(flip=False)
+    protocol.bind(facts(parts.tolist()))
+    metrics = protocol.evaluate(Inputs(split=Embedded(plain, None, labels, parts)))
+    [(stem, figure)] = protocol.figures()
+    [line] = [line for line in figure.axes[0].lines if line.get_label() == "novel"]
+    coverage, precision = np.asarray(line.get_xdata()), np.asarray(line.get_ydata())
+    assert 0 < metrics["novel/top1"] < 1 and 0 < metrics["novel/coverage@0.99"] < 1  # neither end is trivial
+    assert coverage[-1] == pytest.approx(1.0) and precision[-1] == pytest.approx(metrics["novel/top1"])
+    assert coverage[precision >= 0.99].max() == pytest.approx(metrics["novel/coverage@0.99"])
+    retrieval = RetrievalProtocol(ks=[1, 2, 4], mode="leave_one_out", clustering=False)
+    retrieval.bind(facts([Part.QUERY] * len(labels)))
+    recalls = retrieval.evaluate(Inputs(split=Embedded(plain, None, labels, parts)))
+    [(_, bars)] = retrieval.figures()
+    heights = [patch.get_height() for patch in bars.axes[0].patches]
+    assert heights == pytest.approx([100 * recalls[f"retrieval/recall@{k}"] for k in (1, 2, 4)])
