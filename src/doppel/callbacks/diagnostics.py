@@ -203,7 +203,8 @@ class Diagnostics(pl.Callback):
             coordinates, families = projected
             title = f"evaluation embeddings, PCA ({'final' if final else f'epoch {trainer.current_epoch}'})"
             payload["diagnostics/projection"] = ("image", _save(
-                figures.projection_figure(coordinates, families, title), self.folder / f"projection_{stem}.png"))
+                figures.projection_figure(coordinates, families, title, _family_names(trainer.datamodule)),
+                self.folder / f"projection_{stem}.png"))
         if not final:  # the final curves are the run's own (train.report)
             for path in evaluator.write_figures(self.folder, suffix=f"_{stem}"):
                 payload[f"val/{path.stem[:-len(stem) - 1]}"] = ("image", path)
@@ -243,6 +244,14 @@ class Diagnostics(pl.Callback):
         self.timing = list(state_dict.get("timing", []))
         norms = state_dict.get("norms")
         self.norms = [norms] if norms is not None and len(norms) else []
+
+
+def _family_names(datamodule: Any) -> dict[str, str]:
+    """A family's key -> the name of its first identity (emoji family keys are code points)."""
+    names: dict[str, str] = {}
+    for group, name in zip(datamodule.class_groups or [], datamodule.class_names):
+        names.setdefault(group, name)
+    return names
 
 
 def _class_scores(pl_module: pl.LightningModule, images: torch.Tensor) -> torch.Tensor | None:

@@ -132,8 +132,9 @@ def norms_figure(history: list[dict]) -> Figure:
     return figure
 
 
-def projection_figure(coordinates: torch.Tensor, families: list[str], title: str) -> Figure:
-    """Points coloured by family, with a legend of the families (at most 20 are drawn)."""
+def projection_figure(coordinates: torch.Tensor, families: list[str], title: str,
+                      shown_as: dict[str, str] | None = None) -> Figure:
+    """Points coloured by family, with a legend of the families (``shown_as`` names them there)."""
     figure, axes = plt.subplots(figsize=(6.5, 5))
     names = list(dict.fromkeys(families))
     colours = plt.cm.tab20(np.linspace(0, 1, max(len(names), 1)))
@@ -141,7 +142,8 @@ def projection_figure(coordinates: torch.Tensor, families: list[str], title: str
     xy = coordinates.numpy()
     for i, name in enumerate(names):
         chosen = family_of == i
-        axes.scatter(xy[chosen, 0], xy[chosen, 1], s=10, color=colours[i], label=printable(name, 24))
+        shown = (shown_as or {}).get(name, name)
+        axes.scatter(xy[chosen, 0], xy[chosen, 1], s=10, color=colours[i], label=printable(shown, 24))
     axes.set(xlabel="PC 1", ylabel="PC 2", title=title)
     axes.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.0, 0.5))
     figure.tight_layout()
