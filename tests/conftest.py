@@ -79,10 +79,18 @@ def tiny_npz(tmp_path: Path) -> Path:
     return write_emoji_npz(tmp_path / "tiny.npz")
 
 
-def compose_cfg(tmp_path: Path, overrides: list[str] = (), tiny_backbone: bool = True) -> DictConfig:
+# Pictures (the diagnostics callback and report.html) cost seconds per tiny run; tests that are not about
+# them leave them out (tests/callbacks and the CLI tests keep them).
+NO_PICTURES = ["~callbacks.diagnostics", "report=false"]
+
+
+def compose_cfg(tmp_path: Path, overrides: list[str] = (), tiny_backbone: bool = True,
+                pictures: bool = False) -> DictConfig:
     """``train.yaml`` with :data:`TINY` and ``overrides``; ``tiny_backbone=False`` keeps the chosen
-    backbone's own size (TINY's ``backbone.*`` keys are Face-ResNet's)."""
+    backbone's own size (TINY's ``backbone.*`` keys are Face-ResNet's); ``pictures`` keeps the diagnostics
+    and the report."""
     tiny = TINY if tiny_backbone else [o for o in TINY if not o.startswith("backbone.")]
+    tiny = tiny if pictures else [*tiny, *NO_PICTURES]
     with initialize_config_dir(CONFIGS, version_base="1.3"):
         cfg = compose("train", overrides=[*tiny, *overrides], return_hydra_config=False)
     with open_dict(cfg):

@@ -83,7 +83,7 @@ def evaluate(cfg: DictConfig, overrides: list[str] | None = None) -> RunMetrics:
     try:
         trainer.test(module, datamodule=datamodule, verbose=False)
         metrics: dict[str, Any] = {k: float(v) for k, v in module.final_metrics.items() if k.startswith("test/")}
-        report(metrics, evaluator, output_dir, loggers)
+        report(metrics, evaluator, output_dir, loggers, html=cfg.report)
     finally:
         finish_wandb(loggers)
     return RunMetrics(metrics, objective)

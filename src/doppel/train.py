@@ -135,7 +135,7 @@ def train(cfg: DictConfig) -> RunMetrics:
             metrics = {k: float(v) for k, v in module.final_metrics.items() if k.startswith("test/")}
         metrics["train/epochs"] = float(trainer.current_epoch)
         metrics["doppel/table_filled"] = table.filled_fraction()
-        report(metrics, evaluator, output_dir, loggers)
+        report(metrics, evaluator, output_dir, loggers, html=cfg.report)
     finally:
         finish_wandb(loggers)
     return RunMetrics(metrics, objective)
@@ -147,7 +147,8 @@ def save_config(cfg: DictConfig, output_dir: Path) -> None:
 
 
 @rank_zero_only
-def report(metrics: dict[str, float], evaluator: Evaluator, output_dir: Path, loggers: list[Any]) -> None:
+def report(metrics: dict[str, float], evaluator: Evaluator, output_dir: Path, loggers: list[Any],
+           html: bool = True) -> None:
     """Write ``metrics.json``, each protocol's curves (PNG, and W&B images) and ``report.html``; print the
     final table."""
     (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
@@ -156,7 +157,7 @@ def report(metrics: dict[str, float], evaluator: Evaluator, output_dir: Path, lo
     tested = {k[len("test/"):]: v for k, v in metrics.items() if k.startswith("test/")}
     lines = [f"final metrics ({output_dir / 'metrics.json'})", *evaluator.summary(tested)]
     lines += [f"curves: {', '.join(str(f) for f in figures)}"] if figures else []
-    lines += [f"report: {write_report([output_dir], output_dir / 'report.html')}"]
+    lines += [f"report: {write_report([output_dir], output_dir / 'report.html')}"] if html else []
     print("\n".join(lines), flush=True)
 
 

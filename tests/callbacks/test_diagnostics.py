@@ -164,7 +164,7 @@ def test_the_projection_keeps_whole_families_and_projects_their_normalised_embed
 
 
 def test_a_run_writes_its_pictures_and_their_numbers(tmp_path):
-    cfg = compose_cfg(tmp_path, ["sampler=doppel", "callbacks.diagnostics.gallery_random=2"])
+    cfg = compose_cfg(tmp_path, ["sampler=doppel", "callbacks.diagnostics.gallery_random=2"], pictures=True)
     train(cfg)
     folder = tmp_path / "diagnostics"
     epochs = cfg.trainer.max_epochs
@@ -199,3 +199,23 @@ def test_a_run_writes_its_pictures_and_their_numbers(tmp_path):
     assert page.images[f"gallery_e{epochs - 1:03d}"] == (folder / f"gallery_e{epochs - 1:03d}.png").read_bytes()
     assert page.images["precision_coverage"] == (tmp_path / "precision_coverage.png").read_bytes()
     assert page.tables["metrics"][0] == ["metric", tmp_path.name]
+
+
+@pytest.mark.parametrize("experiment, pictures", [
+    ("sec_table3_bundled", {"gallery": False, "projection": True, "recall_at_k": True}),  # no classifier
+    ("sec_simclr_bundled", {"gallery": False, "projection": True, "recall_at_k": False}),  # linear probe
+    ("sec_table4_bundled", {"gallery": True, "projection": True, "recall_at_k": False}),  # ArcFace, mined
+])
+def test_every_kind_of_run_gets_the_pictures_it_can_have(tmp_path, experiment, pictures):
+    train(compose_cfg(tmp_path, [f"experiment={experiment}", "trainer.max_epochs=1"], pictures=True))
+    folder = tmp_path / "diagnostics"
+    assert json.loads((folder / "norms.json").read_text())[0]["count"] > 0
+    assert (folder / "gallery_e000.png").exists() == pictures["gallery"]
+    assert (folder / "projection_e000.png").exists() == pictures["projection"]
+    assert (folder / "recall_at_k_e000.png").exists() == pictures["recall_at_k"]
+    assert (tmp_path / "report.html").stat().st_size > 10_000
+
+
+def test_tests_and_users_can_leave_the_pictures_out(tmp_path):
+    train(compose_cfg(tmp_path, ["trainer.max_epochs=1"]))
+    assert not (tmp_path / "diagnostics").exists() and not (tmp_path / "report.html").exists()

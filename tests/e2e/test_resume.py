@@ -72,17 +72,19 @@ def test_table_and_batches_after_a_resume_are_those_of_the_uninterrupted_run(tmp
 
     record = ["+callbacks.recorder._target_=tests.e2e.recorder.BatchRecorder", f"data.num_workers={workers}"]
     BatchRecorder.batches = []
-    full_metrics = train(compose_cfg(tmp_path / "full", [*RUN, *record]))
+    # with the pictures: the diagnostics' state (this epoch's norms so far) must resume exactly too
+    full_metrics = train(compose_cfg(tmp_path / "full", [*RUN, *record], pictures=True))
     full_batches = list(BatchRecorder.batches)
     by_epoch = [[b for e, b in full_batches if e == epoch] for epoch in range(EPOCHS)]
     assert all(len(b) == STEPS_PER_EPOCH for b in by_epoch) and by_epoch[0] != by_epoch[1]  # set_epoch reached
     full = torch.load(tmp_path / "full" / "checkpoints" / "last.ckpt", weights_only=True)
 
     with pytest.raises(RunInterrupted, match="SIGTERM at step 9"):
-        train(compose_cfg(tmp_path / "cut", [*RUN, *fault(9, "SIGTERM"), f"data.num_workers={workers}"]))
+        train(compose_cfg(tmp_path / "cut", [*RUN, *fault(9, "SIGTERM"), f"data.num_workers={workers}"],
+                          pictures=True))
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers given back
     BatchRecorder.batches = []
-    resumed_metrics = train(compose_cfg(tmp_path / "cut", [*RUN, *record, "ckpt_path=auto"]))
+    resumed_metrics = train(compose_cfg(tmp_path / "cut", [*RUN, *record, "ckpt_path=auto"], pictures=True))
     resumed = torch.load(tmp_path / "cut" / "checkpoints" / "last.ckpt", weights_only=True)
 
     assert BatchRecorder.batches == full_batches[9:]  # from the middle of epoch 1 on, the same batches
@@ -93,6 +95,9 @@ def test_table_and_batches_after_a_resume_are_those_of_the_uninterrupted_run(tmp
     # every logged value too: the resumed run's metrics.csv continues the interrupted one's rows
     log = "csv/metrics.csv"
     assert (tmp_path / "cut" / log).read_text() == (tmp_path / "full" / log).read_text()
+    assert "embedding/norm_mean" in (tmp_path / "full" / log).read_text()
+    norms = "diagnostics/norms.json"
+    assert (tmp_path / "cut" / norms).read_text() == (tmp_path / "full" / norms).read_text()
 
 
 def test_a_finished_run_is_not_extended_under_a_schedule(tmp_path):
