@@ -30,7 +30,7 @@ class DoppelModule(pl.LightningModule):
         self.augment = augment or nn.Identity()
         self.views = views  # > 1: each image is augmented this many times, views stacked (NT-Xent)
         self.last_labels: torch.Tensor | None = None
-        self.last_norms: torch.Tensor | None = None  # the raw embeddings' norms of the last step (diagnostics)
+        self.last_embeddings: torch.Tensor | None = None  # the last step's, detached (for callbacks)
         self.evaluator = evaluator
         self.final_metrics: dict[str, float] = {}
         self.val_step: int | None = None  # global step of the latest validation
@@ -55,7 +55,7 @@ class DoppelModule(pl.LightningModule):
         with torch.autocast(embeddings.device.type, enabled=False):
             loss, logs = self.loss_set(embeddings.float(), labels)
         self.last_labels = labels
-        self.last_norms = embeddings.detach().float().norm(dim=1)
+        self.last_embeddings = embeddings.detach()
         self.log_dict({f"train/{k}": v for k, v in logs.items()}, on_step=True, on_epoch=False,
                       prog_bar=False, batch_size=len(labels))
         self.log("train/loss", loss.detach(), prog_bar=True, batch_size=len(labels))

@@ -42,9 +42,11 @@ def test_histogram_counts_are_numpys(bins):
 def test_an_epochs_norm_statistics_are_those_of_every_batch():
     diagnostics = Diagnostics(norm_bins=9)
     rng = np.random.default_rng(0)
-    batches = [rng.normal(5, 1.5, size).astype(np.float32) for size in (24, 17, 30)]
-    for norms in batches:
-        diagnostics.on_train_batch_end(None, SimpleNamespace(last_norms=torch.from_numpy(norms)), None, None, 0)
+    batches = [np.abs(rng.normal(5, 1.5, size)).astype(np.float32) for size in (24, 17, 30)]
+    for norms in batches:  # one non-zero coordinate per row: its norm is that value exactly
+        embeddings = torch.zeros(len(norms), 16)
+        embeddings[torch.arange(len(norms)), torch.arange(len(norms)) % 16] = torch.from_numpy(norms)
+        diagnostics.on_train_batch_end(None, SimpleNamespace(last_embeddings=embeddings), None, None, 0)
     trainer = SimpleNamespace(world_size=1, current_epoch=3)
     entry = diagnostics._norm_statistics(trainer, SimpleNamespace(device=torch.device("cpu")))
     every = np.concatenate(batches).astype(np.float64)

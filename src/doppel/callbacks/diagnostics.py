@@ -64,8 +64,9 @@ class Diagnostics(pl.Callback):
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
                            batch: Any, batch_idx: int) -> None:
-        if getattr(pl_module, "last_norms", None) is not None:
-            self.norms.append(pl_module.last_norms)
+        embeddings = getattr(pl_module, "last_embeddings", None)
+        if embeddings is not None:
+            self.norms.append(embeddings.float().norm(dim=1))
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         trained = time.perf_counter() - self._epoch_started - self._seconds  # the validation's pictures so far
