@@ -136,7 +136,7 @@ class Diagnostics(pl.Callback):
 
     def _gallery_classes(self, table: Any, seed: int) -> list[tuple[int, str, int]]:
         """(class, kind, how many identities have it as doppelganger): the top hubs, then a fixed sample."""
-        counts = torch.bincount(table.table[:, 0][table.table[:, 0] >= 0], minlength=table.num_classes)
+        counts = table.pointed_to()
         chosen = [(c, "hub") for c, _ in table.hubs(self.gallery_hubs)]
         generator = torch.Generator().manual_seed(stable_seed("diagnostics gallery", seed))
         sample = torch.randperm(table.num_classes, generator=generator)[:self.gallery_random].tolist()

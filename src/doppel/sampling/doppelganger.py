@@ -144,10 +144,14 @@ class DoppelgangerTable:
     def filled_fraction(self) -> float:
         return (self.table[:, 0] != EMPTY).float().mean().item()
 
+    def pointed_to(self) -> torch.Tensor:
+        """Per class, how many identities have it as their first doppelganger."""
+        first = self.table[:, 0]
+        return torch.bincount(first[first != EMPTY], minlength=self.num_classes)
+
     def hubs(self, n: int = 5) -> list[tuple[int, int]]:
         """The ``n`` classes that are the first doppelganger of the most identities: (class, count)."""
-        first = self.table[:, 0]
-        counts = torch.bincount(first[first != EMPTY], minlength=self.num_classes)
+        counts = self.pointed_to()
         top = counts.topk(min(n, self.num_classes))
         return [(c, k) for c, k in zip(top.indices.tolist(), top.values.tolist()) if k > 0]
 
