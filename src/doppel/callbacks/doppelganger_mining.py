@@ -50,7 +50,7 @@ class DoppelgangerMining(pl.Callback):
                              "use doppel.reduction=max or one process.")
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._epoch_start = self.table.table[:, 0].clone()
+        self._epoch_start = self.table.first().clone()
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
                            batch: Any, batch_idx: int) -> None:
@@ -70,7 +70,7 @@ class DoppelgangerMining(pl.Callback):
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.world_size > 1:
             self._check_ranks_agree(pl_module)
-        first = self.table.table[:, 0]
+        first = self.table.first()
         metrics = {"doppel/table_filled": self.table.filled_fraction()}
         if self._epoch_start is not None:
             metrics["doppel/churn"] = (first != self._epoch_start).float().mean().item()

@@ -141,12 +141,16 @@ class DoppelgangerTable:
         """Known doppelgangers of ``cls``, best first."""
         return [c for c in self.table[cls].tolist() if c != EMPTY]
 
+    def first(self) -> torch.Tensor:
+        """Per class, its most similar doppelganger (``EMPTY`` until mined); a view of the table."""
+        return self.table[:, 0]
+
     def filled_fraction(self) -> float:
-        return (self.table[:, 0] != EMPTY).float().mean().item()
+        return (self.first() != EMPTY).float().mean().item()
 
     def pointed_to(self) -> torch.Tensor:
         """Per class, how many identities have it as their first doppelganger."""
-        first = self.table[:, 0]
+        first = self.first()
         return torch.bincount(first[first != EMPTY], minlength=self.num_classes)
 
     def hubs(self, n: int = 5) -> list[tuple[int, int]]:
