@@ -128,9 +128,10 @@ def test_the_gallery_shows_the_tables_pairs_with_the_datas_pixels_and_the_classi
     for row in rows:  # the classifier's scores of the identity's own image
         with torch.no_grad():
             scores = module.loss_set.prototype_term.class_scores(module.backbone(images[row["class"]][None]))[0]
-        assert row["own_score"] == pytest.approx(float(scores[row["class"]]), abs=1e-6)
+        # abs 1e-5: the gallery scores a batch, this a single image; float32 kernels differ by a few ulps
+        assert row["own_score"] == pytest.approx(float(scores[row["class"]]), abs=1e-5)
         assert [d["score"] for d in row["doppelgangers"]] == pytest.approx(
-            [float(scores[d["class"]]) for d in row["doppelgangers"]], abs=1e-6)
+            [float(scores[d["class"]]) for d in row["doppelgangers"]], abs=1e-5)
     # each class's picture is the first of its images in the file, pixel for pixel
     for cls, image in images.items():
         assert np.array_equal(figures.as_picture(image), _first_image_in_the_file(emoji_module.npz, names[cls]))
