@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 from pathlib import Path
 from types import ModuleType
 
 import numpy as np
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
 
@@ -16,6 +18,16 @@ from doppel.train import CONFIG_DIR
 
 CONFIGS = str(CONFIG_DIR)
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def pytest_configure(config):
+    # Under pytest-xdist, share the cores between the workers: each worker, and the train.py processes it
+    # starts (they inherit the environment), gets its share of threads instead of all of them.
+    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if workers:
+        threads = max(1, (os.cpu_count() or 1) // int(workers))
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        torch.set_num_threads(threads)
 
 
 def load_script(name: str) -> ModuleType:
