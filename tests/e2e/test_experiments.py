@@ -15,6 +15,7 @@ from omegaconf import OmegaConf, open_dict
 from doppel.sampling.samplers import parse_random_ratio
 from doppel.train import CONFIG_DIR, train
 from tests.data.formats import identities, write_pack
+from tests.e2e.test_backbone_configs import SMALL
 from tests.e2e.test_formats import FORMATS
 
 EXPERIMENTS = sorted(path.stem for path in (CONFIG_DIR / "experiment").glob("*.yaml"))
@@ -90,8 +91,8 @@ def test_the_experiment_takes_a_training_step_on_tiny_data_in_its_format(tmp_pat
     if composed.backbone.name == "face_resnet":
         # Table 1's layers at 259x259, narrower (a minute a step at full width; test_backbone_configs runs that)
         data += ["backbone.stem_channels=8", "backbone.widths=[8,16,16,32]"]
-    if composed.backbone.name in ("resnet50_ir", "se_resnet50_ir"):  # 32x32, as test_backbone_configs shrinks them
-        data += ["backbone.input_size=32"]
+    if composed.backbone.name in ("resnet50_ir", "se_resnet50_ir"):
+        data += SMALL[composed.backbone.name]
     per_class = compose_experiment(name, data).sampler.examples_per_class
     fewest = per_class if isinstance(per_class, int) else min(per_class)
     cfg = compose_experiment(name, [*data, *ONE_STEP, f"sampler.batch_size={3 * fewest}"])
