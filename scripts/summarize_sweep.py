@@ -68,20 +68,27 @@ def read_overrides(job_dir: Path) -> dict[str, str]:
     return settings
 
 
-def half_width(values: list[float]) -> float:
-    """Half the width of the t-distribution confidence interval of the mean (0 for a single value)."""
+def half_width(values: list[float]) -> float | None:
+    """Half the width of the t-distribution confidence interval of the mean; None for a single value,
+    which has no interval (printing "± 0" would claim a certainty one run cannot give)."""
     if len(values) < 2:
-        return 0.0
+        return None
     return stats.t.ppf((1 + CONFIDENCE) / 2, len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
 
 
-def paired(baseline: dict[str, float], other: dict[str, float]) -> tuple[float, float, float, int]:
-    """Mean difference other - baseline over the seeds both have, its interval's half width, the paired
-    t-test's p-value (nan below 2 pairs or with identical differences) and the number of pairs."""
+def with_interval(mean: float, half: float | None, number: str = ".2f") -> str:
+    """``mean ± half``, or the mean alone when there is no interval (a single run or pair)."""
+    return f"{mean:{number}}" if half is None else f"{mean:{number}} ± {half:{number.lstrip('+')}}"
+
+
+def paired(baseline: dict[str, float], other: dict[str, float]) -> tuple[float, float | None, float, int]:
+    """Mean difference other - baseline over the seeds both have, its interval's half width (None below
+    2 pairs), the paired t-test's p-value (nan below 2 pairs or with identical differences) and the
+    number of pairs."""
     seeds = sorted(set(baseline) & set(other))
     differences = [other[s] - baseline[s] for s in seeds]
     if len(differences) < 2:
-        return (differences[0] if differences else math.nan), math.nan, math.nan, len(differences)
+        return (differences[0] if differences else math.nan), None, math.nan, len(differences)
     p = stats.ttest_rel([other[s] for s in seeds], [baseline[s] for s in seeds]).pvalue
     return statistics.mean(differences), half_width(differences), float(p), len(differences)
 
@@ -142,11 +149,11 @@ def summarize(jobs: list[Job], group: list[str] | None, metrics: list[str], base
         cells = [name, str(count)]
         for metric in metrics:
             value = statistics_of[metric]
-            text = "-" if value is None else f"{value[0]:.2f} ± {value[1]:.2f}"
+            text = "-" if value is None else with_interval(*value)
             cells.append(f"**{text}**" if name in best[metric] else text)
         lines.append("| " + " | ".join(cells) + " |")
-    lines.append(f"\nmean ± half width of the {CONFIDENCE:.0%} t-interval over seeds, in %; the best mean of each "
-                 "column in bold.")
+    lines.append(f"\nmean ± half width of the {CONFIDENCE:.0%} t-interval over seeds (the value alone for a single "
+                 "run), in %; the best mean of each column in bold.")
     if baseline is None:
         return "\n".join(lines)
     if baseline not in rows:
@@ -160,7 +167,12 @@ def summarize(jobs: list[Job], group: list[str] | None, metrics: list[str], base
         for metric in metrics:
             mean, half, p, pairs_here = paired(by_seed(rows[baseline], metric), by_seed(runs, metric))
             pairs = max(pairs, pairs_here)
-            cells.append("-" if math.isnan(mean) else f"{mean:+.2f} ± {half:.2f} ({p_value_text(p)})")
+            if math.isnan(mean):
+                cells.append("-")
+            elif half is None:
+                cells.append(f"{with_interval(mean, None, '+.2f')} (one pair: no test)")
+            else:
+                cells.append(f"{with_interval(mean, half, '+.2f')} ({p_value_text(p)})")
         lines.append(f"| {name} | {pairs} | " + " | ".join(cells) + " |")
     lines.append(f"\ndifference of the means ± half width of its {CONFIDENCE:.0%} t-interval, in points; "
                  "p: two-sided paired t-test.")
@@ -189,7 +201,9 @@ def series_table(jobs: list[Job], group: list[str] | None, key: str) -> str:
         cells = []
         for epoch in epochs:
             values = [series[epoch] for series in runs if epoch in series]
-            cells.append(f"{statistics.mean(values):.4g} ± {half_width(values):.2g}" if values else "-")
+            half = half_width(values)
+            mean = f"{statistics.mean(values):.4g}"
+            cells.append("-" if not values else mean if half is None else f"{mean} ± {half:.2g}")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
