@@ -170,7 +170,7 @@ def summarize(jobs: list[Job], group: list[str] | None, metrics: list[str], base
             if math.isnan(mean):
                 cells.append("-")
             elif half is None:
-                cells.append(f"{with_interval(mean, None, '+.2f')} (one pair: no test)")
+                cells.append(f"{mean:+.2f} (one pair: no test)")
             else:
                 cells.append(f"{with_interval(mean, half, '+.2f')} ({p_value_text(p)})")
         lines.append(f"| {name} | {pairs} | " + " | ".join(cells) + " |")
