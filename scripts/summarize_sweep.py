@@ -18,7 +18,8 @@ training settings and seeds (a training job resumed from its own checkpoint, ``c
 Prints Markdown tables; values in %, the best mean of each column in bold (lowest for a loss or error);
 ``--wandb PROJECT`` also logs the table to W&B. ``--series KEY`` (repeatable) adds, per row, a per-epoch table of a
 value the runs log once an epoch in ``csv/metrics.csv`` (``doppel/lookalike_share``,
-``sampler/exposure_cv``, ...): mean ± half width of the 95% interval over seeds, as logged.
+``sampler/exposure_cv``, ...): mean ± half width of the 95% interval over seeds, as logged, after each
+epoch (counted from 1) or after the ``--epochs`` given.
 """
 
 from __future__ import annotations
@@ -180,30 +181,41 @@ def summarize(jobs: list[Job], group: list[str] | None, metrics: list[str], base
 
 
 def logged_series(job_dir: Path, key: str) -> dict[int, float]:
-    """Epoch -> the value of ``key`` logged in that epoch (the last one, if several)."""
+    """Epoch, counted from 1 as ``trainer.max_epochs`` counts them -> the value of ``key`` logged in that
+    epoch (the last one, if several); the CSV's ``epoch`` column counts from 0."""
     series: dict[int, float] = {}
     with open(job_dir / "csv" / "metrics.csv", newline="") as file:
         for row in csv.DictReader(file):
             if row.get(key):
-                series[int(row["epoch"])] = float(row[key])
+                series[int(row["epoch"]) + 1] = float(row[key])
     return series
 
 
-def series_table(jobs: list[Job], group: list[str] | None, key: str) -> str:
+def series_table(jobs: list[Job], group: list[str] | None, key: str, epochs: list[int] | None = None) -> str:
+    """Per row, ``key`` after each epoch (or only after ``epochs``, counted from 1)."""
     rows = group_rows(jobs, group)
     per_row = {name: [logged_series(job_dir, key) for _, _, job_dir in runs] for name, runs in rows.items()}
-    epochs = sorted({epoch for runs in per_row.values() for series in runs for epoch in series})
-    if not epochs:
+    logged = sorted({epoch for runs in per_row.values() for series in runs for epoch in series})
+    if not logged:
         return f"{key}: not logged by these runs."
-    lines = [f"{key} per epoch (mean ± half width of the {CONFIDENCE:.0%} t-interval over seeds, as logged):", "",
-             "| setting | " + " | ".join(f"epoch {e}" for e in epochs) + " |", "|" + "---|" * (len(epochs) + 1)]
+    if epochs:
+        never = sorted(set(epochs) - set(logged))
+        if never:
+            raise SystemExit(f"--epochs {' '.join(map(str, never))}: no run logged {key} after that epoch "
+                             f"(logged after epochs {logged[0]}-{logged[-1]}); pick epochs from that range")
+        logged = sorted(set(epochs))
+    lines = [f"{key} after each epoch (mean ± half width of the {CONFIDENCE:.0%} t-interval over seeds, as logged):",
+             "", "| setting | " + " | ".join(f"epoch {e}" for e in logged) + " |", "|" + "---|" * (len(logged) + 1)]
     for name, runs in per_row.items():
         cells = []
-        for epoch in epochs:
+        for epoch in logged:
             values = [series[epoch] for series in runs if epoch in series]
+            if not values:  # a shorter run, or a key logged only by another row's runs
+                cells.append("-")
+                continue
             half = half_width(values)
             mean = f"{statistics.mean(values):.4g}"
-            cells.append("-" if not values else mean if half is None else f"{mean} ± {half:.2g}")
+            cells.append(mean if half is None else f"{mean} ± {half:.2g}")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -240,6 +252,8 @@ def main() -> None:
                         help="final metrics to tabulate (default: the prototype protocol's, else every test/ one)")
     parser.add_argument("--baseline", help="the row the others are compared with, e.g. sampler=random")
     parser.add_argument("--series", action="append", default=[], help="a per-epoch logged key to tabulate")
+    parser.add_argument("--epochs", type=int, nargs="+", metavar="N",
+                        help="the --series tables show only these epochs (counted from 1; default: every epoch)")
     parser.add_argument("--wandb", metavar="PROJECT", help="also log the table to W&B (offline unless WANDB_MODE)")
     args = parser.parse_args()
     jobs = load_jobs(*args.sweep_dirs)
@@ -249,7 +263,7 @@ def main() -> None:
         name = "summary of " + ", ".join(p.name for p in args.sweep_dirs)
         print(f"W&B: {log_to_wandb(row_statistics(jobs, args.group, metrics), metrics, args.wandb, name)}")
     for key in args.series:
-        print("\n" + series_table(jobs, args.group, key))
+        print("\n" + series_table(jobs, args.group, key, args.epochs))
 
 
 if __name__ == "__main__":

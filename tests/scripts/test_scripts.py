@@ -53,8 +53,35 @@ def test_a_logged_series_is_tabulated_per_epoch_over_seeds(tmp_path):
         lines += [f"{share},{epoch},{10 * (epoch + 1)}," for epoch, share in enumerate(shares)]
         (sweep / job / "csv" / "metrics.csv").write_text("\n".join(lines) + "\n")
     table = summarize_sweep.series_table(summarize_sweep.load_jobs(sweep), None, "doppel/lookalike_share")
-    # epoch 0: 0.1, 0.2 -> 0.15 ± 12.706 * 0.0707 / sqrt(2) = 0.64; epoch 1: 0.3, 0.5 -> 0.4 ± 1.3
-    assert table.splitlines()[-1] == "| sampler=doppel | 0.15 ± 0.64 | 0.4 ± 1.3 |"
+    # the CSV's epoch 0 is the first epoch: after it 0.1, 0.2 -> 0.15 ± 12.706 * 0.0707 / sqrt(2) = 0.64;
+    # after the second 0.3, 0.5 -> 0.4 ± 1.3
+    assert table.splitlines()[-3:] == ["| setting | epoch 1 | epoch 2 |", "|---|---|---|",
+                                       "| sampler=doppel | 0.15 ± 0.64 | 0.4 ± 1.3 |"]
+
+
+def write_logged_epochs(job_dir, key, values):
+    (job_dir / "csv").mkdir()
+    lines = [f"{key},epoch,step"] + [f"{value},{epoch},{epoch + 1}" for epoch, value in enumerate(values)]
+    (job_dir / "csv" / "metrics.csv").write_text("\n".join(lines) + "\n")
+
+
+def test_a_series_shows_the_chosen_epochs_and_a_dash_where_a_row_stopped_earlier(tmp_path, capsys, monkeypatch):
+    summarize_sweep = load_script("summarize_sweep")
+    long = write_sweep(tmp_path / "long", [("random", 0, 0.5)])
+    short = write_sweep(tmp_path / "short", [("doppel", 0, 0.4)])
+    write_logged_epochs(long / "0", "sampler/exposure_cv", [0.9, 0.8, 0.7, 0.6])
+    write_logged_epochs(short / "0", "sampler/exposure_cv", [2.0, 1.5])
+    jobs = summarize_sweep.load_jobs(long, short)
+    table = summarize_sweep.series_table(jobs, None, "sampler/exposure_cv", [4, 1])
+    assert table.splitlines()[-4:] == ["| setting | epoch 1 | epoch 4 |", "|---|---|---|",
+                                       "| sampler=random | 0.9 | 0.6 |", "| sampler=doppel | 2 | - |"]
+    with pytest.raises(SystemExit, match="--epochs 5: no run logged sampler/exposure_cv after that epoch"):
+        summarize_sweep.series_table(jobs, None, "sampler/exposure_cv", [2, 5])
+    monkeypatch.setattr("sys.argv", ["summarize_sweep.py", str(long), str(short), "--series", "sampler/exposure_cv",
+                                     "--epochs", "2", "3"])
+    summarize_sweep.main()
+    assert capsys.readouterr().out.splitlines()[-4:] == [
+        "| setting | epoch 2 | epoch 3 |", "|---|---|---|", "| sampler=random | 0.8 | 0.7 |", "| sampler=doppel | 1.5 | - |"]
 
 
 def test_overhead_benchmark_runs_both_samplers_and_mines():
