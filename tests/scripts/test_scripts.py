@@ -81,7 +81,8 @@ def test_a_series_shows_the_chosen_epochs_and_a_dash_where_a_row_stopped_earlier
                                      "--epochs", "2", "3"])
     summarize_sweep.main()
     assert capsys.readouterr().out.splitlines()[-4:] == [
-        "| setting | epoch 2 | epoch 3 |", "|---|---|---|", "| sampler=random | 0.8 | 0.7 |", "| sampler=doppel | 1.5 | - |"]
+        "| setting | epoch 2 | epoch 3 |", "|---|---|---|",
+        "| sampler=random | 0.8 | 0.7 |", "| sampler=doppel | 1.5 | - |"]
 
 
 def test_overhead_benchmark_runs_both_samplers_and_mines():
