@@ -201,10 +201,14 @@ def series_table(jobs: list[Job], group: list[str] | None, key: str, epochs: lis
     if epochs:
         never = sorted(set(epochs) - set(logged))
         if never:
+            # Validation keys are logged every few epochs only: name the epochs that exist, not just their range.
+            have = " ".join(map(str, logged)) if len(logged) <= 12 else f"{logged[0]}-{logged[-1]}"
             raise SystemExit(f"--epochs {' '.join(map(str, never))}: no run logged {key} after that epoch "
-                             f"(logged after epochs {logged[0]}-{logged[-1]}); pick epochs from that range")
+                             f"(logged after epochs {have}); pick epochs from those")
         logged = sorted(set(epochs))
-    lines = [f"{key} after each epoch (mean ± half width of the {CONFIDENCE:.0%} t-interval over seeds, as logged):",
+    spread = (f"mean ± half width of the {CONFIDENCE:.0%} t-interval over seeds, as logged"
+              if any(len(runs) > 1 for runs in per_row.values()) else "one run per row, as logged")
+    lines = [f"{key} after each epoch ({spread}):",
              "", "| setting | " + " | ".join(f"epoch {e}" for e in logged) + " |", "|" + "---|" * (len(logged) + 1)]
     for name, runs in per_row.items():
         cells = []

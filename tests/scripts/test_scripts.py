@@ -57,6 +57,8 @@ def test_a_logged_series_is_tabulated_per_epoch_over_seeds(tmp_path):
     # after the second 0.3, 0.5 -> 0.4 ± 1.3
     assert table.splitlines()[-3:] == ["| setting | epoch 1 | epoch 2 |", "|---|---|---|",
                                        "| sampler=doppel | 0.15 ± 0.64 | 0.4 ± 1.3 |"]
+    assert table.splitlines()[0] == ("doppel/lookalike_share after each epoch "
+                                     "(mean ± half width of the 95% t-interval over seeds, as logged):")
 
 
 def write_logged_epochs(job_dir, key, values):
@@ -75,7 +77,9 @@ def test_a_series_shows_the_chosen_epochs_and_a_dash_where_a_row_stopped_earlier
     table = summarize_sweep.series_table(jobs, None, "sampler/exposure_cv", [4, 1])
     assert table.splitlines()[-4:] == ["| setting | epoch 1 | epoch 4 |", "|---|---|---|",
                                        "| sampler=random | 0.9 | 0.6 |", "| sampler=doppel | 2 | - |"]
-    with pytest.raises(SystemExit, match="--epochs 5: no run logged sampler/exposure_cv after that epoch"):
+    assert table.splitlines()[0] == "sampler/exposure_cv after each epoch (one run per row, as logged):"
+    with pytest.raises(SystemExit, match=r"--epochs 5: no run logged sampler/exposure_cv after that epoch "
+                                         r"\(logged after epochs 1 2 3 4\)"):
         summarize_sweep.series_table(jobs, None, "sampler/exposure_cv", [2, 5])
     monkeypatch.setattr("sys.argv", ["summarize_sweep.py", str(long), str(short), "--series", "sampler/exposure_cv",
                                      "--epochs", "2", "3"])
