@@ -37,6 +37,7 @@ from scipy import stats
 DEFAULT_METRICS = ["test/novel/top1", "test/novel/coverage@0.99", "test/novel/coverage@0.999", "test/novel/recall@1",
                    "test/base/top1", "test/base/coverage@0.99", "test/base/recall@1"]
 CONFIDENCE = 0.95
+SPREAD = f"mean ± half width of the {CONFIDENCE:.0%} t-interval over seeds"  # what a cell shows
 
 Job = tuple[dict[str, str], dict[str, float], Path]  # overrides, final metrics, job directory
 
@@ -153,8 +154,7 @@ def summarize(jobs: list[Job], group: list[str] | None, metrics: list[str], base
             text = "-" if value is None else with_interval(*value)
             cells.append(f"**{text}**" if name in best[metric] else text)
         lines.append("| " + " | ".join(cells) + " |")
-    lines.append(f"\nmean ± half width of the {CONFIDENCE:.0%} t-interval over seeds (the value alone for a single "
-                 "run), in %; the best mean of each column in bold.")
+    lines.append(f"\n{SPREAD} (the value alone for a single run), in %; the best mean of each column in bold.")
     if baseline is None:
         return "\n".join(lines)
     if baseline not in rows:
@@ -206,8 +206,7 @@ def series_table(jobs: list[Job], group: list[str] | None, key: str, epochs: lis
             raise SystemExit(f"--epochs {' '.join(map(str, never))}: no run logged {key} after that epoch "
                              f"(logged after epochs {have}); pick epochs from those")
         logged = sorted(set(epochs))
-    spread = (f"mean ± half width of the {CONFIDENCE:.0%} t-interval over seeds, as logged"
-              if any(len(runs) > 1 for runs in per_row.values()) else "one run per row, as logged")
+    spread = f"{SPREAD}, as logged" if any(len(runs) > 1 for runs in per_row.values()) else "one run per row, as logged"
     lines = [f"{key} after each epoch ({spread}):",
              "", "| setting | " + " | ".join(f"epoch {e}" for e in logged) + " |", "|" + "---|" * (len(logged) + 1)]
     for name, runs in per_row.items():
