@@ -5,6 +5,8 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+import doppel.trainer_node  # noqa: F401  (every Trainer argument settable as trainer.<name>=)
+
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
 def main(cfg: DictConfig) -> float:

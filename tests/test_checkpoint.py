@@ -115,6 +115,10 @@ def test_only_the_run_that_wrote_a_checkpoint_resumes_it():
     other = {**CONFIG, "backbone": {"embedding_dim": 32}}
     with pytest.raises(CheckpointError, match=r"was made by another run \(backbone.embedding_dim: 16 -> 32\)"):
         check_checkpoint(stamped(), other, "x")
+    # a loss hyper-parameter decides what the weights mean as much as the backbone does
+    other = {**CONFIG, "loss": {"terms": {"mb": {"seed": 0, "alpha": 0.2}}}}
+    with pytest.raises(CheckpointError, match=r"was made by another run \(loss.terms.mb.alpha: 0.1 -> 0.2\)"):
+        check_checkpoint(stamped(), other, "x")
     # run-local settings are no difference (the data copied to another node's disk); others warn
     local = {**CONFIG, "paths": {"output_dir": "/b"},
              "data": {**CONFIG["data"], "root": "/scratch/job2/faces", "eval_batch_size": 64, "num_workers": 2}}

@@ -19,6 +19,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import get_class, get_object, instantiate
 from omegaconf import DictConfig, OmegaConf
 
+import doppel.trainer_node  # noqa: F401  (registers the open trainer node before any compose)
 from doppel.evaluation.evaluator import Evaluator
 from doppel.losses.loss_set import LossSet
 from doppel.models.factory import check_backbone

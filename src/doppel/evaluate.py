@@ -57,8 +57,9 @@ def evaluate(cfg: DictConfig, overrides: list[str] | None = None) -> RunMetrics:
         evaluator.blocks = backbone.blocks
         needing = [name for name, p in evaluator.protocols.items() if p.needs_classifier]
         if needing:
-            raise ValueError(f"eval={needing[0]} scores with a training classifier, which an ensemble of "
-                             "checkpoints has not: choose eval=prototype, retrieval or face_verification.")
+            raise ValueError(f"eval.{needing[0]} scores with a training classifier, which an ensemble of "
+                             "checkpoints has not: choose a protocol that scores embeddings only (eval=prototype "
+                             "with base_prototypes=mean, retrieval or face_verification).")
         rank_zero_info(f"evaluating the ensemble of {', '.join(paths)}")
     else:
         backbone = build(cfg.backbone, image_size=datamodule.image_shape()[-1])

@@ -73,7 +73,8 @@ class DoppelModule(pl.LightningModule):
     def _eval_end(self, prefix: str) -> None:
         term = self.loss_set.prototype_term
         classify = None if term is None else (lambda e: term.class_scores(e.to(self.device)).float().cpu())
-        metrics = {f"{prefix}/{k}": v for k, v in self.evaluator.compute(classify, prefix).items()}
+        vectors = None if term is None else (lambda: term.class_vectors().detach().float().cpu())
+        metrics = {f"{prefix}/{k}": v for k, v in self.evaluator.compute(classify, prefix, vectors).items()}
         # Computed once and broadcast: every process logs the same numbers, no reduction needed.
         self.log_dict(metrics, sync_dist=False, rank_zero_only=False)
         self.final_metrics.update(metrics)

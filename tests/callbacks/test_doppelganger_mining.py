@@ -23,3 +23,19 @@ def test_epoch_metrics_count_churn_fill_and_hub_by_hand():
     assert logged["doppel/churn"] == pytest.approx(2 / 5)  # classes 0 and 2 changed
     assert logged["doppel/table_filled"] == pytest.approx(4 / 5)
     assert logged["doppel/hub_count"] == 2.0  # class 1 is the first doppelganger of classes 2 and 3
+
+
+def test_from_table_is_the_share_of_each_epoch_alone():
+    """The sampler's counts are read and reset at each epoch end: epoch 2's share counts epoch 2's draws."""
+    callback = DoppelgangerMining(DoppelgangerTable(num_classes=5))
+    sampler = SimpleNamespace(stats={"random": 0, "table": 0, "fallback_empty": 0, "fallback_taken": 0})
+    trainer = SimpleNamespace(world_size=1, datamodule=SimpleNamespace(train_sampler=sampler), current_epoch=0)
+    logged = []
+    module = SimpleNamespace(log_dict=lambda metrics, **_: logged.append(dict(metrics)))
+    for drawn in ({"random": 3, "table": 1}, {"random": 1, "table": 3}):  # as the sampler counts an epoch
+        callback.on_train_epoch_start(trainer, module)
+        for key, count in drawn.items():
+            sampler.stats[key] += count
+        callback.on_train_epoch_end(trainer, module)
+    assert [m["doppel/from_table"] for m in logged] == [pytest.approx(1 / 4), pytest.approx(3 / 4)]  # not 4 / 8
+    assert set(sampler.stats.values()) == {0}

@@ -48,6 +48,14 @@ def test_folder_errors_name_the_folder_and_the_fix(tmp_path):
         read_folder(str(root))
 
 
+def test_a_class_folder_listed_twice_is_refused_not_made_two_classes(tmp_path):
+    root = write_folder(tmp_path / "f", identities(3, 2), "png")
+    (tmp_path / "classes.txt").write_text("id000\nid001\n\nid000/\n")  # the same folder, spelt with a slash
+    with pytest.raises(DataError, match=r"classes.txt, line 4: 'id000/' is listed again \(first on line 1\); list "
+                                        "each class folder once"):
+        read_folder(str(root), class_list=str(tmp_path / "classes.txt"))
+
+
 def test_csv_split_and_role_columns_give_roles(tmp_path):
     write_folder(tmp_path / "faces", identities(3, 2), "png")
     (tmp_path / "list.tsv").write_text("path\tlabel\tsplit\trole\n" "faces/id000/00.png\tann\ttrain\t\n"
@@ -78,6 +86,20 @@ def test_csv_errors_name_file_line_and_column(tmp_path):
 def test_numeric_csv_labels_sort_as_numbers(tmp_path):
     (tmp_path / "l.csv").write_text("path,label\na.png,10\nb.png,9\nc.png,10\n")
     assert read_csv(str(tmp_path / "l.csv")).class_names == ["9", "10"]
+    # digits that str.isdigit accepts and int() does not: names, sorted as text
+    (tmp_path / "s.csv").write_text("path,label\na.png,\u00b2\nb.png,3\nc.png,-1\n", encoding="utf-8")
+    assert read_csv(str(tmp_path / "s.csv")).class_names == ["-1", "3", "\u00b2"]
+
+
+def test_a_csv_role_column_needs_a_split_column(tmp_path):
+    """Without a split column the split is by hash (data.novel_fraction); a role column alone would turn
+    that off silently, so it is refused."""
+    (tmp_path / "r.csv").write_text("path,label,role\na.png,ann,\nb.png,ann,query\nc.png,bo,\n")
+    with pytest.raises(DataError, match="r.csv: a role column without a split column; .*add a split column, or "
+                                        r"drop the role column to split by hash \(data.novel_fraction\)"):
+        read_csv(str(tmp_path / "r.csv"))
+    (tmp_path / "p.csv").write_text("path,label\na.png,ann\nb.png,ann\nc.png,bo\n")
+    assert read_csv(str(tmp_path / "p.csv")).parts is None  # split by hash
 
 
 def test_cub_cars_sop_train_on_the_first_classes_and_hold_out_the_rest(tmp_path):

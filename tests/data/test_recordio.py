@@ -180,6 +180,23 @@ def test_headers_gathered_in_chunks_equal_one_gather(tmp_path):
     keys, offsets = read_index(tmp_path / "train.idx")
     rec = RecordFile(tmp_path / "train.rec")
     images = offsets[(keys >= 1) & (keys <= 60)]
-    whole, chunked = _image_headers(rec, images), _image_headers(rec, images, chunk=7)
+    image_keys = keys[(keys >= 1) & (keys <= 60)]
+    whole, chunked = _image_headers(rec, images, image_keys), _image_headers(rec, images, image_keys, chunk=7)
     assert np.array_equal(whole, chunked)
     assert whole["label"].tolist() == [float(c) for c in range(30) for _ in range(2)]
+
+
+def test_an_image_record_shorter_than_its_header_is_named(tmp_path):
+    """An im2rec-style pack (no record 0 ranges) whose record 2 is 10 bytes: too short for the 24-byte header."""
+    records = [pack(0.0, jpeg(1)), pack(0.0, jpeg(2)), b"\x01" * 10, pack(1.0, jpeg(3))]
+    lines, offset = [], 0
+    with open(tmp_path / "train.rec", "wb") as rec:
+        for key, record in enumerate(records):
+            lines.append(f"{key}\t{offset}\n")
+            framed = frame(record)
+            rec.write(framed)
+            offset += len(framed)
+    (tmp_path / "train.idx").write_text("".join(lines))
+    with pytest.raises(DataError, match=r"train\.rec: record 2 \(at byte \d+\) is 10 bytes, shorter than the "
+                                        r"24-byte image record header"):
+        read_recordio(str(tmp_path))

@@ -46,6 +46,24 @@ def test_split_keeps_families_whole_and_roles_consistent(tiny_npz):
     assert torch.equal(image, torch.from_numpy(data.images[0]).permute(2, 0, 1))
 
 
+def test_a_base_query_is_the_image_its_class_key_hashes_to():
+    """The held-out image of a base class is image floor(h * n) of its n images, h the first 8 bytes of
+    SHA-256(class key) as a fraction (computed here with hashlib): not always the first image."""
+    import hashlib
+
+    data = read_rendered_npz()
+    split = split_dataset(data, max_groups=200)
+    positions = []
+    for label in range(split.num_classes):
+        rows = torch.nonzero(split.label == label).flatten()
+        key = data.keys[int(data.labels[split.index[rows[0]]])]
+        fraction = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") / 2**64
+        [held_out] = torch.nonzero(split.part[rows] == Part.HELD_OUT).flatten().tolist()
+        assert held_out == int(fraction * len(rows)), key
+        positions.append(held_out)
+    assert set(positions) == {0, 1, 2, 3}  # the bundled emoji: up to 4 vendors' drawings
+
+
 def test_split_is_stable_and_max_groups_subsets(tiny_npz):
     data = read_rendered_npz(tiny_npz)
     a, b = split_dataset(data, 0.4), split_dataset(data, 0.4)

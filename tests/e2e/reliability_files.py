@@ -79,3 +79,16 @@ def write_data_files(folder: Path) -> None:
     (folder / "huge_label.rec").write_bytes(b"".join(records))
     (folder / "huge_label.idx").write_text("".join(f"{i}\t{o}\n" for i, o in enumerate(starts)))
     (folder / "no_label.csv").write_text("path,class\nfaces_with_empty_class/id000/00.jpg,a\n")
+    records[7] = frame(pack(7.0, encode(classes[7][0], "jpg"), 7))
+    records[2] = frame(b"\x01" * 10)  # an image record cut inside its 24-byte header
+    (folder / "short_record.rec").write_bytes(b"".join(records))
+    starts = [sum(map(len, records[:i])) for i in range(len(records))]
+    (folder / "short_record.idx").write_text("".join(f"{i}\t{o}\n" for i, o in enumerate(starts)))
+    (folder / "classes_twice.txt").write_text("id000\nid001\nid002\nid000/\n")
+    images = [f"faces_with_empty_class/id{c:03d}/{i:02d}.jpg" for c in range(20) for i in range(4)]
+    (folder / "roles_only.csv").write_text("path,label,role\n" + "".join(
+        f"{path},{path.split('/')[1]},{'query' if path.endswith('03.jpg') else ''}\n" for path in images))
+    superscript_two = "\u00b2"  # a digit to str.isdigit, not to int()
+    (folder / "superscript.csv").write_text("path,label\n" + "".join(
+        f"{path},{superscript_two if '/id007/' in path else int(path.split('/')[1][2:])}\n" for path in images),
+        encoding="utf-8")

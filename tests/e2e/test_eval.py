@@ -120,3 +120,39 @@ def test_eval_py_scores_checkpoints_as_an_ensemble(tmp_path):
     refused = [f"ckpt_path=[{first},{second}]", "eval=classification"]
     with pytest.raises(ValueError, match="ensemble"):
         evaluate(compose_cfg(tmp_path / "refused", refused), refused)
+
+
+def test_without_base_queries_novel_queries_meet_every_base_prototype(tmp_path):
+    """data.base_queries=false (recordio's default): the run's novel metrics are those of every novel query
+    classified among all base and novel prototypes, recomputed here from the checkpoint's network; eval.py
+    with base_prototypes=classifier uses the classifier's weight rows as the base prototypes."""
+    from hydra.utils import instantiate
+
+    from doppel.evaluation.prototype import prototype_metrics
+
+    run = train(compose_cfg(tmp_path / "run", ["data.base_queries=false"]))
+    assert sorted(run) == sorted(k for k in run if not k.startswith("test/base/"))  # no base queries
+    checkpoint = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    cfg = compose_cfg(tmp_path / "run", ["data.base_queries=false"])
+    datamodule = instantiate(cfg.data)
+    datamodule.setup()
+    split = datamodule.split
+    images = torch.stack([datamodule._dataset(torch.arange(len(split.label)), train=False)[i][0]
+                          for i in range(len(split.label))])
+    state = torch.load(checkpoint, weights_only=True)["state_dict"]
+    net = instantiate(cfg.backbone, image_size=32)
+    net.load_state_dict({k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")})
+    with torch.no_grad():
+        embeddings = F.normalize(net.eval()(images), dim=1)
+    expected = prototype_metrics(embeddings, split.label, split.part)
+    assert {k: v for k, v in run.items() if k.startswith("test/novel/")} == \
+        pytest.approx({f"test/{k}": v for k, v in expected.items()}, abs=1e-6)
+    novel_only = prototype_metrics(embeddings, split.label, split.part, class_vectors=torch.zeros(0, 16))
+    assert novel_only["novel/top1"] > expected["novel/top1"]  # what the novel prototypes alone would give
+
+    overrides = [f"ckpt_path={checkpoint}", "eval.prototype.base_prototypes=classifier"]
+    by_weights = evaluate(compose_cfg(tmp_path / "weights", overrides), overrides)
+    [weights] = [v for k, v in state.items() if k.endswith("classifier.weight")]
+    expected = prototype_metrics(embeddings, split.label, split.part, class_vectors=weights)
+    assert by_weights == pytest.approx({f"test/{k}": v for k, v in expected.items()}, abs=1e-6)
+    assert by_weights["test/novel/top1"] != run["test/novel/top1"]  # the two choices differ

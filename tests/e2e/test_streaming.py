@@ -30,6 +30,9 @@ def run(tmp_path, rec, name, novel_fraction):
                       "data.persistent_workers=false", f"data.novel_fraction={novel_fraction}",
                       "trainer.max_epochs=1", "trainer.limit_train_batches=5", "lsuv.batch_size=24",
                       "data.eval_batch_size=24",
+                      # base prototypes from the classifier: the mean ones embed every training image
+                      # (docs/evaluation.md), which reads the whole pack by design
+                      "eval.prototype.base_prototypes=classifier",
                       "+callbacks.memory._target_=tests.e2e.recorder.MemoryRecorder",
                       f"+callbacks.memory.folder={folder}", f"hydra.run.dir={folder}"], cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]

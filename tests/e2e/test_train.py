@@ -44,7 +44,8 @@ def test_training_improves_over_the_untrained_network(tmp_path):
               "sched=none", "trainer.check_val_every_n_epoch=100"]
     untrained = train(compose_cfg(tmp_path / "a", [*common, "trainer.max_epochs=1", "trainer.limit_train_batches=1",
                                                    "optim.lr=1e-9"]))
-    trained = train(compose_cfg(tmp_path / "b", [*common, "trainer.max_epochs=10", "trainer.limit_train_batches=30"]))
+    # 20 epochs: at 10 the novel Recall@1 gain was 0.08 at seed 0 on one thread (0.38 -> 0.46), at 20 it is 0.38
+    trained = train(compose_cfg(tmp_path / "b", [*common, "trainer.max_epochs=20", "trainer.limit_train_batches=30"]))
     for split in ("base", "novel"):
         assert trained[f"test/{split}/top1"] > untrained[f"test/{split}/top1"] + 0.15, split
         assert trained[f"test/{split}/recall@1"] > untrained[f"test/{split}/recall@1"] + 0.1, split
@@ -117,6 +118,20 @@ def test_cli_multirun_runs_two_jobs_each_its_own_wandb_run(tmp_path):
         gallery = json.loads((job / "diagnostics" / "gallery_e000.json").read_text())
         assert [[row[1], row[3], row[6]] for row in logged_table["data"]] == [
             [r["name"], d["name"], pytest.approx(d["score"])] for r in gallery for d in r["doppelgangers"]]
+
+
+def test_any_trainer_argument_is_set_as_trainer_dot_name_and_a_typo_gets_a_suggestion(tmp_path):
+    """``trainer.max_steps=2`` on the command line (not in configs/trainer/default.yaml) stops the run at
+    step 2; a misspelt Trainer argument is refused at start-up with the right name suggested."""
+    args = [*TINY, "trainer.max_epochs=5", "trainer.check_val_every_n_epoch=5", "logger=none", "report=false",
+            "~callbacks.diagnostics"]
+    result = run_cli([*args, "trainer.max_steps=2", f"hydra.run.dir={tmp_path}/run"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    checkpoint = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert checkpoint["global_step"] == 2
+    result = run_cli([*args, "trainer.max_stpes=2", f"hydra.run.dir={tmp_path}/typo"], cwd=tmp_path)
+    assert result.returncode != 0
+    assert "trainer.max_stpes is not a setting (did you mean max_steps?)" in result.stderr
 
 
 def test_final_metrics_reuse_a_last_epoch_validation_exactly(tmp_path):

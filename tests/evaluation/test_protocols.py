@@ -200,3 +200,73 @@ def test_the_figures_draw_the_numbers_the_metrics_report():
     [(_, bars)] = retrieval.figures()
     heights = [patch.get_height() for patch in bars.axes[0].patches]
     assert heights == pytest.approx([100 * recalls[f"retrieval/recall@{k}"] for k in (1, 2, 4)])
+
+
+def test_novel_queries_compete_with_base_prototypes_without_base_queries():
+    """No HELD_OUT image (recordio's default): a novel query still meets every base prototype. By hand:
+    base class 0's mean is along [1, 0.1]; the class-6 query [0.6, -0.8] is nearest to it (cos 0.52)
+    and so wrong, while among the novel prototypes alone it would be right (cos -0.6 beats -0.8)."""
+    plain = torch.tensor([[1.0, 0.0], [1.0, 0.2], [0.0, 1.0], [-1.0, 0.0], [0.1, 1.0], [0.6, -0.8]])
+    labels = torch.tensor([0, 0, 5, 6, 5, 6])
+    parts = torch.tensor([Part.TRAIN, Part.TRAIN, Part.REFERENCE, Part.REFERENCE, Part.QUERY, Part.QUERY])
+    protocol = PrototypeProtocol(flip=False, precisions=(0.99,))
+    protocol.bind(facts(parts.tolist()))
+    assert Part.TRAIN in protocol.parts()  # the evaluator embeds the training images for the base means
+    metrics = protocol.evaluate(Inputs(split=Embedded(plain, None, labels, parts)))
+    assert metrics["novel/top1"] == pytest.approx(0.5)
+    assert metrics["novel/coverage@0.99"] == pytest.approx(0.5)  # the right answer is the confident one
+    assert protocol.metric_names() == ["novel/top1", "novel/coverage@0.99", "novel/recall@1"]
+    # base_prototypes=classifier: base class 0 is its classifier vector [-1, 0.3] (normalised), no TRAIN
+    # image is needed, and the query is right (cos -0.80 < -0.6)
+    by_weights = PrototypeProtocol(flip=False, precisions=(0.99,), base_prototypes="classifier")
+    by_weights.bind(facts(parts.tolist()))
+    assert by_weights.parts() == {Part.REFERENCE, Part.QUERY} and by_weights.needs_classifier
+    scored = by_weights.evaluate(Inputs(split=Embedded(plain, None, labels, parts),
+                                        class_vectors=lambda: torch.tensor([[-10.0, 3.0]])))
+    assert scored["novel/top1"] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="base_prototypes=classifier needs the loss's classifier"):
+        by_weights.evaluate(Inputs(split=Embedded(plain, None, labels, parts)))
+    with pytest.raises(ValueError, match=r"eval.prototype.base_prototypes='centre' must be one of"):
+        PrototypeProtocol(base_prototypes="centre")
+
+
+def test_base_queries_meet_classifier_prototypes_row_by_run_label():
+    """With base_prototypes=classifier the prototype of base class c is row c of the class vectors, and
+    base Recall@1 (a search of the training images) is not reported."""
+    plain = torch.tensor([[1.0, 0.1], [0.1, 1.0], [0.0, 1.0], [0.7, 0.7]])
+    labels = torch.tensor([0, 1, 2, 2])
+    parts = torch.tensor([Part.HELD_OUT, Part.HELD_OUT, Part.REFERENCE, Part.QUERY])
+    protocol = PrototypeProtocol(flip=False, precisions=(0.99,), base_prototypes="classifier")
+    protocol.bind(facts([Part.TRAIN, *parts.tolist()]))
+    assert protocol.metric_names() == ["base/top1", "base/coverage@0.99", "novel/top1", "novel/coverage@0.99",
+                                       "novel/recall@1"]
+    vectors = torch.tensor([[2.0, 0.0], [0.0, 3.0]])  # class 0 along x, class 1 along y
+    metrics = protocol.evaluate(Inputs(split=Embedded(plain, None, labels, parts), class_vectors=lambda: vectors))
+    assert metrics["base/top1"] == 1.0 and "base/recall@1" not in metrics
+    # rows swapped: both base queries are wrong
+    swapped = protocol.evaluate(Inputs(split=Embedded(plain, None, labels, parts),
+                                       class_vectors=lambda: vectors.flip(0)))
+    assert swapped["base/top1"] == 0.0
+
+
+def test_mirrored_images_are_embedded_when_any_protocol_fuses_them():
+    """eval=[prototype,retrieval]: the prototype protocol fuses mirrored embeddings and retrieval does not;
+    the split's images are embedded mirrored too, whichever protocol comes last."""
+    from types import SimpleNamespace
+
+    from doppel.data.split import Split
+
+    parts = torch.tensor([Part.TRAIN, Part.TRAIN, Part.REFERENCE, Part.QUERY, Part.REFERENCE, Part.QUERY])
+    split = Split(index=torch.arange(6), label=torch.tensor([0, 0, 1, 1, 2, 2]), part=parts,
+                  names=["a", "b", "c"], num_classes=1)
+    requested = {}
+    for order in (("prototype", "retrieval"), ("retrieval", "prototype")):
+        made = {"prototype": PrototypeProtocol(flip=True), "retrieval": RetrievalProtocol(flip=False, ks=[1])}
+        requested.clear()
+        datamodule = SimpleNamespace(setup=lambda: None, split=split, benchmark=None, folder=None,
+                                     locate=lambda path, key: Path(path),
+                                     evaluate_on=lambda positions, pairs: requested.update(positions=positions))
+        evaluator = Evaluator({name: made[name] for name in order})
+        evaluator.bind(datamodule)
+        assert evaluator.sets == ["split"] and evaluator.flips == [True], order
+        assert requested["positions"].tolist() == [0, 1, 2, 3, 4, 5]

@@ -73,7 +73,7 @@ class ClassifierLearningProtocol(PrototypeProtocol):
     def parts(self) -> set[Part]:
         return super().parts() | {Part.TRAIN}  # the base classes' initial weights
 
-    def measures(self) -> list[str]:
+    def measures(self, split: str = "novel") -> list[str]:
         return ["top1", *(f"coverage@{p}" for p in self.precisions)]
 
     def train_classifier(self, embeddings: torch.Tensor, labels: torch.Tensor, parts: torch.Tensor

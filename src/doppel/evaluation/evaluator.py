@@ -89,8 +89,10 @@ class Evaluator:
     def discard(self) -> None:
         self._rows = {}
 
-    def compute(self, classify: Callable[[torch.Tensor], torch.Tensor] | None, where: str) -> dict[str, float]:
-        """Every protocol's metrics from the embeddings collected since the last call (on every process)."""
+    def compute(self, classify: Callable[[torch.Tensor], torch.Tensor] | None, where: str,
+                class_vectors: Callable[[], torch.Tensor] | None = None) -> dict[str, float]:
+        """Every protocol's metrics from the embeddings collected since the last call (on every process);
+        ``classify`` and ``class_vectors`` give the training classifier's scores and class vectors."""
         rows, self._rows = self._rows, {}
         embedded: dict[str, Embedded] = {}
         for loader, name in enumerate(self.sets):
@@ -111,7 +113,7 @@ class Evaluator:
                     _check_finite(item, f"{where} embeddings" + (f" of {name}" if name != SPLIT else ""))
                 self.last_split = embedded.get(SPLIT)
                 inputs = Inputs(split=embedded.get(SPLIT), pairs={k: v for k, v in embedded.items() if k != SPLIT},
-                                classify=classify)
+                                classify=classify, class_vectors=class_vectors)
                 metrics: dict[str, float] = {}
                 for protocol in self.protocols.values():
                     metrics.update(protocol.evaluate(inputs))

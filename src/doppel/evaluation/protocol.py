@@ -73,6 +73,7 @@ class Inputs:
     split: Embedded | None  # the split images of the parts any protocol asked for, ascending positions
     pairs: dict[str, Embedded] = field(default_factory=dict)  # pair set name -> its images' embeddings
     classify: Callable[[torch.Tensor], torch.Tensor] | None = None  # raw embeddings -> class scores
+    class_vectors: Callable[[], torch.Tensor] | None = None  # -> [base classes, D] the classifier's class vectors
 
 
 class Protocol(ABC):

@@ -41,6 +41,11 @@ class PrototypeTerm(nn.Module, ABC):
     def class_scores(self, embeddings: torch.Tensor) -> torch.Tensor:
         """[B, C] scores of every class without any margin: the classifier's prediction is their argmax."""
 
+    @abstractmethod
+    def class_vectors(self) -> torch.Tensor:
+        """[C, D] one vector per class in embedding space (a classifier's weight rows, or the centres):
+        what the prototype protocol's ``base_prototypes=classifier`` normalises into base prototypes."""
+
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         self.check_labels(labels)
         loss, logits = self.loss_and_logits(embeddings, labels)
@@ -57,6 +62,9 @@ class Softmax(PrototypeTerm):
 
     def class_scores(self, embeddings):
         return self.classifier(embeddings)
+
+    def class_vectors(self):
+        return self.classifier.weight
 
     def loss_and_logits(self, embeddings, labels):
         logits = self.class_scores(embeddings)
@@ -78,6 +86,9 @@ class L2Softmax(PrototypeTerm):
 
     def class_scores(self, embeddings):
         return self.classifier(self.scale * F.normalize(embeddings, dim=1))
+
+    def class_vectors(self):
+        return self.classifier.weight
 
     def loss_and_logits(self, embeddings, labels):
         logits = self.class_scores(embeddings)
@@ -116,6 +127,9 @@ class TargetMarginSoftmax(PrototypeTerm):
         # scales f^ (B x D, cheaper than B x C); the column factor ||W_j|| stays in unnormalised W.
         rows = embeddings if self.scale is None else F.normalize(embeddings, dim=1) * self.scale  # ||f|| f^ = f
         return rows @ (F.normalize(self.weight, dim=1) if self.normalize_weights else self.weight).T
+
+    def class_vectors(self):
+        return self.weight
 
     def loss_and_logits(self, embeddings, labels):
         unit = F.normalize(embeddings, dim=1)
@@ -271,6 +285,9 @@ class CenterLoss(PrototypeTerm):
     def class_scores(self, embeddings):
         return -squared_distances(embeddings, self.centres)  # the nearest centre
 
+    def class_vectors(self):
+        return self.centres
+
     def loss_and_logits(self, embeddings, labels):
         distances = squared_distances(embeddings, self.centres)
         own = (embeddings - self.centres[labels]).pow(2).sum(1)
@@ -307,6 +324,9 @@ class IELoss(PrototypeTerm):
 
     def class_scores(self, embeddings):
         return -squared_distances(embeddings, self.centres)  # the nearest centre
+
+    def class_vectors(self):
+        return self.centres
 
     def loss_and_logits(self, embeddings, labels):
         distances = squared_distances(embeddings, self.centres)

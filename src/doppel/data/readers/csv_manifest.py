@@ -12,12 +12,14 @@ Paths are relative to the manifest's folder (or absolute). ``label`` is any clas
 ``train`` (trained on; role ``query`` keeps the image out of training as a base query) or ``test`` (a
 held-out class; role ``prototype`` / ``gallery`` for reference images, ``query`` for queries, empty for
 the first image as prototype and the others as queries). Without a ``split`` column the DataModule
-splits by hash (``data.novel_fraction``). A ``.tsv`` is tab-separated.
+splits by hash (``data.novel_fraction``); a ``role`` column needs a ``split`` column. A ``.tsv`` is
+tab-separated.
 """
 
 from __future__ import annotations
 
 import csv
+import re
 
 import torch
 
@@ -29,8 +31,8 @@ ROLES = {("train", ""): Part.TRAIN, ("train", "query"): Part.HELD_OUT, ("test", 
 
 
 def _class_order(names: set[str]) -> list[str]:
-    """Whole numbers in numeric order, other names alphabetically."""
-    if all(n.lstrip("-").isdigit() for n in names):
+    """Whole numbers (ASCII digits) in numeric order, other names alphabetically."""
+    if all(re.fullmatch(r"-?[0-9]+", n) for n in names):
         return sorted(names, key=int)
     return sorted(names)
 
@@ -48,6 +50,10 @@ def read_csv(path: str | None = None) -> IdentityData:
         unknown = set(header) - {"path", "label", "split", "role"}
         if unknown:
             raise DataError(f"{path}: unknown columns {sorted(unknown)}; the columns are path, label, split, role.")
+        if "role" in header and "split" not in header:
+            raise DataError(f"{path}: a role column without a split column; roles are given within a split the file "
+                            "states (train / test): add a split column, or drop the role column to split by hash "
+                            "(data.novel_fraction).")
         column = {name: header.index(name) for name in header}
         paths, names, roles = [], [], []
         for number, row in enumerate(rows, 2):
@@ -70,6 +76,5 @@ def read_csv(path: str | None = None) -> IdentityData:
         raise DataError(f"{path} lists no images.")
     classes = _class_order(set(names))
     index = {name: i for i, name in enumerate(classes)}
-    has_split = "split" in column or "role" in column
     return IdentityData(labels=torch.tensor([index[n] for n in names]), class_names=classes, images=FileImages(paths),
-                        source=str(path), parts=torch.tensor(roles) if has_split else None)
+                        source=str(path), parts=torch.tensor(roles) if "split" in column else None)

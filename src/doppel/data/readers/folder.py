@@ -26,6 +26,14 @@ def read_folder(root: str | None = None, class_list: str | None = None) -> Ident
     if class_list is not None:
         listed = require(class_list, "class_list", "a text file with one class folder name per line")
         classes = [line.strip() for line in listed.read_text().splitlines() if line.strip()]
+        first_line: dict[str, int] = {}
+        for number, line in enumerate(listed.read_text().splitlines(), 1):
+            name = os.path.normpath(line.strip()) if line.strip() else None
+            if name in first_line:  # one folder twice would be two classes of the same images
+                raise DataError(f"{listed}, line {number}: {line.strip()!r} is listed again (first on line "
+                                f"{first_line[name]}); list each class folder once.")
+            if name is not None:
+                first_line[name] = number
         missing = [c for c in classes if not (root / c).is_dir()]
         if missing:
             raise DataError(f"{listed} lists {missing[:3]}, which are not folders of {root} ({len(missing)} missing).")

@@ -134,9 +134,10 @@ class Index:
         return int(self.offsets_of(np.array([key]))[0])
 
 
-def _image_headers(rec: RecordFile, offsets: np.ndarray, chunk: int = 1 << 18) -> np.ndarray:
-    """The header of every record at ``offsets``, gathered vectorised from a memory map, ``chunk`` records at
-    a time (6M headers in seconds, in bounded memory); records split inside their header are rejoined."""
+def _image_headers(rec: RecordFile, offsets: np.ndarray, keys: np.ndarray, chunk: int = 1 << 18) -> np.ndarray:
+    """The header of every record at ``offsets`` (the records ``keys``), gathered vectorised from a memory map,
+    ``chunk`` records at a time (6M headers in seconds, in bounded memory); records split inside their header
+    are rejoined."""
     if len(offsets) and int(offsets.max()) + 8 > rec.size:
         bad = int(np.argmax(offsets + 8 > rec.size))
         raise DataError(f"{rec.path}: the .idx points at byte {int(offsets[bad])}, past the end of the file "
@@ -159,9 +160,13 @@ def _image_headers(rec: RecordFile, offsets: np.ndarray, chunk: int = 1 << 18) -
         start = np.where(short, 0, part + 8)
         headers[first:first + chunk] = mapped[start[:, None] + np.arange(HEADER.size)].view(HEADER_DTYPE).reshape(-1)
         for i in np.nonzero(short | (flags == 1))[0]:  # split records: rejoin to read the header exactly
-            offset = int(part[i])
-            headers[first + i] = np.frombuffer(rec.read(offset, f"record at byte {offset}")[:HEADER.size],
-                                               HEADER_DTYPE)[0]
+            offset, key = int(part[i]), int(keys[first + i])
+            record = rec.read(offset, f"record {key}")
+            if len(record) < HEADER.size:
+                raise DataError(f"{rec.path}: record {key} (at byte {offset}) is {len(record)} bytes, shorter than "
+                                f"the {HEADER.size}-byte image record header: it is not an image record, or the file "
+                                "is damaged.")
+            headers[first + i] = np.frombuffer(record[:HEADER.size], HEADER_DTYPE)[0]
     return headers
 
 
@@ -233,7 +238,7 @@ def _labels(rec: RecordFile, image_offsets: np.ndarray, image_keys: np.ndarray,
             identity_offsets: np.ndarray) -> np.ndarray:
     """The stored class of every image (the header's label, or the first label after it), checked against
     the identity records' ranges wherever float32 holds both exactly."""
-    headers = _image_headers(rec, image_offsets)
+    headers = _image_headers(rec, image_offsets, image_keys)
     stored = headers["label"].copy()
     for i in np.nonzero(headers["flag"] > 0)[0]:
         stored[i] = unpack(rec.read(int(image_offsets[i]), "image record"), "image record")[0][0]

@@ -156,6 +156,8 @@ def safe_load(data: bytes, where: str, arrays: bool = False) -> Any:
                     raise refuse("it sets the state of an object", position)
             else:
                 raise refuse(f"opcode {name}", position)
+    except DataError:
+        raise  # a refusal or a malformed array says so itself
     except (ValueError, IndexError, KeyError, TypeError) as error:
         raise DataError(f"{where}: not a readable pickle ({error}); the file is damaged or not a pickle.") from None
     raise DataError(f"{where}: the pickle ends without STOP: the file is truncated.")
