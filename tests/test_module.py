@@ -95,3 +95,29 @@ def test_a_scheduler_gets_the_run_length_only_if_it_takes_one():
         steps.optimizer.step()
         steps.step()
     assert lrs == pytest.approx([1.0, 1.0, 0.1, 0.01])
+
+
+@pytest.mark.parametrize("decay_1d", [False, True])
+def test_optim_decay_1d_params_decays_every_parameter_as_the_paper(tmp_path, decay_1d):
+    """optim.decay_1d_params=true is the paper's weight decay on every parameter (the scales, beta, ARFA's
+    parameters too); false keeps 1-D parameters undecayed. One SGD step with zero gradients."""
+    from doppel.config import build_optimizer, check_config
+    from tests.conftest import compose_cfg
+
+    overrides = [f"optim.decay_1d_params={decay_1d}", "optim.lr=0.1", "optim.weight_decay=0.5", "optim.momentum=0",
+                 "optim.nesterov=false"]
+    factory, flag = build_optimizer(compose_cfg(tmp_path, overrides).optim)
+    assert flag is decay_1d
+    torch.manual_seed(0)
+    module = DoppelModule(get_backbone("ie_cnn_mnist"), RecordingLoss(), factory, decay_1d_params=flag)
+    optimizer = module.configure_optimizers()
+    before = [p.detach().clone() for p in module.parameters()]
+    assert any(p.dim() == 1 and p.abs().sum() > 0 for p in before)  # 1-D parameters that decay would move
+    for p in module.parameters():
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    for old, new in zip(before, module.parameters()):
+        expected = old * (1 - 0.1 * 0.5) if old.dim() > 1 or decay_1d else old
+        assert torch.allclose(new, expected), old.shape
+    with pytest.raises(ValueError, match="optim.decay_1d_params=maybe must be true or false"):
+        check_config(compose_cfg(tmp_path, ["optim.decay_1d_params=maybe"]))

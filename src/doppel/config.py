@@ -40,6 +40,8 @@ RUNTIME = {
     "trainer": {"callbacks", "logger", "plugins", "use_distributed_sampler"},
 }
 LOSS_KEYS = ("terms", "views")
+# Keys of the optim node that Doppel reads itself (the rest go to the optimizer class).
+OPTIM_KEYS = ("decay_1d_params",)
 # Metrics train() adds to the protocol's test metrics.
 SUMMARY_METRICS = ("train/epochs", "doppel/table_filled")
 # Callbacks that write to a logger and fail without one.
@@ -91,6 +93,15 @@ def build(node: DictConfig, **runtime: Any) -> Any:
         raise (error.__cause__ or error) from None
 
 
+def build_optimizer(node: DictConfig) -> tuple[Any, bool]:
+    """(the optimizer factory: parameter groups -> optimizer, whether 1-D parameters are weight-decayed)."""
+    decay_1d = node.get("decay_1d_params", False)
+    if not isinstance(decay_1d, bool):
+        raise ValueError(f"optim.decay_1d_params={decay_1d} must be true or false.")
+    settings = {k: v for k, v in node.items() if k not in OPTIM_KEYS}
+    return instantiate(OmegaConf.create(settings)), decay_1d
+
+
 def resolve_mining(cfg: DictConfig, has_prototype: bool) -> tuple[bool, DictConfig]:
     """Whether to mine doppelgangers, and the sampler config to build.
 
@@ -134,7 +145,7 @@ def _check_known_keys(cfg: DictConfig) -> None:
             raise _unknown(f"loss.{key}", set(LOSS_KEYS), "loss")
     # data's keys are checked when it is built, against its reader's settings (train() does it next).
     nodes = [("sampler", cfg.sampler, set()),
-             ("optim", cfg.optim, set()), ("sched", cfg.sched, set()), ("trainer", cfg.trainer, set())]
+             ("optim", cfg.optim, set(OPTIM_KEYS)), ("sched", cfg.sched, set()), ("trainer", cfg.trainer, set())]
     nodes += [(f"loss.terms.{n}", spec, {"weight"}) for n, spec in (cfg.loss.get("terms") or {}).items()]
     nodes += [(f"regularizer.{n}", spec, {"weight"}) for n, spec in (cfg.get("regularizer") or {}).items()]
     nodes += [(f"{group}.{n}", spec, set()) for group in ("logger", "callbacks", "eval")
@@ -215,7 +226,8 @@ def _check_values(cfg: DictConfig) -> None:
     max_epochs, max_steps = cfg.trainer.get("max_epochs"), cfg.trainer.get("max_steps", -1)
     if not (isinstance(max_epochs, int) and max_epochs >= 1) and not (isinstance(max_steps, int) and max_steps >= 1):
         raise ValueError(f"trainer.max_epochs={max_epochs} must be a positive integer (or set trainer.max_steps).")
-    optimizer = _build("optim", lambda: instantiate(cfg.optim)([torch.nn.Parameter(torch.zeros(1))]))
+    factory, _ = _build("optim", lambda: build_optimizer(cfg.optim))
+    optimizer = _build("optim", lambda: factory([torch.nn.Parameter(torch.zeros(1))]))
     if cfg.get("sched"):
         _build("sched", lambda: make_scheduler(instantiate(cfg.sched), optimizer, 1))
     if not cfg.get("logger"):

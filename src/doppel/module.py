@@ -21,7 +21,8 @@ warnings.filterwarnings("ignore", message=r"It is recommended to use `self.log\(
 
 class DoppelModule(pl.LightningModule):
     def __init__(self, backbone: nn.Module, loss_set: LossSet, optimizer: Any, scheduler: Any | None = None,
-                 augment: nn.Module | None = None, views: int = 1, evaluator: Evaluator | None = None) -> None:
+                 augment: nn.Module | None = None, views: int = 1, evaluator: Evaluator | None = None,
+                 decay_1d_params: bool = False) -> None:
         super().__init__()
         self.backbone = backbone
         self.loss_set = loss_set
@@ -29,6 +30,7 @@ class DoppelModule(pl.LightningModule):
         self.scheduler_factory = scheduler
         self.augment = augment or nn.Identity()
         self.views = views  # > 1: each image is augmented this many times, views stacked (NT-Xent)
+        self.decay_1d_params = decay_1d_params  # the paper: weight decay on every parameter
         self.last_labels: torch.Tensor | None = None
         self.last_embeddings: torch.Tensor | None = None  # the last step's, detached (for callbacks)
         self.evaluator = evaluator
@@ -101,8 +103,9 @@ class DoppelModule(pl.LightningModule):
         decay, no_decay = [], []
         for param in self.parameters():
             if param.requires_grad:
-                # Scales, margins, biases, ARFA's a and norm parameters are not weight-decayed.
-                (decay if param.dim() > 1 else no_decay).append(param)
+                # By default scales, margins, biases, ARFA's a and norm parameters are not weight-decayed
+                # (docs/losses.md); optim.decay_1d_params=true decays them as the paper does.
+                (decay if param.dim() > 1 or self.decay_1d_params else no_decay).append(param)
         optimizer = self.optimizer_factory([{"params": decay}, {"params": no_decay, "weight_decay": 0.0}])
         if self.scheduler_factory is None:
             return optimizer

@@ -26,7 +26,7 @@ from doppel.checkpoint import (
     copy_matching_weights,
     resolve_ckpt_path,
 )
-from doppel.config import CONFIG_DIR, bind_evaluator, build, check_config, resolve_mining
+from doppel.config import CONFIG_DIR, bind_evaluator, build, build_optimizer, check_config, resolve_mining
 from doppel.evaluation.evaluator import Evaluator
 from doppel.loggers import multirun_folder  # noqa: F401  (registers ${doppel_multirun:} for the configs)
 from doppel.losses.loss_set import LossSet
@@ -93,11 +93,11 @@ def train(cfg: DictConfig) -> RunMetrics:
         mode = None if cfg.speed.compile_backend != "inductor" else cfg.speed.compile_mode
         backbone.compile(mode=mode, backend=cfg.speed.compile_backend)
 
-    optimizer = instantiate(cfg.optim)
+    optimizer, decay_1d_params = build_optimizer(cfg.optim)
     scheduler = instantiate(cfg.sched) if cfg.sched else None
     module = DoppelModule(backbone, loss_set, optimizer, scheduler,
                           augment=build(cfg.augment, seed=cfg.seed), views=cfg.loss.views,
-                          evaluator=evaluator)
+                          evaluator=evaluator, decay_1d_params=decay_1d_params)
     if checkpoint is not None:
         check_state_dict(checkpoint, module.state_dict(), f"ckpt_path={str(ckpt_path)!r}")
     if start_weights is not None:

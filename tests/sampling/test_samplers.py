@@ -337,3 +337,21 @@ def test_a_warm_up_samples_at_random_before_doppelgangers_join(kind):
         sampler.stats = {key: 0 for key in sampler.stats}
     with pytest.raises(ValueError, match="sampler.warmup_epochs"):
         kind(SamplerContext(LABELS, table=DoppelgangerTable(40)), 27, warmup_epochs=-1)
+
+
+@pytest.mark.parametrize("batch_size, examples_per_class", [(24, (2, 8)), (25, (2, 8)), (82, 3), (25, 2), (81, 3),
+                                                             (17, (2, 4)), (40, (3, 5))])
+def test_no_class_is_left_with_one_image_when_pairs_are_asked_for(batch_size, examples_per_class):
+    """Counts fill the batch exactly, each in [2, high] (fixed 2 in an odd batch: one class of 3, the only
+    way); the same draws as before wherever no single image was left (81 = 27 x 3 is unchanged)."""
+    low, high = (examples_per_class, examples_per_class) if isinstance(examples_per_class, int) \
+        else examples_per_class
+    sampler = IdentityBatchSampler(SamplerContext(torch.arange(60).repeat_interleave(6), seed=0), batch_size,
+                                   examples_per_class)
+    generator = torch.Generator().manual_seed(0)
+    drawn = [sampler._draw_counts(generator) for _ in range(300)]
+    for counts in drawn:
+        assert sum(counts) == batch_size and min(counts) >= 2, counts
+        assert max(counts) <= (3 if high == 2 else high), counts
+    if batch_size % low == 0 and low == high:
+        assert all(counts == [low] * (batch_size // low) for counts in drawn)

@@ -68,7 +68,8 @@ class Preprocess(nn.Module):
 
 class PaperAugment(nn.Module):
     """Random horizontal mirror, a per-channel colour shift in [-shift, shift], and grayscale with
-    probability ``grayscale_p``; with ``pad_crop`` = p > 0, first the CIFAR crop (zero padding of p pixels
+    probability ``grayscale_p``, in that order (sec. 4.2.3: a grey image has lost its colour, shift
+    included); with ``pad_crop`` = p > 0, first the CIFAR crop (zero padding of p pixels
     on each side, then a crop of the original size at a uniform offset in [0, 2p] per axis). Works on
     0-255 float batches; draws from its own seeded generator (the crop's draws only when it is on)."""
 
@@ -94,8 +95,8 @@ class PaperAugment(nn.Module):
         gray = torch.rand(b, generator=self.generator) < self.grayscale_p
         flip, shift, gray = flip.to(images.device), shift.to(images.device), gray.to(images.device)
         images = torch.where(flip[:, None, None, None], images.flip(-1), images)
-        images = torch.where(gray[:, None, None, None], luma(images).expand_as(images), images)
-        return (images + shift[:, :, None, None]).clamp(0, 255)
+        images = (images + shift[:, :, None, None]).clamp(0, 255)
+        return torch.where(gray[:, None, None, None], luma(images).expand_as(images), images)
 
     def _pad_and_crop(self, images: torch.Tensor) -> torch.Tensor:
         b, c, h, w = images.shape

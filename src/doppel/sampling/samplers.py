@@ -57,7 +57,9 @@ class IdentityBatchSampler(Sampler[list[int]]):
 
     ``examples_per_class`` is an int (fixed count) or a ``[low, high]`` range (inclusive). A class with
     fewer images than its count repeats them (each repeat is augmented anew); the last class of a batch
-    is cut to fit. ``batch_size`` is per process. ``batches_per_epoch`` (steps) defaults to
+    is cut to fit, but with ``low >= 2`` never to one image (it would have no positive pair for an
+    exemplar loss): a count that would leave one slot takes it (or, at ``high``, leaves two).
+    ``batch_size`` is per process. ``batches_per_epoch`` (steps) defaults to
     ceil(number of images / (world_size x batch_size)).
     """
 
@@ -201,6 +203,8 @@ class IdentityBatchSampler(Sampler[list[int]]):
         while total < self.batch_size:
             count = int(torch.randint(low, high + 1, (1,), generator=generator))
             count = min(count, self.batch_size - total)
+            if low >= 2 and self.batch_size - total - count == 1:
+                count = count + 1 if count < high or count == 2 else count - 1  # fixed 2: 3, the only way
             counts.append(count)
             total += count
         return counts
