@@ -26,8 +26,8 @@ from doppel.config import bind_evaluator, build
 from doppel.losses.loss_set import LossSet
 from doppel.models.ensemble import EnsembleNet
 from doppel.module import DoppelModule
+from doppel.reporting import RunMetrics, finish_wandb, report, save_config
 from doppel.serialization import CheckpointError, load_checkpoint
-from doppel.train import RunMetrics, finish_wandb, report, save_config
 
 # Settings that made the weights: always the checkpoint's.
 WEIGHTS = ("backbone", "loss", "regularizer")

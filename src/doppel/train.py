@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import json
 import warnings
 from pathlib import Path
-from typing import Any
 
 import pytorch_lightning as pl
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ProgressBar
-from pytorch_lightning.utilities import rank_zero_info, rank_zero_only
+from pytorch_lightning.utilities import rank_zero_info
 
 from doppel.callbacks.checkpointing import LastCheckpoint, RunInterrupted
 from doppel.callbacks.doppelganger_mining import DoppelgangerMining
@@ -27,25 +25,15 @@ from doppel.checkpoint import (
     resolve_ckpt_path,
 )
 from doppel.config import CONFIG_DIR, bind_evaluator, build, build_optimizer, check_config, resolve_mining
-from doppel.evaluation.evaluator import Evaluator
 from doppel.loggers import multirun_folder  # noqa: F401  (registers ${doppel_multirun:} for the configs)
 from doppel.losses.loss_set import LossSet
 from doppel.models.layers import lsuv_init_
 from doppel.module import DoppelModule
-from doppel.report import write_report
+from doppel.reporting import RunMetrics, finish_wandb, report, save_config
 from doppel.sampling.doppelganger import DoppelgangerTable
 from doppel.serialization import load_checkpoint
 
 __all__ = ["CONFIG_DIR", "RunInterrupted", "RunMetrics", "train"]
-
-
-class RunMetrics(dict):
-    """The final metrics (``test/<protocol metric>``, ``train/epochs``, ...); ``objective`` names the one
-    ``objective`` selects (resolved from ``auto``)."""
-
-    def __init__(self, metrics: dict[str, float], objective: str) -> None:
-        super().__init__(metrics)
-        self.objective = objective
 
 
 def train(cfg: DictConfig) -> RunMetrics:
@@ -139,44 +127,3 @@ def train(cfg: DictConfig) -> RunMetrics:
     finally:
         finish_wandb(loggers)
     return RunMetrics(metrics, objective)
-
-
-@rank_zero_only
-def save_config(cfg: DictConfig, output_dir: Path) -> None:
-    (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-
-
-@rank_zero_only
-def report(metrics: dict[str, float], evaluator: Evaluator, output_dir: Path, loggers: list[Any],
-           html: bool = True) -> None:
-    """Write ``metrics.json``, each protocol's curves (PNG, and W&B images) and ``report.html``; print the
-    final table."""
-    (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
-    figures = evaluator.write_figures(output_dir)
-    log_images(loggers, figures)
-    tested = {k[len("test/"):]: v for k, v in metrics.items() if k.startswith("test/")}
-    lines = [f"final metrics ({output_dir / 'metrics.json'})", *evaluator.summary(tested)]
-    lines += [f"curves: {', '.join(str(f) for f in figures)}"] if figures else []
-    lines += [f"report: {write_report([output_dir], output_dir / 'report.html')}"] if html else []
-    print("\n".join(lines), flush=True)
-
-
-def log_images(loggers: list[Any], paths: list[Path]) -> None:
-    """The curves as W&B images (``eval/<name>``), where a W&B logger is configured."""
-    from pytorch_lightning.loggers import WandbLogger
-
-    for logger in loggers:
-        if isinstance(logger, WandbLogger) and paths:
-            import wandb
-
-            logger.experiment.log({f"eval/{p.stem}": wandb.Image(str(p)) for p in paths})
-
-
-def finish_wandb(loggers: list[Any]) -> None:
-    """Close the W&B run so that each multirun job gets its own."""
-    from pytorch_lightning.loggers import WandbLogger
-
-    if any(isinstance(logger, WandbLogger) for logger in loggers):
-        import wandb
-
-        wandb.finish()

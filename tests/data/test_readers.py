@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from doppel.data.datamodule import IdentityDataModule, collate
-from doppel.data.dataset import TEST_CLASS, DataError, Part
+from doppel.data.dataset import DataError, Part
 from doppel.data.readers.cifar_mnist import read_cifar, read_mnist
 from doppel.data.readers.csv_manifest import read_csv
 from doppel.data.readers.dml_benchmarks import read_cars, read_cub, read_inshop, read_sop
@@ -63,7 +63,7 @@ def test_csv_split_and_role_columns_give_roles(tmp_path):
                                        "faces/id002/00.png\tcy\ttest\tgallery\n" "faces/id002/01.png\tcy\ttest\t\n")
     data = read_csv(str(tmp_path / "list.tsv"))
     assert data.class_names == ["ann", "bo", "cy"] and data.labels.tolist() == [0, 0, 1, 2, 2]
-    assert data.parts.tolist() == [Part.TRAIN, Part.HELD_OUT, Part.TRAIN, Part.REFERENCE, TEST_CLASS]
+    assert data.parts.tolist() == [Part.TRAIN, Part.HELD_OUT, Part.TRAIN, Part.REFERENCE, Part.TEST_CLASS]
     assert data.images.fetch(4) == (tmp_path / "faces" / "id002" / "01.png").read_bytes()
     split = split_dataset(data)
     assert split.num_classes == 2 and split.part.tolist() == [0, 1, 0, 2, 3]
@@ -105,19 +105,20 @@ def test_a_csv_role_column_needs_a_split_column(tmp_path):
 def test_cub_cars_sop_train_on_the_first_classes_and_hold_out_the_rest(tmp_path):
     cub = read_cub(str(write_cub(tmp_path / "cub", identities(104, 2))))
     assert len(cub.class_names) == 104 and cub.class_names[0] == "001.Bird_0" and cub.class_names[100] == "101.Bird_100"
-    assert (cub.parts[cub.labels < 100] == Part.TRAIN).all() and (cub.parts[cub.labels >= 100] == TEST_CLASS).all()
+    assert (cub.parts[cub.labels < 100] == Part.TRAIN).all() and (cub.parts[cub.labels >= 100] == Part.TEST_CLASS).all()
     assert cub.images.fetch(0) == (tmp_path / "cub" / "images" / "001.Bird_0" / "bird_0.jpg").read_bytes()
     split = split_dataset(cub)
     assert split.num_classes == 100 and int((split.part == Part.REFERENCE).sum()) == 4
 
     cars = read_cars(str(write_cars(tmp_path / "cars", identities(100, 2))))
     assert cars.class_names[97] == "Car 98" and cars.class_names[98] == "Car 99"
-    assert (cars.parts[cars.labels < 98] == Part.TRAIN).all() and (cars.parts[cars.labels >= 98] == TEST_CLASS).all()
+    assert (cars.parts[cars.labels < 98] == Part.TRAIN).all()
+    assert (cars.parts[cars.labels >= 98] == Part.TEST_CLASS).all()
     assert cars.images.fetch(3) == (tmp_path / "cars" / "car_ims" / "000004.jpg").read_bytes()
 
     sop = read_sop(str(write_sop(tmp_path / "sop", identities(6, 2), train_classes=4)))
     assert sop.class_names == ["1", "2", "3", "4", "5", "6"] and sop.groups == ["1", "2", "3", "1", "2", "3"]
-    assert sop.parts.tolist() == [Part.TRAIN] * 8 + [TEST_CLASS] * 4
+    assert sop.parts.tolist() == [Part.TRAIN] * 8 + [Part.TEST_CLASS] * 4
 
 
 def test_inshop_queries_and_gallery_keep_their_roles(tmp_path):

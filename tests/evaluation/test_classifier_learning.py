@@ -55,7 +55,7 @@ def test_the_schedule_runs_from_lr_to_lr_end():
 def test_without_training_it_answers_as_the_prototypes_do():
     split = toy_split()
     protocol = bound(ClassifierLearningProtocol(iterations=0, flip=False), split)
-    metrics = protocol.evaluate(Inputs(split=split))
+    metrics = protocol.evaluate(Inputs(split=split)).metrics
     reference = prototype_metrics(split.fused(False), split.labels, split.parts)
     for name in ("base", "novel"):
         assert metrics[f"classifier_learning/{name}/top1"] == reference[f"{name}/top1"]

@@ -43,7 +43,7 @@ def test_top1_is_that_of_the_probe_on_the_held_out_images():
     features, labels, parts = toy(1)
     probe = LinearProbeProtocol(iterations=200, weight_decay=0.01)
     probe.bind(DataFacts(parts=parts, references_given=False, benchmark=None, folder=None, locate=None))
-    metrics = probe.evaluate(Inputs(split=Embedded(features, None, labels, parts)))
+    metrics = probe.evaluate(Inputs(split=Embedded(features, None, labels, parts))).metrics
     train = parts == Part.TRAIN
     classes, layer, mean, scale = probe.fit(features[train], labels[train])
     predicted = classes[layer(((features[~train] - mean) / scale).double()).argmax(1)]

@@ -61,7 +61,7 @@ def test_verification_protocol_is_insightface_with_flip_sum_fusion(pairs):
     flipped = plain + 0.8 * torch.randn(plain.shape, generator=generator)  # the mirror's embedding differs
     protocol = VerificationProtocol(packs=["lfw.bin"])
     protocol.pairs = {"lfw": type("Pairs", (), {"issame": issame})()}
-    metrics = protocol.evaluate(Inputs(split=None, pairs={"lfw": Embedded(plain, flipped)}))
+    metrics = protocol.evaluate(Inputs(split=None, pairs={"lfw": Embedded(plain, flipped)})).metrics
     # InsightFace: embeddings of the image and its flip summed, then sklearn's normalize, then 10 folds.
     fused = (plain + flipped).double().numpy()
     mean, std = insightface_accuracy(fused, issame.numpy())
@@ -92,7 +92,7 @@ def test_verification_threshold_is_the_mean_of_the_folds_choices():
     plain = torch.stack([first, second], 1).flatten(0, 1)
     protocol = VerificationProtocol(packs=["x.bin"], flip=False)
     protocol.pairs = {"x": type("Pairs", (), {"issame": issame})()}
-    metrics = protocol.evaluate(Inputs(split=None, pairs={"x": Embedded(plain, None)}))
+    metrics = protocol.evaluate(Inputs(split=None, pairs={"x": Embedded(plain, None)})).metrics
     assert metrics["x/accuracy"] == 1.0 and metrics["x/threshold"] == pytest.approx(0.86)
 
 
@@ -124,12 +124,12 @@ def test_retrieval_protocol_searches_the_gallery_or_all_others():
     split = Embedded(plain, None, labels, parts)
     gallery = RetrievalProtocol(ks=[1, 2], mode="query_gallery", clustering=False)
     gallery.bind(facts(parts.tolist()))
-    m = gallery.evaluate(Inputs(split=split))
+    m = gallery.evaluate(Inputs(split=split)).metrics
     # queries: 10 deg (class 0) -> gallery 0 deg: hit; 90 (class 1) -> 80: hit; 50 (class 0) -> 80: miss, then 0
     assert m["retrieval/recall@1"] == pytest.approx(2 / 3) and m["retrieval/recall@2"] == 1.0
     loo = RetrievalProtocol(ks=[1], mode="leave_one_out", clustering=True)
     loo.bind(facts(parts.tolist()))
-    m = loo.evaluate(Inputs(split=split))
+    m = loo.evaluate(Inputs(split=split)).metrics
     # leave-one-out among all five: 0<->10, 80<->90 hit; 50's nearest is 80 (30 deg) vs 10 (40): miss
     assert m["retrieval/recall@1"] == pytest.approx(4 / 5)
     # k-means with K = 2 test classes: 50 joins {80, 90} (nearer their centre): pairs together {0,10},
@@ -149,7 +149,7 @@ def test_classification_scores_held_out_images_with_the_training_classifier():
     parts = torch.tensor([Part.HELD_OUT] * 4 + [Part.TRAIN])  # the training image is not scored
     protocol = ClassificationProtocol()
     protocol.bind(facts(parts.tolist()))
-    m = protocol.evaluate(Inputs(split=Embedded(plain, None, labels, parts), classify=classifier))
+    m = protocol.evaluate(Inputs(split=Embedded(plain, None, labels, parts), classify=classifier)).metrics
     assert m["classification/top1"] == pytest.approx(3 / 4)  # [3, 4] is predicted 1
     with pytest.raises(ValueError, match="has none: use a loss with a classifier"):
         protocol.evaluate(Inputs(split=Embedded(plain, None, labels, parts), classify=None))
@@ -187,8 +187,9 @@ def test_the_figures_draw_the_numbers_the_metrics_report():
     parts = torch.tensor([Part.REFERENCE if i % 5 == 0 else Part.QUERY for i in range(len(labels))])
     protocol = PrototypeProtocol(flip=False)
     protocol.bind(facts(parts.tolist()))
-    metrics = protocol.evaluate(Inputs(split=Embedded(plain, None, labels, parts)))
-    [(stem, figure)] = protocol.figures()
+    result = protocol.evaluate(Inputs(split=Embedded(plain, None, labels, parts)))
+    metrics = result.metrics
+    [(stem, figure)] = protocol.figures(result)
     [line] = [line for line in figure.axes[0].lines if line.get_label() == "novel"]
     coverage, precision = np.asarray(line.get_xdata()), np.asarray(line.get_ydata())
     assert 0 < metrics["novel/top1"] < 1 and 0 < metrics["novel/coverage@0.99"] < 1  # neither end is trivial
@@ -196,8 +197,9 @@ def test_the_figures_draw_the_numbers_the_metrics_report():
     assert coverage[precision >= 0.99].max() == pytest.approx(metrics["novel/coverage@0.99"])
     retrieval = RetrievalProtocol(ks=[1, 2, 4], mode="leave_one_out", clustering=False)
     retrieval.bind(facts([Part.QUERY] * len(labels)))
-    recalls = retrieval.evaluate(Inputs(split=Embedded(plain, None, labels, parts)))
-    [(_, bars)] = retrieval.figures()
+    searched = retrieval.evaluate(Inputs(split=Embedded(plain, None, labels, parts)))
+    recalls = searched.metrics
+    [(_, bars)] = retrieval.figures(searched)
     heights = [patch.get_height() for patch in bars.axes[0].patches]
     assert heights == pytest.approx([100 * recalls[f"retrieval/recall@{k}"] for k in (1, 2, 4)])
 
@@ -212,7 +214,7 @@ def test_novel_queries_compete_with_base_prototypes_without_base_queries():
     protocol = PrototypeProtocol(flip=False, precisions=(0.99,))
     protocol.bind(facts(parts.tolist()))
     assert Part.TRAIN in protocol.parts()  # the evaluator embeds the training images for the base means
-    metrics = protocol.evaluate(Inputs(split=Embedded(plain, None, labels, parts)))
+    metrics = protocol.evaluate(Inputs(split=Embedded(plain, None, labels, parts))).metrics
     assert metrics["novel/top1"] == pytest.approx(0.5)
     assert metrics["novel/coverage@0.99"] == pytest.approx(0.5)  # the right answer is the confident one
     assert protocol.metric_names() == ["novel/top1", "novel/coverage@0.99", "novel/recall@1"]
@@ -222,7 +224,7 @@ def test_novel_queries_compete_with_base_prototypes_without_base_queries():
     by_weights.bind(facts(parts.tolist()))
     assert by_weights.parts() == {Part.REFERENCE, Part.QUERY} and by_weights.needs_classifier
     scored = by_weights.evaluate(Inputs(split=Embedded(plain, None, labels, parts),
-                                        class_vectors=lambda: torch.tensor([[-10.0, 3.0]])))
+                                        class_vectors=lambda: torch.tensor([[-10.0, 3.0]]))).metrics
     assert scored["novel/top1"] == pytest.approx(1.0)
     with pytest.raises(ValueError, match="base_prototypes=classifier needs the loss's classifier"):
         by_weights.evaluate(Inputs(split=Embedded(plain, None, labels, parts)))
@@ -241,11 +243,12 @@ def test_base_queries_meet_classifier_prototypes_row_by_run_label():
     assert protocol.metric_names() == ["base/top1", "base/coverage@0.99", "novel/top1", "novel/coverage@0.99",
                                        "novel/recall@1"]
     vectors = torch.tensor([[2.0, 0.0], [0.0, 3.0]])  # class 0 along x, class 1 along y
-    metrics = protocol.evaluate(Inputs(split=Embedded(plain, None, labels, parts), class_vectors=lambda: vectors))
+    metrics = protocol.evaluate(Inputs(split=Embedded(plain, None, labels, parts),
+                                       class_vectors=lambda: vectors)).metrics
     assert metrics["base/top1"] == 1.0 and "base/recall@1" not in metrics
     # rows swapped: both base queries are wrong
     swapped = protocol.evaluate(Inputs(split=Embedded(plain, None, labels, parts),
-                                       class_vectors=lambda: vectors.flip(0)))
+                                       class_vectors=lambda: vectors.flip(0))).metrics
     assert swapped["base/top1"] == 0.0
 
 

@@ -21,28 +21,28 @@ from PIL import Image, UnidentifiedImageError
 
 
 class Part(IntEnum):
-    """Which part of a dataset's split an image is in, as the files define it (or the split decides).
+    """What an image is for: which part of the run's split it is in, as the files define it (or the split
+    decides).
 
-    These say what the data is, not how it is scored: the evaluation protocols decide that (the
-    prototype protocol averages TRAIN images into class prototypes, retrieval searches REFERENCE
-    images with QUERY images, closed-set classification scores HELD_OUT images).
+    The first four are what a split holds. They say what the data is, not how it is scored: the
+    evaluation protocols decide that (the prototype protocol averages TRAIN images into class
+    prototypes, retrieval searches REFERENCE images with QUERY images, closed-set classification scores
+    HELD_OUT images). The last two occur only in a reader's ``IdentityData.parts``, before the split
+    resolves them.
     """
 
     TRAIN = 0  # trained on
     HELD_OUT = 1  # an image of a trained class kept out of training (a test image of that class)
     REFERENCE = 2  # an image of a test class given as its reference (gallery item, one-shot prototype)
     QUERY = 3  # an image of a test class to be searched / identified
+    TEST_CLASS = -1  # an image of a test class whose role the file does not state: the split decides
+    UNUSED = -2  # in no split of the run (e.g. CUB's test images with split=train)
 
 
 def in_parts(values: torch.Tensor, parts: set[Part] | set[int]) -> torch.Tensor:
     """Which of ``values`` (Part values, one per image) are in any of ``parts``."""
     return torch.isin(values, torch.tensor(sorted(int(p) for p in parts), dtype=values.dtype))
 
-
-# A part a file gives to an image of a test class without saying which: the split decides.
-TEST_CLASS = -1
-# A part a file gives to an image that is in no split of the run (e.g. CUB's test images with split=train).
-UNUSED = -2
 
 
 class DataError(ValueError):
@@ -64,7 +64,7 @@ class IdentityData:
     ``groups`` puts known look-alike classes together (emoji skin-tone families): a split never separates
     a group. ``class_keys`` are the stable strings the split hashes (default: the names). ``parts``, when
     the format defines its splits (CUB's test classes, In-Shop's query / gallery), holds a :class:`Part`,
-    :data:`TEST_CLASS` or :data:`UNUSED` per image. ``benchmark`` names a published benchmark the data is
+    ``Part.TEST_CLASS`` or ``Part.UNUSED`` per image. ``benchmark`` names a published benchmark the data is
     (``cub``, ``sop``, ...): the protocols take its conventions (e.g. the K of Recall@K).
     ``prototype_preference`` marks, per image, the one to take as a held-out class's prototype (emoji: the
     Twemoji drawing); otherwise its first image is. ``lookalikes`` lists, per class, the classes known to

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from doppel.data.dataset import TEST_CLASS, UNUSED, DataError, IdentityData, Part, in_parts
+from doppel.data.dataset import DataError, IdentityData, Part, in_parts
 from doppel.seeding import stable_fraction
 
 
@@ -107,7 +107,7 @@ def split_dataset(data: IdentityData, novel_fraction: float = 0.2, max_groups: i
 def _given_split(data: IdentityData, kept_class: torch.Tensor) -> Split:
     given_references = bool((data.parts == Part.REFERENCE).any())
     parts = data.parts.clone()
-    used = (parts != UNUSED) & kept_class[data.labels]
+    used = (parts != Part.UNUSED) & kept_class[data.labels]
     training = used & (parts == Part.TRAIN)
     base_classes = torch.unique(data.labels[training])
     if len(base_classes) < 2:
@@ -120,7 +120,7 @@ def _given_split(data: IdentityData, kept_class: torch.Tensor) -> Split:
         first = int(torch.nonzero(wrong)[0])
         raise DataError(f"{data.source}: image {first} is a base query of class "
                         f"{data.class_names[int(data.labels[first])]!r}, which has no training images.")
-    wrong = used & base_image & ((parts == Part.REFERENCE) | (parts == Part.QUERY) | (parts == TEST_CLASS))
+    wrong = used & base_image & ((parts == Part.REFERENCE) | (parts == Part.QUERY) | (parts == Part.TEST_CLASS))
     if wrong.any():
         first = int(torch.nonzero(wrong)[0])
         raise DataError(f"{data.source}: image {first} is a held-out (test) image of class "
@@ -128,7 +128,7 @@ def _given_split(data: IdentityData, kept_class: torch.Tensor) -> Split:
                         "must have no training images.")
     # A held-out class without a stated prototype takes its first image as one; other unstated images are queries.
     first_seen = set(data.labels[parts == Part.REFERENCE].tolist())  # classes with a stated prototype
-    for image in torch.nonzero(parts == TEST_CLASS).flatten().tolist():
+    for image in torch.nonzero(parts == Part.TEST_CLASS).flatten().tolist():
         cls = int(data.labels[image])
         parts[image] = Part.QUERY if cls in first_seen else Part.REFERENCE
         first_seen.add(cls)

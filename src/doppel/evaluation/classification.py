@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from doppel.data.dataset import Part
-from doppel.evaluation.protocol import DataFacts, Inputs, Protocol
+from doppel.evaluation.protocol import DataFacts, Inputs, Protocol, Result
 
 
 class ClassificationProtocol(Protocol):
@@ -27,7 +27,7 @@ class ClassificationProtocol(Protocol):
     def metric_names(self) -> list[str]:
         return ["classification/top1"]
 
-    def evaluate(self, inputs: Inputs) -> dict[str, float]:
+    def evaluate(self, inputs: Inputs) -> Result:
         if inputs.classify is None:
             raise ValueError("eval.classification scores the training classifier, and this model has none: use a "
                              "loss with a classifier term (loss=softmax, l2s_mb, ie, cosface, ...).")
@@ -35,4 +35,4 @@ class ClassificationProtocol(Protocol):
         # The mirror trick averages the two embeddings before the classifier (sec. 4.2.3 of the DM paper).
         embeddings = split.fused(self.flip, normalise=False) / (2 if self.flip else 1)
         predicted = torch.cat([inputs.classify(part).argmax(dim=1) for part in embeddings.split(4096)])
-        return {"classification/top1": float((predicted == split.labels).double().mean())}
+        return Result({"classification/top1": float((predicted == split.labels).double().mean())})

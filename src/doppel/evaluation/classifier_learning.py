@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from doppel.data.dataset import Part
 from doppel.evaluation.metrics import coverage_at_precision, precision_coverage_curve, top1_accuracy
-from doppel.evaluation.protocol import Inputs
+from doppel.evaluation.protocol import Inputs, Result
 from doppel.evaluation.prototype import SPLITS, PrototypeProtocol
 
 
@@ -102,14 +102,14 @@ class ClassifierLearningProtocol(PrototypeProtocol):
             optimizer.step()
         return classes, layer, scale.detach()
 
-    def evaluate(self, inputs: Inputs) -> dict[str, float]:
+    def evaluate(self, inputs: Inputs) -> Result:
         split = inputs.split.of_parts(self.parts())
         embeddings, labels, parts = split.fused(self.flip).float(), split.labels, split.parts
         # evaluation runs under inference mode: the layer trains outside it, on an ordinary copy
         with torch.inference_mode(False), torch.enable_grad():
             classes, layer, scale = self.train_classifier(embeddings.clone(), labels.clone(), parts.clone())
         results: dict[str, float] = {}
-        self.curves = {}
+        curves: dict[str, Any] = {}
         for name, (query_part, _) in SPLITS.items():
             queries = parts == query_part
             if name not in self.splits or not queries.any():
@@ -122,15 +122,15 @@ class ClassifierLearningProtocol(PrototypeProtocol):
             results[f"{self.prefix}{name}/top1"] = top1_accuracy(predicted, truth)
             for p in self.precisions:
                 results[f"{self.prefix}{name}/coverage@{p}"] = coverage_at_precision(confidence, correct, p)
-            self.curves[name] = precision_coverage_curve(confidence, correct)
-        return results
+            curves[name] = precision_coverage_curve(confidence, correct)
+        return Result(results, curves)
 
-    def figures(self) -> list[tuple[str, Any]]:
+    def figures(self, result: Result) -> list[tuple[str, Any]]:
         from doppel.evaluation.plots import precision_coverage_figure
 
-        if not self.curves:
+        if not result.curves:
             return []
-        return [("classifier_precision_coverage", precision_coverage_figure(self.curves, self.precisions))]
+        return [("classifier_precision_coverage", precision_coverage_figure(result.curves, self.precisions))]
 
 
 def cosine_lr(step: int, steps: int, start: float, end: float) -> float:

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from doppel.evaluation.protocol import DataFacts, Embedded, Inputs, Protocol
+from doppel.evaluation.protocol import DataFacts, Embedded, Inputs, Protocol, Result
 from doppel.losses.loss_set import LossSet
 
 SPLIT = "split"  # the set of split images, beside the pair sets' names
@@ -33,7 +33,10 @@ class Evaluator:
         self.parts: torch.Tensor | None = None
         self.sizes: list[int] = []
         self._rows: dict[int, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]] = {}
-        self.last_split: Embedded | None = None  # the split images' embeddings last scored (process 0)
+        # Of the last evaluation (process 0), for the figures and the diagnostics: the split images'
+        # embeddings and each protocol's result.
+        self.last_split: Embedded | None = None
+        self.last_results: dict[str, Result] = {}
 
     # -- set-up ------------------------------------------------------------------------------
     def bind(self, datamodule: Any) -> None:
@@ -114,10 +117,8 @@ class Evaluator:
                 self.last_split = embedded.get(SPLIT)
                 inputs = Inputs(split=embedded.get(SPLIT), pairs={k: v for k, v in embedded.items() if k != SPLIT},
                                 classify=classify, class_vectors=class_vectors)
-                metrics: dict[str, float] = {}
-                for protocol in self.protocols.values():
-                    metrics.update(protocol.evaluate(inputs))
-                outcome[0] = metrics
+                self.last_results = {name: protocol.evaluate(inputs) for name, protocol in self.protocols.items()}
+                outcome[0] = {k: v for result in self.last_results.values() for k, v in result.metrics.items()}
             except Exception as error:  # every process raises it, none waits for the others forever
                 outcome[0] = error
         if _world() > 1:
@@ -132,8 +133,8 @@ class Evaluator:
         import matplotlib.pyplot as plt
 
         written = []
-        for protocol in self.protocols.values():
-            for stem, figure in protocol.figures():
+        for name, result in self.last_results.items():
+            for stem, figure in self.protocols[name].figures(result):
                 path = folder / f"{stem}{suffix}.png"
                 figure.savefig(path, dpi=120)
                 plt.close(figure)

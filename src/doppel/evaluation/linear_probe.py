@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from doppel.data.dataset import Part
 from doppel.evaluation.metrics import top1_accuracy
-from doppel.evaluation.protocol import DataFacts, Inputs, Protocol
+from doppel.evaluation.protocol import DataFacts, Inputs, Protocol, Result
 
 
 class LinearProbeProtocol(Protocol):
@@ -60,7 +60,7 @@ class LinearProbeProtocol(Protocol):
         optimizer.step(objective)
         return classes, layer, mean, scale
 
-    def evaluate(self, inputs: Inputs) -> dict[str, float]:
+    def evaluate(self, inputs: Inputs) -> Result:
         split = inputs.split.of_parts(self.parts())
         embeddings = split.fused(self.flip, normalise=False).float()
         train, held_out = split.parts == Part.TRAIN, split.parts == Part.HELD_OUT
@@ -69,4 +69,4 @@ class LinearProbeProtocol(Protocol):
             classes, layer, mean, scale = self.fit(embeddings[train].clone(), split.labels[train].clone())
         with torch.no_grad():
             scores = layer(((embeddings[held_out] - mean) / scale).double())
-        return {"linear_probe/top1": top1_accuracy(classes[scores.argmax(1)], split.labels[held_out])}
+        return Result({"linear_probe/top1": top1_accuracy(classes[scores.argmax(1)], split.labels[held_out])})

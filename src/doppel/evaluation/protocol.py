@@ -67,6 +67,15 @@ def normalize_blocks(embeddings: torch.Tensor, blocks: int = 1) -> torch.Tensor:
 
 
 @dataclass
+class Result:
+    """What one protocol's evaluation gives: its metrics and the curves its figures draw (e.g. split ->
+    (coverage, precision)); a value, so that a protocol keeps nothing between calls."""
+
+    metrics: dict[str, float]
+    curves: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
 class Inputs:
     """What :meth:`Protocol.evaluate` receives."""
 
@@ -101,11 +110,11 @@ class Protocol(ABC):
         """Every metric :meth:`evaluate` returns for the bound data."""
 
     @abstractmethod
-    def evaluate(self, inputs: Inputs) -> dict[str, float]:
-        """The metrics; the curves of the last call are kept for :meth:`figures`."""
+    def evaluate(self, inputs: Inputs) -> Result:
+        """The metrics and the curves of one evaluation."""
 
-    def figures(self) -> list[tuple[str, Any]]:
-        """(file stem, matplotlib figure) of the last evaluation's curves."""
+    def figures(self, result: Result) -> list[tuple[str, Any]]:
+        """(file stem, matplotlib figure) of a result's curves."""
         return []
 
     def summary(self, metrics: dict[str, float]) -> list[str]:

@@ -29,7 +29,7 @@ from doppel.evaluation.metrics import (
     recall_at_k,
     top1_accuracy,
 )
-from doppel.evaluation.protocol import DataFacts, Inputs, Protocol, normalize_blocks
+from doppel.evaluation.protocol import DataFacts, Inputs, Protocol, Result, normalize_blocks
 
 SPLITS = {"base": (Part.HELD_OUT, (Part.TRAIN, Part.HELD_OUT)), "novel": (Part.QUERY, (Part.REFERENCE, Part.QUERY))}
 
@@ -96,7 +96,6 @@ class PrototypeProtocol(Protocol):
         self.headline = f"{self.prefix}novel/{self.headline_measure}"
         self.splits: list[str] = list(SPLITS)
         self.has_base_classes = True  # the data has TRAIN images (settled by bind)
-        self.curves: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def bind(self, facts: DataFacts) -> None:
         self.splits = [split for split, (query, _) in SPLITS.items() if facts.has(query)]
@@ -125,7 +124,7 @@ class PrototypeProtocol(Protocol):
     def metric_names(self) -> list[str]:
         return [f"{self.prefix}{split}/{measure}" for split in self.splits for measure in self.measures(split)]
 
-    def evaluate(self, inputs: Inputs) -> dict[str, float]:
+    def evaluate(self, inputs: Inputs) -> Result:
         split = inputs.split.of_parts(self.parts())
         vectors = None
         if self.base_prototypes == "classifier":
@@ -133,14 +132,17 @@ class PrototypeProtocol(Protocol):
                 raise ValueError(f"eval.{self.key}.base_prototypes=classifier needs the loss's classifier, and this "
                                  "evaluation has none: use base_prototypes=mean.")
             vectors = inputs.class_vectors()
-        self.curves = {}
-        return prototype_metrics(split.fused(self.flip), split.labels, split.parts, self.precisions, self.curves,
-                                 split.blocks, vectors)
+        curves: dict[str, Any] = {}
+        metrics = prototype_metrics(split.fused(self.flip), split.labels, split.parts, self.precisions, curves,
+                                    split.blocks, vectors)
+        return Result(metrics, curves)
 
-    def figures(self) -> list[tuple[str, Any]]:
+    def figures(self, result: Result) -> list[tuple[str, Any]]:
         from doppel.evaluation.plots import precision_coverage_figure
 
-        return [("precision_coverage", precision_coverage_figure(self.curves, self.precisions))] if self.curves else []
+        if not result.curves:
+            return []
+        return [("precision_coverage", precision_coverage_figure(result.curves, self.precisions))]
 
     def summary(self, metrics: dict[str, float]) -> list[str]:
         rows = [f"{'metric':<16}" + "".join(f"{split:>10}" for split in self.splits)]

@@ -18,7 +18,7 @@ import torch
 
 from doppel.data.dataset import Part
 from doppel.evaluation.metrics import clustering_metrics, kmeans, retrieval_metrics
-from doppel.evaluation.protocol import DataFacts, Inputs, Protocol
+from doppel.evaluation.protocol import DataFacts, Inputs, Protocol, Result
 
 # Each benchmark's K list as its papers report it.
 BENCHMARK_KS = {"cub": (1, 2, 4, 8, 16, 32), "cars": (1, 2, 4, 8, 16, 32), "sop": (1, 10, 100, 1000),
@@ -40,7 +40,6 @@ class RetrievalProtocol(Protocol):
         self.seed, self.chunk = seed, chunk
         self.ks: tuple[int, ...] = DEFAULT_KS if ks == "auto" else tuple(ks)
         self.searched: set[Part] = {Part.REFERENCE, Part.QUERY}
-        self.recalls: dict[int, float] = {}
 
     def bind(self, facts: DataFacts) -> None:
         if self.given_ks == "auto":
@@ -64,7 +63,7 @@ class RetrievalProtocol(Protocol):
         names += ["nmi", "f1"] if self.clustering else []
         return [f"retrieval/{name}" for name in names]
 
-    def evaluate(self, inputs: Inputs) -> dict[str, float]:
+    def evaluate(self, inputs: Inputs) -> Result:
         split = inputs.split.of_parts(self.searched)
         embeddings = split.fused(self.flip)
         if self.mode == "query_gallery":
@@ -77,10 +76,11 @@ class RetrievalProtocol(Protocol):
             classes = int(torch.unique(split.labels).numel())
             generator = torch.Generator().manual_seed(self.seed)
             metrics.update(clustering_metrics(split.labels, kmeans(embeddings, classes, generator)))
-        self.recalls = {k: metrics[f"recall@{k}"] for k in self.ks}
-        return {f"retrieval/{name}": value for name, value in metrics.items()}
+        recalls = {k: metrics[f"recall@{k}"] for k in self.ks}
+        return Result({f"retrieval/{name}": value for name, value in metrics.items()}, {"recall_at_k": recalls})
 
-    def figures(self) -> list[tuple[str, Any]]:
+    def figures(self, result: Result) -> list[tuple[str, Any]]:
         from doppel.evaluation.plots import recall_bars_figure
 
-        return [("recall_at_k", recall_bars_figure(self.recalls))] if self.recalls else []
+        recalls = result.curves.get("recall_at_k")
+        return [("recall_at_k", recall_bars_figure(recalls))] if recalls else []

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from doppel.data.readers.verification_bin import VerificationPairs, read_verification_bin
-from doppel.evaluation.protocol import DataFacts, Inputs, Protocol
+from doppel.evaluation.protocol import DataFacts, Inputs, Protocol, Result
 
 THRESHOLDS = torch.from_numpy(np.arange(0, 4, 0.01))  # numpy's values, as InsightFace uses them
 
@@ -99,7 +99,6 @@ class VerificationProtocol(Protocol):
         self.given, self.root, self.flip, self.folds, self.fars = packs, root, flip, folds, tuple(fars)
         self.paths: list[Path] = []
         self.pairs: dict[str, VerificationPairs] = {}
-        self.rocs: dict[str, tuple[torch.Tensor, torch.Tensor, dict[float, float]]] = {}
         self.headline = "lfw/accuracy"
 
     def bind(self, facts: DataFacts) -> None:
@@ -132,23 +131,23 @@ class VerificationProtocol(Protocol):
         return [f"{name}/{metric}" for name in names
                 for metric in ("accuracy", "accuracy_std", "threshold", *(_far_name(f) for f in self.fars))]
 
-    def evaluate(self, inputs: Inputs) -> dict[str, float]:
+    def evaluate(self, inputs: Inputs) -> Result:
         metrics: dict[str, float] = {}
-        self.rocs = {}
+        rocs: dict[str, tuple[torch.Tensor, torch.Tensor, dict[float, float]]] = {}
         for name, pairs in self.pairs.items():
             unit = inputs.pairs[name].fused(self.flip)
             results = verification_accuracy(unit, pairs.issame, self.folds)
             scores = (unit[0::2].double() * unit[1::2].double()).sum(1)  # cosine = 1 - squared distance / 2
             tars = {far: tar_at_far(scores, pairs.issame, far) for far in self.fars}
             results.update({_far_name(far): tar for far, tar in tars.items()})
-            self.rocs[name] = (*roc_curve(scores, pairs.issame), tars)
+            rocs[name] = (*roc_curve(scores, pairs.issame), tars)
             metrics.update({f"{name}/{k}": v for k, v in results.items()})
-        return metrics
+        return Result(metrics, rocs)
 
-    def figures(self) -> list[tuple[str, Any]]:
+    def figures(self, result: Result) -> list[tuple[str, Any]]:
         from doppel.evaluation.plots import roc_figure
 
-        return [("roc", roc_figure(self.rocs))] if self.rocs else []
+        return [("roc", roc_figure(result.curves))] if result.curves else []
 
     def summary(self, metrics: dict[str, float]) -> list[str]:
         rows = []

@@ -23,9 +23,9 @@ import re
 
 import torch
 
-from doppel.data.dataset import TEST_CLASS, DataError, FileImages, IdentityData, Part, require
+from doppel.data.dataset import DataError, FileImages, IdentityData, Part, require
 
-ROLES = {("train", ""): Part.TRAIN, ("train", "query"): Part.HELD_OUT, ("test", ""): TEST_CLASS,
+ROLES = {("train", ""): Part.TRAIN, ("train", "query"): Part.HELD_OUT, ("test", ""): Part.TEST_CLASS,
          ("test", "prototype"): Part.REFERENCE, ("test", "gallery"): Part.REFERENCE,
          ("test", "query"): Part.QUERY}
 

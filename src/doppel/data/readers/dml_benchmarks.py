@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from doppel.data.dataset import TEST_CLASS, DataError, FileImages, IdentityData, Part, require
+from doppel.data.dataset import DataError, FileImages, IdentityData, Part, require
 
 
 def _lines(path: Path, fields: int, skip: int = 0) -> list[tuple[int, list[str]]]:
@@ -40,7 +40,7 @@ def _dataset(benchmark: str, root: Path, paths: list[str], class_ids: list[str],
     order = sorted(set(class_ids), key=lambda c: (c not in train_ids, int(c) if c.isdigit() else c))
     index = {c: i for i, c in enumerate(order)}
     if parts is None:
-        parts = [int(Part.TRAIN) if c in train_ids else TEST_CLASS for c in class_ids]
+        parts = [int(Part.TRAIN) if c in train_ids else int(Part.TEST_CLASS) for c in class_ids]
     return IdentityData(labels=torch.tensor([index[c] for c in class_ids]),
                         class_names=[names.get(c, c) if names else c for c in order],
                         images=FileImages([str(root / p) for p in paths]), source=str(root),
