@@ -32,7 +32,7 @@ CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 HYDRA_KEYS = {"_target_", "_partial_", "_recursive_", "_convert_", "_args_"}
 # Arguments the code passes at run time, per kind of node; a config that sets them is wrong.
 RUNTIME = {
-    "sampler": {"context"},
+    "sampler": {"context", "has_prototype"},
     "optim": {"params"},
     "sched": {"optimizer", "T_max"},
     "loss": {"embedding_dim", "num_classes"},
@@ -113,7 +113,8 @@ def resolve_mining(cfg: DictConfig, has_prototype: bool) -> tuple[bool, DictConf
         raise ValueError("doppel.mine=true needs a prototype loss term (e.g. loss=l2s_mb); "
                          "or set doppel.mine=auto with sampler=random.")
     settings = OmegaConf.to_container(cfg.sampler, resolve=True)
-    sampler_class, settings = get_class(settings.pop("_target_")).resolve(settings, has_prototype)
+    target = get_object(settings.pop("_target_"))  # a sampler class, or a function that picks one (auto)
+    sampler_class, settings = (target, settings) if inspect.isclass(target) else target(has_prototype, **settings)
     if sampler_class.uses_table and not mine:
         raise ValueError(f"the sampler {sampler_class.__name__} needs doppelganger mining, which needs a prototype "
                          "loss term (e.g. loss=l2s_mb) and doppel.mine=auto or true; use sampler=random otherwise.")

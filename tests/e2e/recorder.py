@@ -47,8 +47,7 @@ class ParallelRecorder(pl.Callback):
         self.generators = {name: g.get_state() for name, g in named_generators(pl_module).items()}
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        sampler = trainer.datamodule.train_sampler
-        indices = next(b for i, b in sampler._recent if i == batch_idx)
+        indices = next(b for i, b in trainer.datamodule.train_batches.recent if i == batch_idx)
         mining = next(c for c in trainer.callbacks if type(c).__name__ == "DoppelgangerMining")
         self.steps.append({"indices": list(indices), "labels": batch[1].cpu(), "table": mining.table.table.clone()})
 

@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_default_run_trains_mines_and_evaluates(tmp_path):
     cfg = compose_cfg(tmp_path)
-    assert cfg.loss.terms.keys() == {"l2s", "mb"} and cfg.sampler._target_.endswith("AutoBatchSampler")
+    assert cfg.loss.terms.keys() == {"l2s", "mb"} and cfg.sampler._target_.endswith("auto_sampler")
     from doppel.config import resolve_mining
 
     assert resolve_mining(cfg, has_prototype=True)[1]._target_.endswith(".DoppelgangerBatchSampler")

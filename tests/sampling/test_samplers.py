@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from doppel.sampling.doppelganger import DoppelgangerTable
+from doppel.sampling.resumable import ResumableBatches
 from doppel.sampling.samplers import (
     BalancedDoppelgangerBatchSampler,
     DoppelgangerBatchSampler,
@@ -197,12 +198,13 @@ def _consume(sampler, table, prefetch, stop=None, start=0):
 @pytest.mark.parametrize("stop", [1, 4, 9])
 def test_position_state_resumes_mid_epoch_exactly(prefetch, stop, kind):
     def sampler(table):
-        s = kind(SamplerContext(LABELS, seed=3, table=table), 12, examples_per_class=(2, 4), batches_per_epoch=10)
+        s = ResumableBatches(kind(SamplerContext(LABELS, seed=3, table=table), 12, examples_per_class=(2, 4),
+                                  batches_per_epoch=10))
         s.set_epoch(2)
         return s
 
     uninterrupted = sampler(DoppelgangerTable(40))
-    full = _consume(uninterrupted, uninterrupted.table, prefetch)
+    full = _consume(uninterrupted, uninterrupted.batches.table, prefetch)
     # the same run, interrupted after ``stop`` batches; the table is restored with the sampler, as in a checkpoint
     table = DoppelgangerTable(40)
     first = sampler(table)
@@ -211,20 +213,21 @@ def test_position_state_resumes_mid_epoch_exactly(prefetch, stop, kind):
     assert len(state["position"]["ahead"]) == min(prefetch, 10 - stop)
     resumed_table = DoppelgangerTable(40)
     resumed_table.load_state_dict(table.state_dict())
-    resumed = kind(SamplerContext(LABELS, table=resumed_table), 12, examples_per_class=(2, 4), batches_per_epoch=10)
+    resumed = ResumableBatches(kind(SamplerContext(LABELS, table=resumed_table), 12, examples_per_class=(2, 4),
+                                    batches_per_epoch=10))
     resumed.load_state_dict(state)
     resumed.set_epoch(2)
     tail = _consume(resumed, resumed_table, prefetch, start=stop)
     assert head + tail == full
-    assert resumed.stats == uninterrupted.stats  # where the classes came from, counted once per draw
+    assert resumed.batches.stats == uninterrupted.batches.stats  # where the classes came from, counted once
 
 
 def test_a_position_of_another_epoch_is_not_taken_up():
-    source = IdentityBatchSampler(SamplerContext(LABELS, seed=1), 30)
+    source = ResumableBatches(IdentityBatchSampler(SamplerContext(LABELS, seed=1), 30))
     it = iter(source)
     next(it)
     state = source.state_dict(consumed=1)
-    restored = IdentityBatchSampler(SamplerContext(LABELS), 30)
+    restored = ResumableBatches(IdentityBatchSampler(SamplerContext(LABELS), 30))
     restored.load_state_dict(state)
     restored.set_epoch(1)  # the checkpoint ended epoch 0: the next epoch starts afresh
     fresh = IdentityBatchSampler(SamplerContext(LABELS, seed=1), 30)
@@ -256,13 +259,16 @@ def test_stream_seed_is_sha256_of_seed_epoch_rank_not_python_hash(monkeypatch):
 def test_image_seeds_of_a_resumed_epoch_are_those_of_the_uninterrupted_one():
     """Per-image crop seeds are fixed by (seed, epoch, rank, batch, slot); batches drawn ahead before a stop
     are replayed first after a resume, with their own batch numbers."""
-    from doppel.data.datamodule import KeyedBatches
+    from doppel.sampling.resumable import KeyedBatches
 
-    whole = list(KeyedBatches(IdentityBatchSampler(SamplerContext(LABELS, seed=2), 12, batches_per_epoch=8)))
-    source = IdentityBatchSampler(SamplerContext(LABELS, seed=2), 12, batches_per_epoch=8)
+    def batches(seed):
+        return ResumableBatches(IdentityBatchSampler(SamplerContext(LABELS, seed=seed), 12, batches_per_epoch=8))
+
+    whole = list(KeyedBatches(batches(2)))
+    source = batches(2)
     keyed = iter(KeyedBatches(source))
     seen = [next(keyed) for _ in range(5)]  # 5 drawn, 3 trained on: 2 drawn ahead (workers prefetching)
-    restored = IdentityBatchSampler(SamplerContext(LABELS, seed=2), 12, batches_per_epoch=8)
+    restored = batches(2)
     restored.load_state_dict(source.state_dict(consumed=3))
     assert seen == whole[:5] and list(KeyedBatches(restored)) == whole[3:]
     assert len({seed for batch in whole for _, seed in batch}) == 8 * 12  # every slot its own seed

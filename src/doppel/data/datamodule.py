@@ -21,32 +21,9 @@ from doppel.data.readers.verification_bin import VerificationPairs
 from doppel.data.split import Split, check_novel_fraction, split_dataset
 from doppel.data.transforms import ImageTransform
 from doppel.sampling.doppelganger import DoppelgangerTable
+from doppel.sampling.resumable import KeyedBatches, ResumableBatches
 from doppel.sampling.samplers import SamplerContext
 from doppel.seeding import stable_seed
-
-
-class KeyedBatches:
-    """A batch sampler's batches with a seed for every image: the per-image random transforms (crops)
-    draw from it, so they are fixed by (seed, epoch, rank, batch, slot) whichever worker decodes the image,
-    and a resumed run crops as the interrupted one would have."""
-
-    def __init__(self, sampler: Any) -> None:
-        self.sampler = sampler
-
-    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        sampler = self.sampler
-        for batch in sampler:
-            base = stable_seed("image", sampler.seed, sampler.epoch, sampler.rank, sampler.current_batch)
-            yield [(index, (base + slot) % 2**63) for slot, index in enumerate(batch)]
-
-    def __len__(self) -> int:
-        return len(self.sampler)
-
-    def state_dict(self, consumed: int | None = None) -> dict:
-        return self.sampler.state_dict(consumed)
-
-    def load_state_dict(self, state: dict) -> None:
-        self.sampler.load_state_dict(state)
 
 
 class TrainLoader(DataLoader):
@@ -168,6 +145,7 @@ class IdentityDataModule(pl.LightningDataModule):
         self.table: DoppelgangerTable | None = None
         self.seed = 0
         self.train_sampler = None
+        self.train_batches = None
         self.eval_positions: torch.Tensor | None = None  # split images to embed (None: none)
         self.pair_sets: list[VerificationPairs] = []
 
@@ -287,8 +265,9 @@ class IdentityDataModule(pl.LightningDataModule):
         trainer = self.trainer
         rank, world_size = (trainer.global_rank, trainer.world_size) if trainer else (0, 1)
         self.train_sampler = self.build_sampler(rank, world_size)
+        self.train_batches = ResumableBatches(self.train_sampler)  # the epoch's position, for exact resume
         return TrainLoader(self._dataset(self.split.training, train=True), batch_sampler=KeyedBatches(
-            self.train_sampler), generator=torch.Generator(), **self._loader_options())
+            self.train_batches), generator=torch.Generator(), **self._loader_options())
 
     def evaluate_on(self, positions: torch.Tensor | None, pair_sets: list[VerificationPairs]) -> None:
         """The evaluation sets, in loader order: the split's images at ``positions`` (if any), then each pair

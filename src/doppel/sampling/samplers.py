@@ -11,20 +11,21 @@ world_size sub-batches, one after the other, from one stream that every process 
 (whose exemplar loss then sees both classes), and one epoch is ceil(images / (world_size x batch_size))
 steps: the data once in total, not once per process.
 
-Samplers own their randomness: a ``torch.Generator`` seeded from (seed, epoch). Their state holds the
-epoch and, mid-epoch, the position in it (the generator after the last batch drawn and the batches
-drawn ahead of training), so a run resumed from any step draws the batches the interrupted one would have.
+Samplers own their randomness: each epoch is one ``torch.Generator`` stream seeded from (seed, epoch),
+from which :meth:`IdentityBatchSampler.draw` takes one step's batch at a time. Where an epoch stands
+(the generator, the batches drawn ahead of training) is kept by
+:class:`~doppel.sampling.resumable.ResumableBatches`, so that a run resumed from any step draws the
+batches the interrupted one would have; a sampler's own state is its epoch and counts.
 
 A sampler is built from a :class:`SamplerContext` (what the run knows) and its config settings; what it
-needs beyond the labels it declares as class attributes (``uses_table``), and ``resolve`` lets a sampler
-choice depend on the loss (``sampler=auto``).
+needs beyond the labels it declares as class attributes (``uses_table``). ``sampler=auto`` is the
+function :func:`auto_sampler`, which picks a sampler class for the loss.
 """
 
 from __future__ import annotations
 
 import math
-from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any, ClassVar
@@ -34,10 +35,6 @@ from torch.utils.data import Sampler
 
 from doppel.sampling.doppelganger import DoppelgangerTable
 from doppel.seeding import stable_seed
-
-# Batches a checkpoint can carry that were drawn ahead of training (DataLoader workers prefetch
-# prefetch_factor x num_workers batches).
-MAX_DRAWN_AHEAD = 256
 
 
 @dataclass
@@ -96,17 +93,6 @@ class IdentityBatchSampler(Sampler[list[int]]):
         self.seed, self.rank, self.world_size = context.seed, context.rank, context.world_size
         self.batches_per_epoch = batches_per_epoch or math.ceil(len(labels) / (self.world_size * batch_size))
         self.epoch = 0
-        # Position in the current epoch: the generator, how many batches it drew, the latest of them.
-        self._stream: torch.Generator | None = None
-        self._drawn = 0
-        self._current = -1
-        self._recent: deque[tuple[int, list[int]]] = deque(maxlen=MAX_DRAWN_AHEAD)
-        self._resume: tuple[int, dict] | None = None
-
-    @classmethod
-    def resolve(cls, settings: dict[str, Any], has_prototype: bool) -> tuple[type[IdentityBatchSampler], dict]:
-        """The class and settings to build for a loss with or without a prototype term."""
-        return cls, settings
 
     @classmethod
     def check_settings(cls, batch_size: int, examples_per_class: int | Sequence[int] = (2, 8),
@@ -122,76 +108,48 @@ class IdentityBatchSampler(Sampler[list[int]]):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    @property
-    def sampler(self) -> IdentityBatchSampler:
-        # Lightning calls set_epoch on ``dataloader.batch_sampler.sampler``, not on the batch sampler.
-        return self
-
-    def state_dict(self, consumed: int | None = None) -> dict:
-        """The epoch and, given ``consumed`` (batches of this epoch trained on so far), the position in it:
-        the generator after the last batch drawn and the batches drawn but not yet trained on."""
-        state: dict = {"epoch": self.epoch, "seed": self.seed}
-        if consumed is not None and self._stream is not None:
-            ahead = [batch for index, batch in self._recent if index >= consumed]
-            if len(ahead) != self._drawn - consumed:
-                raise RuntimeError(f"{self._drawn - consumed} batches were drawn ahead of training, more than the "
-                                   f"{MAX_DRAWN_AHEAD} a checkpoint keeps: lower data.num_workers.")
-            state["position"] = {"drawn": self._drawn, "generator": self._stream.get_state(), "ahead": ahead,
-                                 **self._epoch_state()}
-        return state
+    def state_dict(self) -> dict:
+        """The epoch and seed (and a subclass's counts); the position within the epoch is
+        :class:`~doppel.sampling.resumable.ResumableBatches`'."""
+        return {"epoch": self.epoch, "seed": self.seed}
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore; a saved position is taken up by the next iteration if it is of the same epoch."""
         self.epoch, self.seed = state["epoch"], state["seed"]
-        self._resume = (state["epoch"], state["position"]) if "position" in state else None
 
     def __len__(self) -> int:
         return self.batches_per_epoch
 
     # -- sampling ----------------------------------------------------------------------------
+    def stream(self) -> torch.Generator:
+        """The epoch's generator at its start: one reproducible stream per (seed, epoch), which every
+        process follows (the trailing 0 keeps the stream a single process drew before data parallelism
+        was exact)."""
+        return torch.Generator().manual_seed(stable_seed(self.seed, self.epoch, 0))
+
     def __iter__(self) -> Iterator[list[int]]:
-        resume, self._resume = self._resume, None
-        generator = torch.Generator()
-        if resume is not None and resume[0] == self.epoch:
-            position = resume[1]
-            generator.set_state(position["generator"])
-            self._drawn, ahead = position["drawn"], [list(batch) for batch in position["ahead"]]
-            self._begin_epoch(position)
-        else:
-            # One reproducible stream per (seed, epoch), which every process follows; the trailing 0 keeps
-            # the stream a single process drew before data parallelism was exact.
-            generator.manual_seed(stable_seed(self.seed, self.epoch, 0))
-            self._drawn, ahead = 0, []
-            self._begin_epoch(None)
-        self._stream = generator
-        self._recent.clear()
-        for index, batch in enumerate(ahead, start=self._drawn - len(ahead)):
-            self._recent.append((index, batch))
-            self._current = index
-            yield batch
-        while self._drawn < self.batches_per_epoch:
-            for rank in range(self.world_size):  # every process draws all sub-batches, keeps its own
-                counts = self._draw_counts(generator)
-                classes = self._choose_classes(len(counts), generator)
-                self._drew(classes)
-                drawn = self._fill(classes, counts, generator)
-                if rank == self.rank:
-                    batch = drawn
-            self._recent.append((self._drawn, batch))
-            self._current = self._drawn
-            self._drawn += 1
-            yield batch
+        """One epoch from its start (training iterates through ResumableBatches, which can resume one)."""
+        generator = self.stream()
+        self.begin_epoch(None)
+        for _ in range(self.batches_per_epoch):
+            yield self.draw(generator)
 
-    @property
-    def current_batch(self) -> int:
-        """Index in the epoch of the batch yielded last (a resumed epoch first yields those drawn ahead)."""
-        return self._current
+    def draw(self, generator: torch.Generator) -> list[int]:
+        """This process's batch of the next step: every process's sub-batch is drawn in turn from the one
+        stream, and this process keeps its own."""
+        for rank in range(self.world_size):
+            counts = self._draw_counts(generator)
+            classes = self._choose_classes(len(counts), generator)
+            self._drew(classes)
+            drawn = self._fill(classes, counts, generator)
+            if rank == self.rank:
+                batch = drawn
+        return batch
 
-    def _epoch_state(self) -> dict:
+    def epoch_state(self) -> dict:
         """What a subclass keeps of the epoch so far (saved with the position)."""
         return {}
 
-    def _begin_epoch(self, position: dict | None) -> None:
+    def begin_epoch(self, position: dict | None) -> None:
         """A new epoch starts (``position`` None) or a saved one resumes."""
 
     def _drew(self, classes: list[int]) -> None:
@@ -274,8 +232,8 @@ class DoppelgangerBatchSampler(IdentityBatchSampler):
         _check_warmup(warmup_epochs)
         super().check_settings(batch_size, **settings)
 
-    def state_dict(self, consumed: int | None = None) -> dict:
-        return {**super().state_dict(consumed), "stats": dict(self.stats)}
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "stats": dict(self.stats)}
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
@@ -286,19 +244,25 @@ class DoppelgangerBatchSampler(IdentityBatchSampler):
             return n_classes
         return max(1, min(n_classes, round(self.random_ratio * n_classes)))
 
+    def _admission(self) -> Callable[[int], bool] | None:
+        """Which of a class's doppelgangers not yet in the batch may join it (None: any of them)."""
+        return None
+
     def _choose_classes(self, n_classes: int, generator: torch.Generator) -> list[int]:
         n_random = self.n_random(n_classes)
         in_batch: set[int] = set()
         chosen = self._random_classes(n_random, in_batch, generator)
         self.stats["random"] += n_random
+        admits = self._admission()
         for i in range(n_random, n_classes):
             known = self.table.doppelgangers(chosen[i - n_random])
             fresh = [c for c in known if c not in in_batch]
-            if fresh:
-                cls = fresh[0]
+            allowed = fresh if admits is None else [c for c in fresh if admits(c)]
+            if allowed:
+                cls = allowed[0]
                 self.stats["table"] += 1
-            else:
-                self.stats["fallback_taken" if known else "fallback_empty"] += 1
+            else:  # "capped": fresh doppelgangers, none admitted
+                self.stats["capped" if fresh else "fallback_taken" if known else "fallback_empty"] += 1
                 cls = self._random_classes(1, in_batch, generator)[0]
             chosen.append(cls)
             in_batch.add(cls)
@@ -335,10 +299,10 @@ class BalancedDoppelgangerBatchSampler(DoppelgangerBatchSampler):
         if not isinstance(cap, (int, float)) or not cap >= 1:
             raise ValueError(f"sampler.cap={cap} must be a number >= 1 (a class's batches over the mean).")
 
-    def _epoch_state(self) -> dict:
+    def epoch_state(self) -> dict:
         return {"exposure": self.exposure.clone()}
 
-    def _begin_epoch(self, position: dict | None) -> None:
+    def begin_epoch(self, position: dict | None) -> None:
         self.exposure = position["exposure"].clone() if position else torch.zeros(self.num_classes, dtype=torch.long)
 
     def _drew(self, classes: list[int]) -> None:
@@ -355,36 +319,22 @@ class BalancedDoppelgangerBatchSampler(DoppelgangerBatchSampler):
         taken.update(chosen)
         return chosen
 
-    def _choose_classes(self, n_classes: int, generator: torch.Generator) -> list[int]:
-        n_random = self.n_random(n_classes)
-        in_batch: set[int] = set()
-        chosen = self._random_classes(n_random, in_batch, generator)
-        self.stats["random"] += n_random
+    def _admission(self) -> Callable[[int], bool]:
         limit = self._limit()
-        for i in range(n_random, n_classes):
-            known = self.table.doppelgangers(chosen[i - n_random])
-            fresh = [c for c in known if c not in in_batch]
-            allowed = [c for c in fresh if self.exposure[c] < limit]
-            if allowed:
-                cls = allowed[0]
-                self.stats["table"] += 1
-            else:
-                self.stats["capped" if fresh else "fallback_taken" if known else "fallback_empty"] += 1
-                cls = self._random_classes(1, in_batch, generator)[0]
-            chosen.append(cls)
-            in_batch.add(cls)
-        return chosen
+        return lambda cls: bool(self.exposure[cls] < limit)
 
 
-class AutoBatchSampler(DoppelgangerBatchSampler):
-    """``sampler=auto``: doppelganger sampling when the loss has a prototype (classifier) term to mine
-    from, random identity sampling otherwise (exemplar-only losses have no logits to mine)."""
-
-    @classmethod
-    def resolve(cls, settings: dict[str, Any], has_prototype: bool) -> tuple[type[IdentityBatchSampler], dict]:
-        if has_prototype:
-            return DoppelgangerBatchSampler, settings
-        return IdentityBatchSampler, {k: v for k, v in settings.items() if k not in ("random_ratio", "warmup_epochs")}
+def auto_sampler(has_prototype: bool, batch_size: int, examples_per_class: int | Sequence[int] = (2, 8),
+                 batches_per_epoch: int | None = None, random_ratio: float | str = 1 / 3,
+                 warmup_epochs: int = 0) -> tuple[type[IdentityBatchSampler], dict[str, Any]]:
+    """``sampler=auto``: (the sampler class, its settings) for the loss: doppelganger sampling when the loss
+    has a prototype (classifier) term to mine from, random identity sampling otherwise (exemplar-only
+    losses have no logits to mine), which takes no ``random_ratio`` / ``warmup_epochs``."""
+    settings: dict[str, Any] = {"batch_size": batch_size, "examples_per_class": examples_per_class,
+                                "batches_per_epoch": batches_per_epoch}
+    if not has_prototype:
+        return IdentityBatchSampler, settings
+    return DoppelgangerBatchSampler, {**settings, "random_ratio": random_ratio, "warmup_epochs": warmup_epochs}
 
 
 def _check_warmup(warmup_epochs: int) -> None:
