@@ -1,9 +1,10 @@
-"""Checks of the composed config that need no data, run first by ``train()``.
+"""Checks of the composed config that need no data, run first by ``train()``, and the parts built from it.
 
 A setting that cannot work fails within seconds, with one sentence naming the key and the fix, never
 after data loading or training, and never silently: a key that nothing reads is an error, not dropped.
-What is cheap to build is built here with small stand-in sizes (loss terms, optimizer, schedule), so each
-component's own checks run early and stay in one place.
+What needs no data is built here once and handed to ``train()`` (:class:`Prepared`: the augmentation,
+the protocols, the optimizer and schedule factories); the loss terms, whose sizes come from the data, are
+tried here with stand-in sizes (8 classes), so each term's own checks run before any data is read.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import difflib
 import inspect
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -69,19 +71,31 @@ def build_evaluator(cfg: DictConfig) -> Evaluator:
     return Evaluator({str(name): build(spec) for name, spec in (cfg.get("eval") or {}).items()})
 
 
-def bind_evaluator(cfg: DictConfig, datamodule: Any) -> tuple[Evaluator, str]:
-    """The protocols bound to the data (each checks it and picks its evaluation sets) and the objective,
-    checked against their metric names."""
-    evaluator = build_evaluator(cfg)
+def bind_evaluator(cfg: DictConfig, datamodule: Any, evaluator: Evaluator | None = None) -> tuple[Evaluator, str]:
+    """The protocols (``evaluator``, or built from ``cfg.eval``) bound to the data (each checks it and picks
+    its evaluation sets) and the objective, checked against their metric names."""
+    evaluator = evaluator or build_evaluator(cfg)
     evaluator.bind(datamodule)
     return evaluator, resolve_objective(cfg.objective, evaluator)
 
 
-def check_config(cfg: DictConfig) -> None:
+@dataclass
+class Prepared:
+    """What the config builds before any data is read, once: ``train()`` wires it to the data."""
+
+    augment: Any  # the training augmentation (nn.Module), seeded from ``seed``
+    evaluator: Evaluator  # the protocols, not yet bound to the data
+    optimizer: Any  # parameter groups -> optimizer
+    decay_1d_params: bool
+    scheduler: Any | None  # optimizer -> scheduler (see module.make_scheduler), or None
+
+
+def check_config(cfg: DictConfig) -> Prepared:
+    """Every check that needs no data; returns the parts built on the way."""
     _check_known_keys(cfg)
-    _check_values(cfg)
-    build_evaluator(cfg)
+    prepared = _check_values(cfg)
     _check_output_dir(Path(cfg.paths.output_dir))
+    return prepared
 
 
 def build(node: DictConfig, **runtime: Any) -> Any:
@@ -195,7 +209,7 @@ def _settings(node: DictConfig) -> dict[str, Any]:
     return {k: v for k, v in OmegaConf.to_container(node, resolve=True).items() if k not in HYDRA_KEYS}
 
 
-def _check_values(cfg: DictConfig) -> None:
+def _check_values(cfg: DictConfig) -> Prepared:
     if not isinstance(cfg.seed, int) or not 0 <= cfg.seed < 2**32:
         raise ValueError(f"seed={cfg.seed} must be an integer in [0, 2**32).")
     backbone = _settings(cfg.backbone)
@@ -203,7 +217,7 @@ def _check_values(cfg: DictConfig) -> None:
     views = cfg.loss.get("views", 1)
     if not isinstance(views, int) or views < 1:
         raise ValueError(f"loss.views={views} must be a positive integer (2 for NT-Xent's two views).")
-    augment = build(cfg.augment)
+    augment = build(cfg.augment, seed=cfg.seed)
     if views > 1 and not augment.varies():
         raise ValueError(f"loss.views={views} needs augmentation to make the views differ: enable augment.mirror, "
                          "augment.color_shift, augment.grayscale_p or augment.pad_crop, or choose augment=simclr.")
@@ -227,16 +241,18 @@ def _check_values(cfg: DictConfig) -> None:
     max_epochs, max_steps = cfg.trainer.get("max_epochs"), cfg.trainer.get("max_steps", -1)
     if not (isinstance(max_epochs, int) and max_epochs >= 1) and not (isinstance(max_steps, int) and max_steps >= 1):
         raise ValueError(f"trainer.max_epochs={max_epochs} must be a positive integer (or set trainer.max_steps).")
-    factory, _ = _build("optim", lambda: build_optimizer(cfg.optim))
-    optimizer = _build("optim", lambda: factory([torch.nn.Parameter(torch.zeros(1))]))
-    if cfg.get("sched"):
-        _build("sched", lambda: make_scheduler(instantiate(cfg.sched), optimizer, 1))
+    factory, decay_1d_params = _build("optim", lambda: build_optimizer(cfg.optim))
+    optimizer = _build("optim", lambda: factory([torch.nn.Parameter(torch.zeros(1))]))  # torch's own checks
+    scheduler = _build("sched", lambda: instantiate(cfg.sched)) if cfg.get("sched") else None
+    if scheduler is not None:
+        _build("sched", lambda: make_scheduler(scheduler, optimizer, 1))
     if not cfg.get("logger"):
         for name, spec in (cfg.get("callbacks") or {}).items():
             target = get_object(spec._target_)
             if inspect.isclass(target) and any(issubclass(target, get_class(t)) for t in NEEDS_A_LOGGER):
                 raise ValueError(f"callbacks.{name} ({spec._target_}) writes to a logger and logger=none has none: "
                                  f"choose a logger (logger=csv) or remove it (~callbacks.{name}).")
+    return Prepared(augment, build_evaluator(cfg), factory, decay_1d_params, scheduler)
 
 
 def _build(key: str, build: Any) -> Any:

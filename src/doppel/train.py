@@ -24,7 +24,7 @@ from doppel.checkpoint import (
     copy_matching_weights,
     resolve_ckpt_path,
 )
-from doppel.config import CONFIG_DIR, bind_evaluator, build, build_optimizer, check_config, resolve_mining
+from doppel.config import CONFIG_DIR, bind_evaluator, build, check_config, resolve_mining
 from doppel.loggers import multirun_folder  # noqa: F401  (registers ${doppel_multirun:} for the configs)
 from doppel.losses.loss_set import LossSet
 from doppel.models.layers import lsuv_init_
@@ -41,7 +41,7 @@ def train(cfg: DictConfig) -> RunMetrics:
 
     Raises :class:`RunInterrupted` when SIGTERM / SIGINT stopped training (a checkpoint was saved).
     """
-    check_config(cfg)  # seconds, before anything is loaded
+    prepared = check_config(cfg)  # seconds, before anything is loaded
     output_dir = Path(cfg.paths.output_dir)
     datamodule = build(cfg.data)  # checks its settings; loads nothing until setup()
     ckpt_path = resolve_ckpt_path(cfg.ckpt_path, output_dir)
@@ -60,7 +60,7 @@ def train(cfg: DictConfig) -> RunMetrics:
     pl.seed_everything(cfg.seed, workers=True)
     datamodule.setup()
     num_classes = datamodule.num_classes
-    evaluator, objective = bind_evaluator(cfg, datamodule)
+    evaluator, objective = bind_evaluator(cfg, datamodule, prepared.evaluator)
 
     backbone = build(cfg.backbone, image_size=datamodule.image_shape()[-1])
     loss_set = LossSet(cfg.loss.terms, embedding_dim=backbone.embedding_dim, num_classes=num_classes,
@@ -81,11 +81,8 @@ def train(cfg: DictConfig) -> RunMetrics:
         mode = None if cfg.speed.compile_backend != "inductor" else cfg.speed.compile_mode
         backbone.compile(mode=mode, backend=cfg.speed.compile_backend)
 
-    optimizer, decay_1d_params = build_optimizer(cfg.optim)
-    scheduler = instantiate(cfg.sched) if cfg.sched else None
-    module = DoppelModule(backbone, loss_set, optimizer, scheduler,
-                          augment=build(cfg.augment, seed=cfg.seed), views=cfg.loss.views,
-                          evaluator=evaluator, decay_1d_params=decay_1d_params)
+    module = DoppelModule(backbone, loss_set, prepared.optimizer, prepared.scheduler, augment=prepared.augment,
+                          views=cfg.loss.views, evaluator=evaluator, decay_1d_params=prepared.decay_1d_params)
     if checkpoint is not None:
         check_state_dict(checkpoint, module.state_dict(), f"ckpt_path={str(ckpt_path)!r}")
     if start_weights is not None:
