@@ -171,13 +171,25 @@ def test_corrupt_images_are_an_error_naming_the_file_or_skipped_when_asked(tmp_p
         [dataset[i] for i in range(9)]
     module = IdentityDataModule(**common, skip_corrupt=True)
     module.setup()
+    position = module.split.index.tolist().index(4)  # id001/01.jpg is image 4 of the folder
+    # training: replaced by the next training image of its class
+    dataset = module._dataset(module.split.training, train=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        images = [dataset[(i, 0)][0] for i in range(len(dataset))]
+    assert len(caught) == 1 and str(broken) in str(caught[0].message) and dataset.skipped == 1
+    training = module.split.training.tolist()
+    at = training.index(position)
+    same = [i for i, p in enumerate(training) if module.split.label[p] == module.split.label[position]]
+    following = same[(same.index(at) + 1) % len(same)]
+    assert following != at and torch.equal(images[at], images[following])
+    # evaluation: left out (a negative item index), never replaced
     dataset = module._dataset(torch.arange(9), train=False)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        images = [dataset[i][0] for i in range(9)]
-    assert len(caught) == 1 and str(broken) in str(caught[0].message) and dataset.skipped == 1
-    position = module.split.index.tolist().index(4)  # id001/01.jpg is image 4 of the folder
-    assert torch.equal(images[position], images[position + 1])  # replaced by the next image of its class
+        items = [dataset[i][1] for i in range(9)]
+    assert items == [-1 - i if i == position else i for i in range(9)]
+    assert len(caught) == 1 and "left out of the evaluation, not replaced" in str(caught[0].message)
 
 
 def test_crops_are_fixed_by_the_image_seed_and_centre_crops_by_nothing():
@@ -267,3 +279,25 @@ def test_a_split_that_trains_on_a_test_class_is_refused(tmp_path):
                                                                          for r in rows) + "\n")
     with pytest.raises(DataError, match="image 2 is a base query of class 'cy', which has no training images"):
         split_dataset(read_csv(str(tmp_path / "q.csv")))
+
+
+def test_csv_repeated_paths_and_encodings(tmp_path):
+    """A repeated line would be trained and tested on at once: an error naming both lines (or dropped and
+    counted with drop_duplicates); one path under two labels is always an error. Excel's UTF-8 byte order
+    mark is read; Latin-1 text is named."""
+    (tmp_path / "twice.csv").write_text("path,label\na.png,ann\nb.png,ann\nc.png,bo\n./a.png,ann\n")
+    with pytest.raises(DataError, match=r"twice.csv, line 5: ./a.png is listed again \(first on line 2\).*"
+                                        "data.drop_duplicates=true"):
+        read_csv(str(tmp_path / "twice.csv"))
+    with pytest.warns(UserWarning, match="dropped 1 repeated lines"):
+        data = read_csv(str(tmp_path / "twice.csv"), drop_duplicates=True)
+    assert data.labels.tolist() == [0, 0, 1]
+    (tmp_path / "two_labels.csv").write_text("path,label\na.png,ann\nb.png,bo\na.png,bo\n")
+    for drop in (False, True):
+        with pytest.raises(DataError, match=r"two_labels.csv, line 4: a.png is labelled 'bo' here and 'ann' on line 2"):
+            read_csv(str(tmp_path / "two_labels.csv"), drop_duplicates=drop)
+    (tmp_path / "excel.csv").write_bytes("\ufeffpath,label\na.png,Zoë\n".encode())
+    assert read_csv(str(tmp_path / "excel.csv")).class_names == ["Zoë"]
+    (tmp_path / "latin1.csv").write_bytes("path,label\na.png,Zoë\n".encode("latin-1"))
+    with pytest.raises(DataError, match=r"latin1.csv is not UTF-8 text \(byte 0xeb at offset 19\): save it as UTF-8"):
+        read_csv(str(tmp_path / "latin1.csv"))

@@ -173,3 +173,29 @@ def test_the_command_line_evaluates_each_benchmark_with_its_protocol(name, tmp_p
     assert len(tested) == len(set(tested)) and not any(k.startswith(("novel/", "base/")) for k in tested)
     figure = {"[retrieval]": "recall_at_k.png", "[verification]": "roc.png"}.get(header)
     assert figure is None or (run / figure).stat().st_size > 1000
+
+
+def test_an_unreadable_query_is_left_out_never_swapped_for_its_prototype(tmp_path):
+    """data.skip_corrupt=true with a novel query cut short: the run scores the other queries exactly as a
+    run on the same folder without that file (same training: the query is not trained on), and prints the
+    part it left out; before, the query was replaced by its class's next image, often its prototype."""
+    import shutil
+
+    from doppel.data.dataset import Part
+    from doppel.data.readers.folder import read_folder
+    from doppel.data.split import split_dataset
+
+    classes = identities(20, 4)
+    broken_root = write_folder(tmp_path / "broken", classes, "png")
+    split = split_dataset(read_folder(str(broken_root)), novel_fraction=0.25)
+    novel = sorted({split.names[int(label)] for label in split.label[split.part == Part.QUERY]})[0]
+    shutil.copytree(broken_root, tmp_path / "clean")
+    (tmp_path / "clean" / novel / "02.png").unlink()
+    image = broken_root / novel / "02.png"
+    image.write_bytes(image.read_bytes()[:40])
+    settings = [*RUN, "data=folder", "data.novel_fraction=0.25", "data.skip_corrupt=true", "trainer.max_epochs=2"]
+    with pytest.warns(UserWarning, match=r"02.png \(QUERY\) is unreadable: left out of the evaluation"):
+        left_out = train(compose_cfg(tmp_path / "a", [*settings, f"data.root={broken_root}"]))
+    without = train(compose_cfg(tmp_path / "b", [*settings, f"data.root={tmp_path / 'clean'}"]))
+    assert {k: v for k, v in left_out.items() if k.startswith("test/")} == \
+        pytest.approx({k: v for k, v in without.items() if k.startswith("test/")})

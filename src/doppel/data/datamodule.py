@@ -16,7 +16,7 @@ from hydra.utils import get_class, get_method
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
-from doppel.data.dataset import CorruptImage, DataError, IdentityData
+from doppel.data.dataset import CorruptImage, DataError, IdentityData, Part
 from doppel.data.readers.verification_bin import VerificationPairs
 from doppel.data.split import Split, check_novel_fraction, split_dataset
 from doppel.data.transforms import ImageTransform
@@ -43,13 +43,17 @@ class TrainLoader(DataLoader):
 
 class _Images(Dataset):
     """Images of the split at ``positions``, transformed; a corrupt image is an error, or with
-    ``skip_corrupt`` replaced by the next readable image of its class (each replacement is reported)."""
+    ``skip_corrupt``: in training, replaced by the next readable training image of its class; in an
+    evaluation set, left out (its item index comes back negative, ``-1 - item``, and the evaluator drops
+    it), never replaced: a query swapped for another image of its class (often its own prototype) would be
+    scored as that image. Each is reported."""
 
     def __init__(self, data: IdentityData, split: Split, positions: torch.Tensor, transform: ImageTransform,
                  train: bool, skip_corrupt: bool) -> None:
         # Python lists: indexing them per image costs a fraction of indexing tensors.
         self.images, self.index = data.images, split.index[positions].tolist()
-        self.label = split.label[positions].tolist()
+        self.label, self.part = split.label[positions].tolist(), split.part[positions].tolist()
+        self.names = split.names
         self.transform, self.train, self.skip_corrupt = transform, train, skip_corrupt
         self.skipped = 0
 
@@ -60,29 +64,49 @@ class _Images(Dataset):
         try:
             image = self.images[self.index[position]]
         except CorruptImage as error:
-            if not self.skip_corrupt:
+            if not (self.skip_corrupt and self.train):
                 raise
             image = self._replacement(position, error)
         return self.transform(image, seed if self.train else None)
 
     def _replacement(self, position: int, error: CorruptImage) -> torch.Tensor:
+        """The next readable image of the class in the same part (training: another training image)."""
         self.skipped += 1
-        warnings.warn(f"data.skip_corrupt: {error.where} is unreadable and was replaced by the next readable image of "
-                      f"its class ({self.skipped} replacements so far in this process).", stacklevel=2)
-        same_class = [i for i, label in enumerate(self.label) if label == self.label[position]]
-        start = same_class.index(position)
-        for other in same_class[start + 1:] + same_class[:start]:
+        warnings.warn(f"data.skip_corrupt: {error.where} is unreadable and was replaced by the next readable "
+                      f"training image of its class ({self.skipped} replacements so far in this process).",
+                      stacklevel=2)
+        label, part = self.label[position], self.part[position]
+        same = [i for i, (other, where) in enumerate(zip(self.label, self.part)) if other == label and where == part]
+        start = same.index(position)
+        for other in same[start + 1:] + same[:start]:
             try:
                 return self.images[self.index[other]]
             except CorruptImage:
                 continue
-        raise DataError(f"every image of class {self.label[position]} is unreadable ({error}).")
+        raise DataError(f"data.skip_corrupt: every training image of class {self.names[label]!r} is unreadable "
+                        f"(one is {error.where}): replace its images or remove the class from the data.")
 
     def __getitem__(self, item: Any) -> tuple[torch.Tensor, ...]:
         if self.train:
             position, seed = item
             return self.load(position, seed), self.label[position]
-        return self.load(item, None), item
+        try:
+            return self.load(item, None), item
+        except CorruptImage as error:
+            if not self.skip_corrupt:
+                raise
+            warnings.warn(f"data.skip_corrupt: {error.where} ({Part(self.part[item]).name}) is unreadable: left "
+                          "out of the evaluation, not replaced.", stacklevel=2)
+            return self._placeholder(item), -1 - item
+
+    def _placeholder(self, item: int) -> torch.Tensor:
+        """Any readable image, to fill the batch slot of one left out (its embedding is dropped)."""
+        for other in list(range(item + 1, len(self.index))) + list(range(item)):
+            try:
+                return self.load(other, None)
+            except CorruptImage:
+                continue
+        raise DataError("data.skip_corrupt: no image of the evaluation set is readable.")
 
 
 def collate(samples: list[tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor, ...]:

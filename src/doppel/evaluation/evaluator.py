@@ -15,6 +15,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from doppel.data.dataset import Part
 from doppel.evaluation.protocol import DataFacts, Embedded, Inputs, Protocol, Result
 from doppel.losses.loss_set import LossSet
 
@@ -33,6 +34,7 @@ class Evaluator:
         self.parts: torch.Tensor | None = None
         self.sizes: list[int] = []
         self._rows: dict[int, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]] = {}
+        self._dropped: dict[int, list[int]] = {}  # loader -> items left out (unreadable, data.skip_corrupt)
         # Of the last evaluation (process 0), for the figures and the diagnostics: the split images'
         # embeddings and each protocol's result.
         self.last_split: Embedded | None = None
@@ -86,17 +88,24 @@ class Evaluator:
 
     # -- collecting --------------------------------------------------------------------------
     def add(self, loader: int, index: torch.Tensor, plain: torch.Tensor, flipped: torch.Tensor | None) -> None:
+        """A batch's embeddings; an item index ``-1 - i`` marks item i as left out (its row is a stand-in)."""
+        index = index.cpu()
+        left_out = index < 0
+        if left_out.any():
+            index = torch.where(left_out, -1 - index, index)
+            self._dropped.setdefault(loader, []).extend(index[left_out].tolist())
         self._rows.setdefault(loader, []).append(
-            (index.cpu(), plain.float().cpu(), None if flipped is None else flipped.float().cpu()))
+            (index, plain.float().cpu(), None if flipped is None else flipped.float().cpu()))
 
     def discard(self) -> None:
-        self._rows = {}
+        self._rows, self._dropped = {}, {}
 
     def compute(self, classify: Callable[[torch.Tensor], torch.Tensor] | None, where: str,
                 class_vectors: Callable[[], torch.Tensor] | None = None) -> dict[str, float]:
         """Every protocol's metrics from the embeddings collected since the last call (on every process);
         ``classify`` and ``class_vectors`` give the training classifier's scores and class vectors."""
         rows, self._rows = self._rows, {}
+        dropped, self._dropped = self._dropped, {}
         embedded: dict[str, Embedded] = {}
         for loader, name in enumerate(self.sets):
             parts = rows.get(loader, [])
@@ -105,10 +114,12 @@ class Evaluator:
             local = torch.cat([torch.cat(p[1:] if self.flips[loader] else p[1:2], dim=1) for p in parts]) \
                 if parts else None
             gathered = _gather(index, local, self.sizes[loader])
+            left_out = _gather_items(dropped.get(loader, []))
             if gathered is not None:
                 plain, flipped = gathered.tensor_split(2, dim=1) if self.flips[loader] else (gathered, None)
-                embedded[name] = Embedded(plain, flipped, self.labels if name == SPLIT else None,
-                                          self.parts if name == SPLIT else None, self.blocks)
+                item = Embedded(plain, flipped, self.labels if name == SPLIT else None,
+                                self.parts if name == SPLIT else None, self.blocks)
+                embedded[name] = _without(item, left_out, where)
         outcome: list[dict[str, float] | BaseException | None] = [None]
         if _rank() == 0:
             try:
@@ -188,6 +199,31 @@ def _gather(index: torch.Tensor, rows: torch.Tensor | None, size: int) -> torch.
     result = torch.empty(size, rows_all.shape[1])
     result[index_all[kept]] = rows_all[kept]
     return result
+
+
+def _gather_items(items: list[int]) -> list[int]:
+    """The items of every process (on every process)."""
+    if _world() == 1:
+        return items
+    everyone: list[list[int] | None] = [None] * _world()
+    dist.all_gather_object(everyone, items)
+    return [i for part in everyone for i in part]
+
+
+def _without(item: Embedded, left_out: list[int], where: str) -> Embedded:
+    """``item`` without the rows of the items left out (unreadable images under data.skip_corrupt), which
+    are counted per part on the console."""
+    if not left_out:
+        return item
+    keep = torch.ones(len(item.plain), dtype=torch.bool)
+    keep[torch.tensor(sorted(set(left_out)))] = False
+    if item.parts is not None:
+        counts = {Part(int(p)).name: int(n) for p, n in zip(*torch.unique(item.parts[~keep], return_counts=True))}
+        print(f"{where}: left out {int((~keep).sum())} unreadable images (data.skip_corrupt): "
+              + ", ".join(f"{n} {part}" for part, n in sorted(counts.items())), flush=True)
+    return Embedded(item.plain[keep], None if item.flipped is None else item.flipped[keep],
+                    None if item.labels is None else item.labels[keep],
+                    None if item.parts is None else item.parts[keep], item.blocks)
 
 
 def _check_finite(item: Embedded, where: str) -> None:

@@ -19,7 +19,10 @@ tab-separated.
 from __future__ import annotations
 
 import csv
+import os
 import re
+import warnings
+from pathlib import Path
 
 import torch
 
@@ -37,10 +40,22 @@ def _class_order(names: set[str]) -> list[str]:
     return sorted(names)
 
 
-def read_csv(path: str | None = None) -> IdentityData:
+def read_csv(path: str | None = None, drop_duplicates: bool = False) -> IdentityData:
+    """``drop_duplicates``: a path listed again under the same label is dropped (and counted) instead of an
+    error; under another label it is always an error."""
     path = require(path, "path", "a CSV / TSV file with a header line: path,label[,split][,role]")
+    try:
+        return _read(path, drop_duplicates)
+    except UnicodeDecodeError as error:
+        raise DataError(f"{path} is not UTF-8 text (byte {error.object[error.start]:#04x} at offset {error.start}): "
+                        "save it as UTF-8 (Excel: 'CSV UTF-8'; a byte order mark is fine).") from None
+
+
+def _read(path: Path, drop_duplicates: bool) -> IdentityData:
     delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
-    with open(path, newline="") as file:
+    first_seen: dict[str, tuple[int, str]] = {}  # image path -> (line, label)
+    dropped = 0
+    with open(path, newline="", encoding="utf-8-sig") as file:
         rows = csv.reader(file, delimiter=delimiter)
         header = [h.strip().lower() for h in next(rows, [])]
         for column in ("path", "label"):
@@ -69,11 +84,26 @@ def read_csv(path: str | None = None) -> IdentityData:
                 raise DataError(f"{path}, line {number}: split={key[0]!r} role={key[1]!r} is not a known combination: "
                                 "split is train or test; role is empty or query (train), prototype, gallery or "
                                 "query (test).")
-            paths.append(str(path.parent / cell["path"]))
+            image = os.path.normpath(path.parent / cell["path"])
+            if image in first_seen:
+                line, label = first_seen[image]
+                if label != cell["label"]:
+                    raise DataError(f"{path}, line {number}: {cell['path']} is labelled {cell['label']!r} here and "
+                                    f"{label!r} on line {line}: an image has one label; correct one of the lines.")
+                if not drop_duplicates:
+                    raise DataError(f"{path}, line {number}: {cell['path']} is listed again (first on line {line}): "
+                                    "a repeated image would be trained on and tested on at once; remove the "
+                                    "repeats, or set data.drop_duplicates=true to drop them.")
+                dropped += 1
+                continue
+            first_seen[image] = (number, cell["label"])
+            paths.append(image)
             names.append(cell["label"])
             roles.append(int(ROLES[key]))
     if not paths:
         raise DataError(f"{path} lists no images.")
+    if dropped:
+        warnings.warn(f"data.drop_duplicates: {path}: dropped {dropped} repeated lines.", stacklevel=2)
     classes = _class_order(set(names))
     index = {name: i for i, name in enumerate(classes)}
     return IdentityData(labels=torch.tensor([index[n] for n in names]), class_names=classes, images=FileImages(paths),
