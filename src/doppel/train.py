@@ -24,12 +24,13 @@ from doppel.checkpoint import (
     copy_matching_weights,
     resolve_ckpt_path,
 )
-from doppel.config import CONFIG_DIR, bind_evaluator, build, check_config, resolve_mining
+from doppel.config import CONFIG_DIR, Prepared, bind_evaluator, build, check_config, resolve_mining
 from doppel.loggers import multirun_folder  # noqa: F401  (registers ${doppel_multirun:} for the configs)
 from doppel.losses.loss_set import LossSet
 from doppel.models.layers import lsuv_init_
 from doppel.module import DoppelModule
 from doppel.reporting import RunMetrics, finish_wandb, report, save_config
+from doppel.run_lock import run_lock
 from doppel.sampling.doppelganger import DoppelgangerTable
 from doppel.serialization import load_checkpoint
 
@@ -39,9 +40,15 @@ __all__ = ["CONFIG_DIR", "RunInterrupted", "RunMetrics", "train"]
 def train(cfg: DictConfig) -> RunMetrics:
     """Fit and evaluate one run; returns the final metrics of every protocol in ``cfg.eval``.
 
-    Raises :class:`RunInterrupted` when SIGTERM / SIGINT stopped training (a checkpoint was saved).
+    Raises :class:`RunInterrupted` when SIGTERM / SIGINT stopped training (a checkpoint was saved), and
+    :class:`RunDirectoryBusy` when another run is using the run directory.
     """
     prepared = check_config(cfg)  # seconds, before anything is loaded
+    with run_lock(Path(cfg.paths.output_dir)):
+        return _train(cfg, prepared)
+
+
+def _train(cfg: DictConfig, prepared: Prepared) -> RunMetrics:
     output_dir = Path(cfg.paths.output_dir)
     datamodule = build(cfg.data)  # checks its settings; loads nothing until setup()
     ckpt_path = resolve_ckpt_path(cfg.ckpt_path, output_dir)

@@ -176,3 +176,26 @@ def test_init_from_starts_a_new_run_from_a_checkpoints_weights(tmp_path):
     with pytest.raises(Exception, match="its backbone does not fit the one this config builds"):
         train(compose_cfg(tmp_path / "wide", [*fixed, "backbone.widths=[16,16,16,16]", "backbone.stem_channels=16",
                                               "backbone.embedding_dim=32"]))
+
+
+def test_a_second_run_in_a_busy_run_directory_stops_at_once_and_a_killed_runs_lock_is_taken_over(tmp_path):
+    import subprocess
+    import sys
+
+    from doppel.run_lock import RunDirectoryBusy
+
+    hold = ("import fcntl, sys, time\nf = open(sys.argv[1], 'a+')\nfcntl.flock(f, fcntl.LOCK_EX)\n"
+            "f.write('pid 4242 on node7'); f.flush(); print('held', flush=True); time.sleep(120)")
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(tmp_path / ".doppel.lock")], stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(RunDirectoryBusy, match=rf"{tmp_path} is in use by another run \(pid 4242 on node7\): "
+                                                   r"give this run its own directory \(hydra.run.dir=...\)"):
+            train(compose_cfg(tmp_path, ["trainer.max_epochs=1"]))
+        assert not (tmp_path / "config.yaml").exists() and not (tmp_path / "csv").exists()  # nothing written
+    finally:
+        holder.kill()  # SIGKILL, as a lost node or a scancel: the kernel drops its lock
+        holder.wait()
+    metrics = train(compose_cfg(tmp_path, ["trainer.max_epochs=1", "trainer.limit_train_batches=2"]))
+    assert json.loads((tmp_path / "metrics.json").read_text()) == pytest.approx(metrics)

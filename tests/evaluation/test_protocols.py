@@ -273,3 +273,65 @@ def test_mirrored_images_are_embedded_when_any_protocol_fuses_them():
         evaluator.bind(datamodule)
         assert evaluator.sets == ["split"] and evaluator.flips == [True], order
         assert requested["positions"].tolist() == [0, 1, 2, 3, 4, 5]
+
+
+def test_retrieval_of_classes_with_one_image_is_refused_or_counted_never_nan():
+    """Leave-one-out retrieval: a query whose class has no other image has nothing to find. None findable:
+    refused when the protocol is bound (it was NaN for every metric and NMI 1.0); some: left out, said."""
+    parts = [Part.REFERENCE, Part.QUERY, Part.REFERENCE]
+    singletons = facts(parts)
+    singletons.labels = torch.tensor([0, 1, 2])
+    with pytest.raises(ValueError, match="none of the 3 queries has another image of its class to retrieve"):
+        RetrievalProtocol(ks=[1]).bind(singletons)
+    some = facts(parts + [Part.QUERY])
+    some.labels = torch.tensor([0, 1, 2, 2])
+    with pytest.warns(UserWarning, match="2 of 4 queries have no other image of their class to retrieve"):
+        RetrievalProtocol(ks=[1]).bind(some)
+
+
+def test_an_undefined_metric_is_an_error_not_a_nan_in_metrics_json():
+    """Whatever a protocol returns, NaN never leaves the evaluator as a number."""
+    from doppel.evaluation.protocol import Protocol, Result
+
+    class Undefined(Protocol):
+        def bind(self, facts):
+            pass
+
+        def metric_names(self):
+            return ["undefined/score"]
+
+        def evaluate(self, inputs):
+            return Result({"undefined/score": float("nan"), "undefined/fine": 1.0})
+
+    evaluator = Evaluator({"undefined": Undefined()})
+    with pytest.raises(FloatingPointError, match=r"test metrics undefined/score are undefined \(NaN\)"):
+        evaluator.compute(None, "test")
+
+
+@pytest.mark.parametrize("same", [True, False])
+def test_a_pack_of_one_kind_of_pair_is_refused_when_bound(tmp_path, same):
+    """Without impostor (or genuine) pairs there is no threshold to choose: named when the pack is bound,
+    before training, not at the first validation."""
+    from doppel.data.readers.verification_bin import write_verification_bin
+    from tests.data.test_verification_bin import PNG
+
+    write_verification_bin(tmp_path / "lfw.bin", [PNG] * 20, [same] * 10)
+    kind = "genuine" if same else "impostor"
+    wanted = "impostor \\(different-identity\\)" if same else "genuine \\(same-identity\\)"
+    with pytest.raises(ValueError, match=rf"lfw.bin: all 10 pairs are {kind}: a verification pack needs {wanted} "
+                                         "pairs too"):
+        VerificationProtocol(packs=[str(tmp_path / "lfw.bin")], folds=10).bind(facts([Part.TRAIN]))
+
+
+def test_packs_named_with_a_root_are_read_from_that_root(tmp_path):
+    """eval.verification.root with packs names: the names are looked up in root (root was ignored)."""
+    from doppel.data.readers.verification_bin import write_verification_bin
+    from tests.data.test_verification_bin import PNG
+
+    (tmp_path / "packs").mkdir()
+    write_verification_bin(tmp_path / "packs" / "agedb_30.bin", [PNG] * 20, [True, False] * 5)
+    protocol = VerificationProtocol(packs=["agedb_30.bin"], root=str(tmp_path / "packs"), folds=10)
+    protocol.bind(facts([Part.TRAIN]))  # facts.locate would look in the working directory only
+    assert protocol.paths == [tmp_path / "packs" / "agedb_30.bin"]
+    with pytest.raises(FileNotFoundError, match=r"'lfw.bin' is not in eval.verification.root \(.*packs/lfw.bin"):
+        VerificationProtocol(packs=["lfw.bin"], root=str(tmp_path / "packs")).bind(facts([Part.TRAIN]))

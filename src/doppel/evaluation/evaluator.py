@@ -46,7 +46,7 @@ class Evaluator:
         datamodule.setup()
         split = datamodule.split
         facts = DataFacts(parts=split.part, references_given=split.references_given, benchmark=datamodule.benchmark,
-                          folder=datamodule.folder, locate=datamodule.locate)
+                          folder=datamodule.folder, locate=datamodule.locate, labels=split.label)
         seen: dict[str, str] = {}
         for name, protocol in self.protocols.items():
             protocol.bind(facts)
@@ -129,7 +129,12 @@ class Evaluator:
                 inputs = Inputs(split=embedded.get(SPLIT), pairs={k: v for k, v in embedded.items() if k != SPLIT},
                                 classify=classify, class_vectors=class_vectors)
                 self.last_results = {name: protocol.evaluate(inputs) for name, protocol in self.protocols.items()}
-                outcome[0] = {k: v for result in self.last_results.values() for k, v in result.metrics.items()}
+                metrics = {k: v for result in self.last_results.values() for k, v in result.metrics.items()}
+                undefined = [k for k, v in metrics.items() if v != v]
+                if undefined:  # never into metrics.json or a sweep's objective
+                    raise FloatingPointError(f"{where} metrics {', '.join(undefined)} are undefined (NaN): the "
+                                             "evaluation sets leave nothing to score them on; check the data's split.")
+                outcome[0] = metrics
             except Exception as error:  # every process raises it, none waits for the others forever
                 outcome[0] = error
         if _world() > 1:

@@ -28,6 +28,7 @@ class DataFacts:
     benchmark: str | None  # cub, cars, sop, inshop, cifar10, cifar100, mnist, or None
     folder: Any  # the data folder (a Path) or None
     locate: Callable[[str, str], Any]  # (path, setting key) -> Path of a file given by path or name
+    labels: torch.Tensor | None = None  # run label of every image of the split
 
     def has(self, part: Part) -> bool:
         return bool((self.parts == part).any())

@@ -12,11 +12,12 @@ mirror fusion by default (the DML papers embed the centre crop once).
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
 
-from doppel.data.dataset import Part
+from doppel.data.dataset import Part, in_parts
 from doppel.evaluation.metrics import clustering_metrics, kmeans, retrieval_metrics
 from doppel.evaluation.protocol import DataFacts, Inputs, Protocol, Result
 
@@ -54,6 +55,27 @@ class RetrievalProtocol(Protocol):
         if self.mode == "query_gallery" and not (facts.has(Part.REFERENCE) and facts.has(Part.QUERY)):
             raise ValueError("eval.retrieval.mode=query_gallery needs query and gallery (reference) images of the "
                              "test classes; use mode=leave_one_out.")
+        if facts.labels is not None:
+            self._check_retrievable(facts)
+
+    def _check_retrievable(self, facts: DataFacts) -> None:
+        """A query whose class has no other searched image has nothing to find: such queries are left out
+        of Recall@K and MAP@R (counted here); none left to score is an error, not a NaN metric."""
+        searched = in_parts(facts.parts, self.searched)
+        if self.mode == "query_gallery":
+            queries = facts.labels[facts.parts == Part.QUERY]
+            findable = torch.isin(queries, facts.labels[facts.parts == Part.REFERENCE])
+        else:
+            queries = facts.labels[searched]
+            _, inverse, counts = torch.unique(queries, return_inverse=True, return_counts=True)
+            findable = counts[inverse] > 1
+        if not findable.any():
+            raise ValueError(f"eval.retrieval: none of the {len(queries)} queries has another image of its class to "
+                             "retrieve (every test class has one image): Recall@K and MAP@R are undefined; choose "
+                             "eval=prototype, or data with two or more images per test class.")
+        if not findable.all():
+            warnings.warn(f"eval.retrieval: {int((~findable).sum())} of {len(queries)} queries have no other image of "
+                          "their class to retrieve and are left out of Recall@K and MAP@R.", stacklevel=2)
 
     def parts(self) -> set[Part]:
         return set(self.searched)

@@ -103,7 +103,7 @@ class VerificationProtocol(Protocol):
 
     def bind(self, facts: DataFacts) -> None:
         if self.given is not None:
-            self.paths = [facts.locate(str(p), "eval.verification.packs") for p in self.given]
+            self.paths = [self._locate(str(p), facts) for p in self.given]
         else:
             root = Path(self.root).expanduser() if self.root is not None else facts.folder
             if root is None or not root.is_dir():
@@ -121,7 +121,24 @@ class VerificationProtocol(Protocol):
         for pairs in self.pairs.values():
             if len(pairs.issame) < self.folds:
                 raise ValueError(f"{pairs.source}: {len(pairs.issame)} pairs, fewer than the {self.folds} folds.")
+            genuine = int(pairs.issame.sum())
+            if genuine in (0, len(pairs.issame)):
+                kind = "impostor (different-identity)" if genuine else "genuine (same-identity)"
+                raise ValueError(f"{pairs.source}: all {len(pairs.issame)} pairs are "
+                                 f"{'genuine' if genuine else 'impostor'}: a verification pack needs {kind} pairs "
+                                 "too (a threshold, accuracy and TAR@FAR need both); check the pack's issame list.")
         self.headline = f"{names[0]}/accuracy"
+
+    def _locate(self, pack: str, facts: DataFacts) -> Path:
+        """A pack named in ``packs``: a relative name is looked up in ``root`` when it is set, else as given
+        or in the data folder."""
+        if self.root is None or Path(pack).is_absolute():
+            return facts.locate(pack, "eval.verification.packs")
+        candidate = Path(self.root).expanduser() / pack
+        if not candidate.is_file():
+            raise FileNotFoundError(f"eval.verification.packs: {pack!r} is not in eval.verification.root "
+                                    f"({candidate} does not exist).")
+        return candidate
 
     def pair_sets(self) -> dict[str, VerificationPairs]:
         return self.pairs
