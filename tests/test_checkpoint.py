@@ -2,6 +2,7 @@
 
 import os
 import pickle
+import re
 import signal
 import subprocess
 import sys
@@ -162,3 +163,60 @@ def test_safe_io_hands_over_a_preloaded_checkpoint_once_then_reads_files(tmp_pat
     assert io.load_checkpoint(path) == {"step": 2}
     io.save_checkpoint({"step": 5}, tmp_path / "sub" / "b.ckpt")
     assert load_checkpoint(tmp_path / "sub" / "b.ckpt") == {"step": 5}
+
+
+def test_a_checkpoint_folder_that_cannot_take_a_checkpoint_is_named_before_training(tmp_path, monkeypatch):
+    """Checked when the run starts: the space for a checkpoint beside the previous one, and ulimit -f."""
+    import shutil
+    import subprocess
+    import sys
+    from collections import namedtuple
+
+    from doppel.serialization import CheckpointWriteError
+    from doppel.train import train
+    from tests.conftest import TINY, compose_cfg
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda _: usage(10**9, 10**9 - 4096, 4096))
+    with pytest.raises(CheckpointWriteError, match=r"checkpoints has 4096 bytes free; a checkpoint of this run needs "
+                                                   r"about \d+ \(the new file beside the previous one\)"):
+        train(compose_cfg(tmp_path / "full", ["trainer.max_epochs=1"]))
+    assert not (tmp_path / "full" / "checkpoints" / "last.ckpt").exists()
+    monkeypatch.undo()
+    args = " ".join([*TINY, "trainer.max_epochs=1", "report=false", "~callbacks.diagnostics",
+                     f"hydra.run.dir={tmp_path / 'limited'}"])
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run(["bash", "-c", f"ulimit -f 300; {sys.executable} {root / 'train.py'} {args}"],
+                            capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert result.returncode != 0
+    assert re.search(r"this process may write files of at most 307200 bytes \(ulimit -f\): raise the limit",
+                     result.stderr), result.stderr[-2000:]
+
+
+def test_a_save_that_fails_mid_run_names_the_file_and_cause_and_the_intact_previous_checkpoint(tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    import doppel.serialization as serialization
+    from doppel.serialization import CheckpointWriteError
+    from doppel.train import train
+    from tests.conftest import compose_cfg
+
+    real_save, real_usage, calls = torch.save, shutil.disk_usage, []
+    usage = namedtuple("usage", "total used free")
+
+    def save(checkpoint, file):
+        calls.append(1)
+        if len(calls) == 2:  # the second save: the disk fills up while torch writes
+            monkeypatch.setattr(shutil, "disk_usage", lambda _: usage(10**9, 10**9, 0))
+            raise RuntimeError("[enforce fail at inline_container.cc:603] . unexpected pos 64 vs 0")
+        real_save(checkpoint, file)
+
+    monkeypatch.setattr(serialization.torch, "save", save)
+    path = tmp_path / "checkpoints" / "last.ckpt"
+    with pytest.raises(CheckpointWriteError, match=rf"could not write {re.escape(str(path))}: the disk is full \(0 "
+                                                   rf"bytes free\)\. The previous {re.escape(str(path))} \(step 2\) "
+                                                   "is intact: fix the cause and resume from it with ckpt_path=auto"):
+        train(compose_cfg(tmp_path, ["trainer.max_epochs=1", "checkpoint.every_n_steps=2"]))
+    monkeypatch.setattr(shutil, "disk_usage", real_usage)
+    assert load_checkpoint(path)["global_step"] == 2 and not list(path.parent.glob(".*.tmp"))

@@ -12,7 +12,9 @@ import contextlib
 import os
 import pickle
 import re
+import resource
 import secrets
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -69,22 +71,67 @@ def load_checkpoint(path: str | Path, key: str = "ckpt_path") -> dict[str, Any]:
     return checkpoint
 
 
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written; the message names the file and the cause."""
+
+
+def check_writable(folder: Path, size: int) -> None:
+    """Before training: ``folder`` takes a file of ``size`` bytes (a test write, the free space for it and
+    the file being replaced, the process's file-size limit), or one sentence says why not."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write_test.{os.getpid()}.tmp"
+        probe.write_bytes(b"0")
+        probe.unlink()
+    except OSError as error:
+        raise CheckpointWriteError(f"checkpoints cannot be written to {folder} ({error.strerror}): make it writable "
+                                   "or choose another run directory (hydra.run.dir=...).") from None
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if limit != resource.RLIM_INFINITY and limit < size:
+        raise CheckpointWriteError(f"a checkpoint of this run takes about {size} bytes and this process may write "
+                                   f"files of at most {limit} bytes (ulimit -f): raise the limit.")
+    free = shutil.disk_usage(folder).free
+    if free < 2 * size:  # the new file beside the one it replaces
+        raise CheckpointWriteError(f"{folder} has {free} bytes free; a checkpoint of this run needs about "
+                                   f"{2 * size} (the new file beside the previous one): free space or choose "
+                                   "another run directory.")
+
+
+def _write_failure(path: Path, error: BaseException) -> str:
+    """Why writing ``path`` failed, in words (torch reports a full disk as an 'enforce fail' line)."""
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    free = shutil.disk_usage(path.parent).free
+    if free < 2**20:
+        return f"the disk is full ({free} bytes free)"
+    if limit != resource.RLIM_INFINITY:
+        return f"the write stopped; the process's file-size limit is {limit} bytes (ulimit -f)"
+    return f"the write failed: {str(error).splitlines()[0][:200]}"
+
+
 def atomic_save(checkpoint: Any, path: str | Path) -> None:
-    """``torch.save`` to a temporary file beside ``path``, fsync, rename over ``path`` (atomic on POSIX)."""
+    """``torch.save`` to a temporary file beside ``path``, fsync, rename over ``path`` (atomic on POSIX).
+    A write that fails leaves ``path`` as it was and raises :class:`CheckpointWriteError` naming the cause."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # A new name beside the target; mode 0o666 under the process's umask, as any new file.
     temporary = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    except OSError as error:
+        raise CheckpointWriteError(f"could not write {path}: {_write_failure(path, error)}.") from error
     try:
         with os.fdopen(descriptor, "wb") as f:
             torch.save(checkpoint, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(temporary, path)
-    except BaseException:
+    except BaseException as error:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temporary)
+        if isinstance(error, (OSError, RuntimeError)):
+            raise CheckpointWriteError(f"could not write {path}: {_write_failure(path, error)}.") from error
         raise
     folder = os.open(path.parent, os.O_RDONLY)
     try:

@@ -10,7 +10,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ProgressBar
-from pytorch_lightning.utilities import rank_zero_info
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_only
 
 from doppel.callbacks.checkpointing import LastCheckpoint, RunInterrupted
 from doppel.callbacks.doppelganger_mining import DoppelgangerMining
@@ -32,7 +32,7 @@ from doppel.module import DoppelModule
 from doppel.reporting import RunMetrics, finish_wandb, report, save_config
 from doppel.run_lock import run_lock
 from doppel.sampling.doppelganger import DoppelgangerTable
-from doppel.serialization import load_checkpoint
+from doppel.serialization import check_writable, load_checkpoint
 
 __all__ = ["CONFIG_DIR", "RunInterrupted", "RunMetrics", "train"]
 
@@ -112,6 +112,9 @@ def _train(cfg: DictConfig, prepared: Prepared) -> RunMetrics:
                 logger.resume_before(checkpoint["global_step"])
     save_config(cfg, output_dir)
 
+    if rank_zero_only.rank == 0:  # weights, optimizer state (momentum or Adam's two) and the rest, roughly
+        check_writable(checkpoint_dir(output_dir), 3 * sum(p.numel() * p.element_size() for p in module.parameters())
+                       + table.table.numel() * 8 + 2**20)
     io = SafeCheckpointIO((ckpt_path, checkpoint) if checkpoint is not None else None)
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
                                       use_distributed_sampler=False, plugins=[io])

@@ -301,3 +301,15 @@ def test_csv_repeated_paths_and_encodings(tmp_path):
     (tmp_path / "latin1.csv").write_bytes("path,label\na.png,Zoë\n".encode("latin-1"))
     with pytest.raises(DataError, match=r"latin1.csv is not UTF-8 text \(byte 0xeb at offset 19\): save it as UTF-8"):
         read_csv(str(tmp_path / "latin1.csv"))
+
+
+def test_a_training_batch_of_constant_images_is_warned_about():
+    from doppel.data.datamodule import collate_training
+
+    black = [(torch.zeros(3, 4, 4, dtype=torch.uint8), 0), (torch.zeros(3, 4, 4, dtype=torch.uint8), 1)]
+    with pytest.warns(UserWarning, match="a training batch holds only constant images"):
+        collate_training(black)
+    varied = [(torch.arange(48, dtype=torch.uint8).view(3, 4, 4), 0), *black[1:]]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        collate_training(varied)

@@ -361,3 +361,12 @@ def test_no_class_is_left_with_one_image_when_pairs_are_asked_for(batch_size, ex
         assert max(counts) <= (3 if high == 2 else high), counts
     if batch_size % low == 0 and low == high:
         assert all(counts == [low] * (batch_size // low) for counts in drawn)
+
+
+def test_classes_too_small_for_the_examples_per_class_are_said_to_repeat():
+    labels = torch.arange(20).repeat_interleave(24)  # data.max_groups=20 of 24 images each
+    with pytest.warns(UserWarning, match=r"examples_per_class=32: 20 of 20 classes have fewer than 32 training "
+                                         r"images \(the fewest: 24\), so their images repeat within a batch"):
+        sampler = IdentityBatchSampler(SamplerContext(labels, seed=0), 512, examples_per_class=32)
+    batch = next(iter(sampler))
+    assert len(batch) > len(set(batch))  # the repeats the warning announced

@@ -20,6 +20,7 @@ from pytorch_lightning.callbacks import Checkpoint
 from pytorch_lightning.utilities import rank_zero_info
 
 from doppel.checkpoint import LAST
+from doppel.serialization import CheckpointError, CheckpointWriteError, load_checkpoint
 
 
 class RunInterrupted(Exception):
@@ -87,8 +88,22 @@ class LastCheckpoint(Checkpoint):
         self._save(trainer, self._stop_requested(trainer, pl_module))
 
     def _save(self, trainer: pl.Trainer, stop: int | None) -> None:
-        trainer.save_checkpoint(self.path, weights_only=False)  # every process takes part; the first one writes
+        try:
+            trainer.save_checkpoint(self.path, weights_only=False)  # every process takes part; the first writes
+        except CheckpointWriteError as error:
+            raise CheckpointWriteError(f"{error} {self._previous()}") from error
         self._saved = (stop, trainer.global_step)
+
+    def _previous(self) -> str:
+        """What the failed save left to resume from: the previous checkpoint, read back to be sure."""
+        if not self.path.is_file():
+            return "No checkpoint of this run had been saved; the run stops."
+        try:
+            step = load_checkpoint(self.path).get("global_step")
+        except (CheckpointError, OSError) as error:
+            return f"The previous {self.path.name} cannot be read either ({error})."
+        return (f"The previous {self.path} (step {step}) is intact: fix the cause and resume from it with "
+                "ckpt_path=auto.")
 
     # Lightning hands a step's (or an epoch's) metrics to the loggers after the hook that saved: the
     # loggers are flushed, and a stop is raised, at the next hook, so the logs reach the checkpoint's step.

@@ -47,8 +47,16 @@ class ExposureMonitor(pl.Callback):
         pl_module.log_dict(exposure_stats(counts), rank_zero_only=True)
         self.counts.zero_()  # after the epoch's stats; a mid-epoch checkpoint keeps the counts so far
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"counts": self.counts.clone()}
+    # Each process counts its own batches; a checkpoint (written by process 0) keeps every process's counts.
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        counts = self.counts[None]
+        if trainer.world_size > 1:
+            counts = pl_module.all_gather(self.counts.to(pl_module.device)).cpu()
+        checkpoint["exposure_counts"] = counts.clone()  # [processes, classes]
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.counts = state_dict["counts"].clone()
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        saved = checkpoint.get("exposure_counts")
+        if saved is not None and len(saved) == trainer.world_size:
+            self.counts = saved[trainer.global_rank].clone()

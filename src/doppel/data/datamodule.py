@@ -129,6 +129,17 @@ def collate(samples: list[tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor, ...]
     return (batch.permute(0, 3, 1, 2) if channels_last else batch, *(torch.tensor(column) for column in rest))
 
 
+def collate_training(samples: list[tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor, ...]:
+    """:func:`collate`, and a warning when no image of the batch varies (all black, all one colour): such
+    data trains to chance without any error."""
+    batch = collate(samples)
+    flat = batch[0].flatten(1)
+    if bool((flat.amax(dim=1) == flat.amin(dim=1)).all()):
+        warnings.warn("a training batch holds only constant images (every pixel of each image alike, e.g. all "
+                      "black): check the data and its decoding; the network cannot learn from them.", stacklevel=2)
+    return batch
+
+
 class IdentityDataModule(pl.LightningDataModule):
     """Training and evaluation data from any reader (``data.reader``: a function returning
     :class:`IdentityData`; its own settings, e.g. ``data.path`` or ``data.root``, are passed through).
@@ -291,7 +302,8 @@ class IdentityDataModule(pl.LightningDataModule):
         self.train_sampler = self.build_sampler(rank, world_size)
         self.train_batches = ResumableBatches(self.train_sampler)  # the epoch's position, for exact resume
         return TrainLoader(self._dataset(self.split.training, train=True), batch_sampler=KeyedBatches(
-            self.train_batches), generator=torch.Generator(), **self._loader_options())
+            self.train_batches), generator=torch.Generator(), **{**self._loader_options(),
+                                                                  "collate_fn": collate_training})
 
     def evaluate_on(self, positions: torch.Tensor | None, pair_sets: list[VerificationPairs]) -> None:
         """The evaluation sets, in loader order: the split's images at ``positions`` (if any), then each pair

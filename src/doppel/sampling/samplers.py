@@ -25,6 +25,7 @@ function :func:`auto_sampler`, which picks a sampler class for the loss.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
@@ -81,6 +82,12 @@ class IdentityBatchSampler(Sampler[list[int]]):
         empty = [c for c, n in enumerate(counts.tolist()) if n == 0]
         if empty:
             raise ValueError(f"classes {empty[:5]} have no training images; relabel classes to 0..C-1 without gaps.")
+        few = counts < low
+        if few.any():
+            warnings.warn(f"sampler.examples_per_class={examples_per_class}: {int(few.sum())} of {self.num_classes} "
+                          f"classes have fewer than {low} training images (the fewest: {int(counts.min())}), so their "
+                          "images repeat within a batch (each copy augmented anew); lower examples_per_class to "
+                          "avoid repeats.", stacklevel=2)
         max_classes = math.ceil(batch_size / low)
         if max_classes > self.num_classes:
             raise ValueError(
