@@ -49,6 +49,11 @@ def resolve_ckpt_path(value: str | None, run_dir: str | Path) -> Path | None:
         raise CheckpointError(f"ckpt_path={value} is a remote address: Doppel reads checkpoints from local files only "
                               "(nothing is downloaded at run time); download it and pass its local path.")
     path = Path(str(value).removeprefix("file://"))
+    if path.is_dir():
+        inside = next((p for p in (path / LAST, checkpoint_dir(path) / LAST) if p.is_file()), None)
+        raise FileNotFoundError(f"ckpt_path={str(path)!r} is a folder, not a checkpoint file: give "
+                                + (f"{str(inside)!r}" if inside else "the checkpoint file in it (e.g. "
+                                   "<run>/checkpoints/last.ckpt)") + ", or ckpt_path=auto to resume this run's.")
     if not path.is_file():
         raise FileNotFoundError(f"ckpt_path={str(path)!r} does not exist; give the path of a checkpoint "
                                 "(e.g. <run>/checkpoints/last.ckpt) or ckpt_path=auto.")
@@ -125,11 +130,25 @@ def check_checkpoint(checkpoint: Mapping[str, Any], config: Mapping[str, Any], n
     if differences:
         warnings.warn(f"resuming {name} with changed settings ({_describe(differences)}): the resumed run is not "
                       "the run it continues.", stacklevel=2)
+    check_finite(checkpoint, name)
+
+
+def check_finite(checkpoint: Mapping[str, Any], name: str) -> None:
+    """Every floating-point tensor of ``checkpoint`` finite (weights to resume, fine-tune or evaluate)."""
     for where, tensor in _tensors(checkpoint):
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             bad = int((~torch.isfinite(tensor)).sum())
             raise CheckpointError(f"{name} has {bad} non-finite values in {where}: the run had diverged before it "
-                                  "was saved (or the file was altered); resume from an earlier checkpoint.")
+                                  "was saved (or the file was altered); use an earlier checkpoint.")
+
+
+def check_same_data(checkpoint: Mapping[str, Any], num_classes: int, name: str) -> None:
+    """The data read now has the classes the checkpoint's run trained on (same settings, other files:
+    e.g. ``data.root`` moved to a copy that differs)."""
+    saved = checkpoint.get(STAMP, {}).get("classes")
+    if saved is not None and saved != num_classes:
+        raise CheckpointError(f"{name} was trained on {saved} classes and the data read now has {num_classes}: "
+                              "data.root / data.path name other files than that run's; resume with its data.")
 
 
 def check_state_dict(checkpoint: Mapping[str, Any], expected: Mapping[str, torch.Tensor], name: str) -> None:

@@ -21,7 +21,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 from pytorch_lightning.utilities import rank_zero_info
 
-from doppel.checkpoint import STAMP, check_state_dict
+from doppel.checkpoint import STAMP, check_finite, check_state_dict
 from doppel.config import bind_evaluator, build
 from doppel.losses.loss_set import LossSet
 from doppel.models.ensemble import EnsembleNet
@@ -98,6 +98,7 @@ def _run_checkpoint(path: str) -> dict[str, Any]:
     if STAMP not in checkpoint or "state_dict" not in checkpoint:
         raise CheckpointError(f"ckpt_path={str(file)!r} was not written by a Doppel run; evaluate other weights "
                               "through the backbone (backbone=timm backbone.pretrained_path=...).")
+    check_finite(checkpoint["state_dict"], f"ckpt_path={str(file)!r}")
     return checkpoint
 
 

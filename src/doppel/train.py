@@ -19,6 +19,8 @@ from doppel.callbacks.exposure import ExposureMonitor
 from doppel.checkpoint import (
     SafeCheckpointIO,
     check_checkpoint,
+    check_finite,
+    check_same_data,
     check_state_dict,
     checkpoint_dir,
     copy_matching_weights,
@@ -63,6 +65,7 @@ def _train(cfg: DictConfig, prepared: Prepared) -> RunMetrics:
     start_weights = None
     if cfg.init_from is not None and checkpoint is None:  # a resumed run already holds the fine-tuned weights
         start_weights = load_checkpoint(cfg.init_from, key="init_from")
+        check_finite(start_weights, f"init_from={cfg.init_from!r}")
 
     pl.seed_everything(cfg.seed, workers=True)
     datamodule.setup()
@@ -91,6 +94,7 @@ def _train(cfg: DictConfig, prepared: Prepared) -> RunMetrics:
     module = DoppelModule(backbone, loss_set, prepared.optimizer, prepared.scheduler, augment=prepared.augment,
                           views=cfg.loss.views, evaluator=evaluator, decay_1d_params=prepared.decay_1d_params)
     if checkpoint is not None:
+        check_same_data(checkpoint, num_classes, f"ckpt_path={str(ckpt_path)!r}")
         check_state_dict(checkpoint, module.state_dict(), f"ckpt_path={str(ckpt_path)!r}")
     if start_weights is not None:
         left = copy_matching_weights(start_weights, module, f"init_from={cfg.init_from!r}")
@@ -104,7 +108,8 @@ def _train(cfg: DictConfig, prepared: Prepared) -> RunMetrics:
                                             datamodule.base_lookalikes))
     # Before LastCheckpoint: a checkpoint written at a step's end holds that step's counts.
     callbacks.append(ExposureMonitor(num_classes))
-    callbacks += [ExactResume(config), LastCheckpoint(checkpoint_dir(output_dir), cfg.checkpoint.every_n_steps)]
+    callbacks += [ExactResume(config, num_classes),
+                  LastCheckpoint(checkpoint_dir(output_dir), cfg.checkpoint.every_n_steps)]
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
     if checkpoint is not None:
         for logger in loggers:

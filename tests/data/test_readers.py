@@ -1,5 +1,6 @@
 """Each reader on files the test writes in the format's exact layout: labels, bytes, roles, errors."""
 
+import os
 import warnings
 
 import pytest
@@ -313,3 +314,10 @@ def test_a_training_batch_of_constant_images_is_warned_about():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         collate_training(varied)
+
+
+def test_a_class_folder_not_named_in_utf8_is_named_by_its_bytes(tmp_path):
+    root = write_folder(tmp_path / "f", identities(2, 2), "png")
+    os.rename(root / "id001", os.path.join(os.fsencode(root), "Jos\xe9".encode("latin-1")))
+    with pytest.raises(DataError, match=r"the class folder b'Jos\\xe9' is not named in UTF-8 .*rename it in UTF-8"):
+        read_folder(str(root))

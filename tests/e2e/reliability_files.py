@@ -92,3 +92,9 @@ def write_data_files(folder: Path) -> None:
     (folder / "superscript.csv").write_text("path,label\n" + "".join(
         f"{path},{superscript_two if '/id007/' in path else int(path.split('/')[1][2:])}\n" for path in images),
         encoding="utf-8")
+    (folder / "rows_twice.csv").write_text("path,label\n" + "".join(
+        f"{path},{path.split('/')[1]}\n" for path in images * 2))
+    (folder / "two_labels.csv").write_text("path,label\n" + "".join(
+        f"{path},{path.split('/')[1]}\n" for path in images) + f"{images[5]},id019\n")
+    (folder / "latin1.csv").write_bytes(("path,label\n" + "".join(
+        f"{path},Jos\u00e9{path.split('/')[1]}\n" for path in images)).encode("latin-1"))

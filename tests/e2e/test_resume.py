@@ -116,3 +116,31 @@ def test_auto_starts_a_new_run_when_the_folder_has_no_checkpoint(tmp_path):
     fresh = train(compose_cfg(tmp_path / "a", ["trainer.max_epochs=1"]))
     auto = train(compose_cfg(tmp_path / "b", ["trainer.max_epochs=1", "ckpt_path=auto"]))
     assert auto == fresh
+
+
+def test_resuming_on_other_files_names_the_data_not_a_tensor_shape(tmp_path):
+    """The same settings on other files (data.path moved to a copy that differs): the class counts are
+    compared first, before any tensor shape."""
+    from tests.conftest import write_emoji_npz
+
+    first, other = write_emoji_npz(tmp_path / "a.npz", 12), write_emoji_npz(tmp_path / "b.npz", 14)
+    common = ["data=emoji", "data.max_groups=null", "trainer.max_epochs=1", "trainer.limit_train_batches=2",
+              "sampler.batch_size=12"]
+    train(compose_cfg(tmp_path / "run", [*common, f"data.path={first}"]))
+    with pytest.raises(CheckpointError, match=r"was trained on \d+ classes and the data read now has \d+: data.root / "
+                                              "data.path name other files than that run's; resume with its data"):
+        train(compose_cfg(tmp_path / "run", [*common, f"data.path={other}", "ckpt_path=auto"]))
+
+
+def test_eval_refuses_a_checkpoint_with_non_finite_weights(tmp_path):
+    from doppel.evaluate import evaluate
+    from doppel.serialization import atomic_save, load_checkpoint
+
+    train(compose_cfg(tmp_path / "run", ["trainer.max_epochs=1", "trainer.limit_train_batches=2"]))
+    checkpoint = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")
+    key = next(k for k in checkpoint["state_dict"] if k.endswith("head.fc.weight"))
+    checkpoint["state_dict"][key][0, 0] = float("inf")
+    atomic_save(checkpoint, tmp_path / "diverged.ckpt")
+    overrides = [f"ckpt_path={tmp_path / 'diverged.ckpt'}"]
+    with pytest.raises(CheckpointError, match=rf"has 1 non-finite values in {key}: .*use an earlier checkpoint"):
+        evaluate(compose_cfg(tmp_path / "eval", overrides), overrides)

@@ -48,8 +48,9 @@ def set_global_rng_state(state: dict[str, Any]) -> None:
 
 
 class ExactResume(pl.Callback):
-    def __init__(self, config: dict[str, Any]) -> None:
+    def __init__(self, config: dict[str, Any], num_classes: int | None = None) -> None:
         self.config = config  # the resolved run config, stamped into every checkpoint
+        self.num_classes = num_classes  # the classes the run trains on, stamped too (resume checks the data)
         self._consumed = 0  # batches of the current epoch trained on
         self._epoch_done = False
         self._restore: dict[str, Any] | None = None
@@ -91,7 +92,7 @@ class ExactResume(pl.Callback):
             torch.distributed.all_gather_object(processes, local)
         else:
             processes = [local]
-        checkpoint[STAMP] = {"format": FORMAT, "config": self.config,
+        checkpoint[STAMP] = {"format": FORMAT, "config": self.config, "classes": self.num_classes,
                              "planned_steps": trainer.estimated_stepping_batches, "processes": processes}
 
     # -- resuming ------------------------------------------------------------------------------

@@ -361,13 +361,17 @@ def parse_random_ratio(random_ratio: float | str) -> float:
 
 
 def _count_range(examples_per_class: int | Sequence[int]) -> tuple[int, int]:
-    if isinstance(examples_per_class, int):
+    def whole(value: Any) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    if whole(examples_per_class):
         low = high = examples_per_class
     else:
-        values = list(examples_per_class)
-        if len(values) != 2:
-            raise ValueError(f"sampler.examples_per_class={values} must be an int or [low, high].")
-        low, high = int(values[0]), int(values[1])
+        values = list(examples_per_class) if isinstance(examples_per_class, Sequence) else [examples_per_class]
+        if len(values) != 2 or not all(whole(v) for v in values):
+            raise ValueError(f"sampler.examples_per_class={examples_per_class} must be a whole number of images per "
+                             "class (e.g. 3) or a range of whole numbers [low, high] (e.g. [2, 8]).")
+        low, high = values
     if not 1 <= low <= high:
         raise ValueError(f"sampler.examples_per_class={examples_per_class} needs 1 <= low <= high "
                          "(an int: that many of every class).")

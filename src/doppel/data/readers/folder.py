@@ -42,6 +42,13 @@ def read_folder(root: str | None = None, class_list: str | None = None) -> Ident
             classes = sorted(e.name for e in entries if e.is_dir() and not e.name.startswith("."))
     if not classes:
         raise DataError(f"data.root={str(root)!r} has no class folders: the layout is root/<class>/<image>.")
+    for name in classes:
+        try:
+            name.encode("utf-8")
+        except UnicodeEncodeError:  # the file system's bytes, undecodable: Python keeps them as surrogates
+            raise DataError(f"{root}: the class folder {os.fsencode(name)!r} is not named in UTF-8 (another "
+                            "encoding, e.g. Latin-1 or GBK): rename it in UTF-8 (convmv -f <encoding> -t utf-8)."
+                            ) from None
     paths: list[str] = []
     labels: list[int] = []
     for label, name in enumerate(classes):
