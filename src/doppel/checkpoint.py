@@ -27,7 +27,8 @@ DEFINING = ("data.", "backbone.", "loss.terms.", "regularizer.", "doppel.top_k")
 # Settings of one invocation (where it runs, how it loads), never a difference between runs.
 # Where the data lies is one too: a requeued job may copy it to another node's local disk.
 LOCAL = ("paths.", "ckpt_path", "data.num_workers", "data.eval_batch_size", "data.pin_memory",
-         "data.persistent_workers", "data.root", "data.path", "data.idx", "callbacks.", "logger.",
+         "data.persistent_workers", "data.prefetch_factor", "data.root", "data.path", "data.idx", "callbacks.",
+         "logger.",
          "trainer.enable_progress_bar", "trainer.enable_model_summary", "trainer.default_root_dir",
          "eval.", "objective")  # evaluation never changes training: a resumed run may score differently
 _REMOTE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")

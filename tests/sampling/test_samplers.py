@@ -3,6 +3,7 @@ from collections import Counter
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from doppel.sampling.doppelganger import DoppelgangerTable
 from doppel.sampling.resumable import ResumableBatches
@@ -370,3 +371,22 @@ def test_classes_too_small_for_the_examples_per_class_are_said_to_repeat():
         sampler = IdentityBatchSampler(SamplerContext(labels, seed=0), 512, examples_per_class=32)
     batch = next(iter(sampler))
     assert len(batch) > len(set(batch))  # the repeats the warning announced
+
+
+@pytest.mark.parametrize("prefetch", [1, 2])
+def test_the_mining_lag_is_workers_times_prefetch_factor_batches(prefetch, tmp_path):
+    """What docs/data.md says of the lag: when the first batch is handed to training, the sampler has drawn
+    num_workers x prefetch_factor more (their classes chosen from the table as it was then)."""
+    from doppel.data.datamodule import IdentityDataModule
+    from tests.conftest import write_emoji_npz
+
+    module = IdentityDataModule(reader="doppel.data.readers.rendered_npz.read_rendered_npz",
+                                path=str(write_emoji_npz(tmp_path / "e.npz")), num_workers=2,
+                                prefetch_factor=prefetch)
+    module.attach_sampler(OmegaConf.create({"_target_": "doppel.sampling.samplers.IdentityBatchSampler",
+                                            "batch_size": 8, "examples_per_class": 2}), DoppelgangerTable(2), 0)
+    loader = module.train_dataloader()
+    next(iter(loader))
+    assert module.train_batches._drawn == 1 + 2 * prefetch
+    with pytest.raises(ValueError, match="data.prefetch_factor=0 must be a positive integer or null"):
+        IdentityDataModule(reader="doppel.data.readers.rendered_npz.read_rendered_npz", prefetch_factor=0)

@@ -154,7 +154,8 @@ class IdentityDataModule(pl.LightningDataModule):
                  base_queries: bool = True, resize: int | None = None, crop: int | None = None,
                  crop_scale: tuple[float, float] = (0.08, 1.0), skip_corrupt: bool = False,
                  eval_batch_size: int = 512, num_workers: int = 0, pin_memory: bool | None = None,
-                 persistent_workers: bool = False, **reader_settings: Any) -> None:
+                 persistent_workers: bool = False, prefetch_factor: int | None = None,
+                 **reader_settings: Any) -> None:
         super().__init__()
         self.read = _reader(reader, reader_settings)
         for key in ("path", "root"):  # a path that is given must exist: checked before anything is read
@@ -174,6 +175,11 @@ class IdentityDataModule(pl.LightningDataModule):
         self.skip_corrupt, self.eval_batch_size, self.num_workers = skip_corrupt, eval_batch_size, num_workers
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.persistent_workers = persistent_workers and num_workers > 0
+        if prefetch_factor is not None and (not isinstance(prefetch_factor, int) or prefetch_factor < 1):
+            raise ValueError(f"data.prefetch_factor={prefetch_factor} must be a positive integer or null.")
+        # Batches each worker loads ahead of training (PyTorch's default 2). The sampler draws them, and so
+        # chooses their doppelgangers, num_workers x prefetch_factor steps before the table sees their logits.
+        self.prefetch_factor = prefetch_factor
         self.data: IdentityData | None = None
         self.split: Split | None = None
         self.sampler_cfg: DictConfig | None = None
@@ -301,9 +307,10 @@ class IdentityDataModule(pl.LightningDataModule):
         rank, world_size = (trainer.global_rank, trainer.world_size) if trainer else (0, 1)
         self.train_sampler = self.build_sampler(rank, world_size)
         self.train_batches = ResumableBatches(self.train_sampler)  # the epoch's position, for exact resume
+        ahead = {"prefetch_factor": self.prefetch_factor} if self.num_workers and self.prefetch_factor else {}
         return TrainLoader(self._dataset(self.split.training, train=True), batch_sampler=KeyedBatches(
             self.train_batches), generator=torch.Generator(), **{**self._loader_options(),
-                                                                  "collate_fn": collate_training})
+                                                                  "collate_fn": collate_training, **ahead})
 
     def evaluate_on(self, positions: torch.Tensor | None, pair_sets: list[VerificationPairs]) -> None:
         """The evaluation sets, in loader order: the split's images at ``positions`` (if any), then each pair
