@@ -199,3 +199,14 @@ def test_a_second_run_in_a_busy_run_directory_stops_at_once_and_a_killed_runs_lo
         holder.wait()
     metrics = train(compose_cfg(tmp_path, ["trainer.max_epochs=1", "trainer.limit_train_batches=2"]))
     assert json.loads((tmp_path / "metrics.json").read_text()) == pytest.approx(metrics)
+
+
+def test_a_run_directory_that_cannot_be_created_is_named_before_hydra_writes_to_it(tmp_path):
+    (tmp_path / "a_file").write_text("not a folder")
+    for args, key in ((["hydra.run.dir=a_file/run"], "hydra.run.dir"),
+                      (["-m", "seed=0,1", "hydra.sweep.dir=a_file/sweep"], "hydra.sweep.dir")):
+        result = run_cli(args, cwd=tmp_path)
+        assert result.returncode == 1
+        assert result.stderr.strip().splitlines()[-1] == (
+            f"Error: {key}='a_file/{key.split('.')[1]}' cannot be created: 'a_file' is a file, not a folder; choose "
+            f"another run directory ({key}=...).")
