@@ -321,3 +321,20 @@ def test_a_class_folder_not_named_in_utf8_is_named_by_its_bytes(tmp_path):
     os.rename(root / "id001", os.path.join(os.fsencode(root), "Jos\xe9".encode("latin-1")))
     with pytest.raises(DataError, match=r"the class folder b'Jos\\xe9' is not named in UTF-8 .*rename it in UTF-8"):
         read_folder(str(root))
+
+
+def test_a_class_with_no_readable_training_image_is_named_by_name_under_skip_corrupt(tmp_path):
+    root = write_folder(tmp_path / "faces", identities(3, 3), "jpg")
+    for image in (root / "id002").iterdir():
+        image.write_bytes(image.read_bytes()[:40])
+    module = IdentityDataModule(reader="doppel.data.readers.folder.read_folder", root=str(root), novel_fraction=0.0,
+                                skip_corrupt=True)
+    module.setup()
+    dataset = module._dataset(module.split.training, train=True)
+    first = next(i for i, p in enumerate(module.split.training.tolist()) if module.split.names[
+        int(module.split.label[p])] == "id002")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(DataError, match=r"data.skip_corrupt: every training image of class 'id002' is unreadable "
+                                            r"\(one is .*id002/0\d.jpg\): replace its images or remove the class"):
+            dataset[(first, 0)]
