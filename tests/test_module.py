@@ -13,10 +13,12 @@ class RecordingLoss(nn.Module):
         super().__init__()
         self.seen: list[tuple[torch.dtype, bool]] = []
 
-    def forward(self, embeddings, labels):
+    prototype_term = None
+
+    def forward(self, embeddings, labels, mining=None):
         inner = embeddings @ embeddings.T  # an op autocast would run in bfloat16 if it were on
         self.seen.append((embeddings.dtype, inner.dtype == torch.float32))
-        return inner.mean(), {}
+        return inner.mean(), {}, None
 
 
 def test_loss_terms_run_in_float32_under_bf16_autocast():
@@ -31,7 +33,7 @@ def test_loss_terms_run_in_float32_under_bf16_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         value = module.training_step((images, labels), 0)
     assert outputs == [torch.bfloat16]  # the backbone ran under autocast
-    assert loss.seen == [(torch.float32, True)] and value.dtype == torch.float32
+    assert loss.seen == [(torch.float32, True)] and value["loss"].dtype == torch.float32
 
 
 def test_one_dimensional_parameters_are_not_weight_decayed():

@@ -53,12 +53,12 @@ def step(kind, backbone, loss_set, optimizer, images, labels, table, batches, de
     index = torch.tensor(next(batches[kind]))
     x = images[index].to(device, non_blocking=True)
     y = labels[index].to(device, non_blocking=True)
-    loss, _ = loss_set(backbone(x), y)
+    loss, _, proposals = loss_set(backbone(x), y, table.mining if kind == "doppel" else None)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
     if kind == "doppel":
-        table.apply(table.propose(loss_set.prototype_term.last_logits, y))
+        table.apply(proposals)
     if device.type == "cuda":
         torch.cuda.synchronize()
 

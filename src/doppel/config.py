@@ -223,11 +223,15 @@ def _check_values(cfg: DictConfig) -> Prepared:
                          "augment.color_shift, augment.grayscale_p or augment.pad_crop, or choose augment=simclr.")
     embedding_dim = backbone.get("embedding_dim") if isinstance(backbone.get("embedding_dim"), int) else 8
     loss_set = LossSet(cfg.loss.get("terms") or {}, embedding_dim=embedding_dim, num_classes=8,
-                       regularizer=cfg.get("regularizer"))
+                       regularizer=cfg.get("regularizer"), classifier=cfg.get("classifier"),
+                       seed=cfg.seed)
     DoppelgangerTable.check_settings(cfg.doppel.top_k, cfg.doppel.reduction)
     if cfg.doppel.mine not in ("auto", True, False):
         raise ValueError(f"doppel.mine={cfg.doppel.mine} must be auto, true or false.")
-    sampler_cfg = resolve_mining(cfg, loss_set.prototype_term is not None)[1]
+    mine, sampler_cfg = resolve_mining(cfg, loss_set.prototype_term is not None)
+    if cfg.classifier.negatives == "doppel" and not mine:
+        raise ValueError("classifier.negatives=doppel draws the Partial FC negatives from the doppelganger table, "
+                         "which this run does not mine (doppel.mine=false): use classifier.negatives=uniform.")
     get_class(sampler_cfg._target_).check_settings(**_settings(sampler_cfg))
     for key, value in (("doppel.n_hubs", cfg.doppel.n_hubs), ("lsuv.batch_size", cfg.lsuv.batch_size),
                        ("trainer.log_every_n_steps", cfg.trainer.log_every_n_steps)):

@@ -64,7 +64,8 @@ def evaluate(cfg: DictConfig, overrides: list[str] | None = None) -> RunMetrics:
     else:
         backbone = build(cfg.backbone, image_size=datamodule.image_shape()[-1])
     loss_set = LossSet(cfg.loss.terms, embedding_dim=backbone.embedding_dim, num_classes=datamodule.num_classes,
-                       regularizer=cfg.get("regularizer"))
+                       regularizer=cfg.get("regularizer"), classifier=cfg.get("classifier"),
+                       seed=cfg.seed)
     evaluator.check_model(loss_set)
     module = DoppelModule(backbone, loss_set, optimizer=None, augment=build(cfg.augment),
                           views=cfg.loss.views, evaluator=evaluator)

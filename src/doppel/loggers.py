@@ -9,6 +9,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 from pytorch_lightning.loggers import CSVLogger as LightningCSVLogger
 from pytorch_lightning.loggers.csv_logs import ExperimentWriter
+from pytorch_lightning.utilities import rank_zero_only
 
 
 def multirun_folder() -> str | None:
@@ -43,7 +44,8 @@ class CSVLogger(LightningCSVLogger):
 
     @property
     def experiment(self) -> ExperimentWriter:
-        if self._experiment is not None or self._resume_step is None:
+        # Only process 0 owns the file: another process rewriting it races with process 0's writer.
+        if self._experiment is not None or self._resume_step is None or rank_zero_only.rank != 0:
             return super().experiment
         path = Path(self.log_dir) / ExperimentWriter.NAME_METRICS_FILE
         header, rows = [], []

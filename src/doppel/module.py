@@ -12,7 +12,10 @@ import torch
 from torch import nn
 
 from doppel.evaluation.evaluator import Evaluator
+from doppel.losses import sharding
 from doppel.losses.loss_set import LossSet
+from doppel.losses.sharding import ClassShard
+from doppel.sampling.doppelganger import Mining
 from doppel.seeding import seed_for_rank
 
 # Evaluation metrics are computed once on process 0 and broadcast: syncing them would only repeat that.
@@ -22,7 +25,7 @@ warnings.filterwarnings("ignore", message=r"It is recommended to use `self.log\(
 class DoppelModule(pl.LightningModule):
     def __init__(self, backbone: nn.Module, loss_set: LossSet, optimizer: Any, scheduler: Any | None = None,
                  augment: nn.Module | None = None, views: int = 1, evaluator: Evaluator | None = None,
-                 decay_1d_params: bool = False) -> None:
+                 decay_1d_params: bool = False, mining: Mining | None = None) -> None:
         super().__init__()
         self.backbone = backbone
         self.loss_set = loss_set
@@ -31,8 +34,7 @@ class DoppelModule(pl.LightningModule):
         self.augment = augment or nn.Identity()
         self.views = views  # > 1: each image is augmented this many times, views stacked (NT-Xent)
         self.decay_1d_params = decay_1d_params  # the paper: weight decay on every parameter
-        self.last_labels: torch.Tensor | None = None
-        self.last_embeddings: torch.Tensor | None = None  # the last step's, detached (for callbacks)
+        self.mining = mining  # how the prototype term proposes doppelgangers (None: no mining)
         self.evaluator = evaluator
         self.final_metrics: dict[str, float] = {}
         self.val_step: int | None = None  # global step of the latest validation
@@ -40,6 +42,8 @@ class DoppelModule(pl.LightningModule):
     def setup(self, stage: str) -> None:
         if stage == "fit":  # before a resumed run restores the streams it saved
             seed_for_rank(self, self.global_rank)
+        # After the process group starts and before a checkpoint is restored or DDP wraps the model.
+        shard_classifier(self, self.loss_set, self.trainer.global_rank, self.trainer.world_size)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.backbone(images)
@@ -55,15 +59,15 @@ class DoppelModule(pl.LightningModule):
         embeddings = self.backbone(images)
         # Loss terms in float32 even under mixed precision: margins, scales of 64 and log-sum-exps.
         with torch.autocast(embeddings.device.type, enabled=False):
-            loss, logs = self.loss_set(embeddings.float(), labels)
-        self.last_labels = labels
-        self.last_embeddings = embeddings.detach()
+            loss, logs, proposals = self.loss_set(embeddings.float(), labels, self.mining)
         self.log_dict({f"train/{k}": v for k, v in logs.items()}, on_step=True, on_epoch=False,
                       prog_bar=False, batch_size=len(labels))
         self.log("train/loss", loss.detach(), prog_bar=True, batch_size=len(labels))
         if self._trainer is not None and self.trainer.optimizers:
             self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=len(labels))
-        return loss
+        # What callbacks read: the labels the loss saw (with loss.views > 1, each label once per view), the
+        # doppelganger proposals (global class ids) and the embeddings; nothing [B, C] outlives the step.
+        return {"loss": loss, "labels": labels, "proposals": proposals, "embeddings": embeddings.detach()}
 
     # -- evaluation --------------------------------------------------------------------------
     def _eval_step(self, batch: tuple[torch.Tensor, torch.Tensor], dataloader_idx: int = 0) -> None:
@@ -74,6 +78,7 @@ class DoppelModule(pl.LightningModule):
 
     def _eval_end(self, prefix: str) -> None:
         term = self.loss_set.prototype_term
+        term = None if term is None else term.unsharded()  # the whole classifier on process 0 (collective)
         classify = None if term is None else (lambda e: term.class_scores(e.to(self.device)).float().cpu())
         vectors = None if term is None else (lambda: term.class_vectors().detach().float().cpu())
         metrics = {f"{prefix}/{k}": v for k, v in self.evaluator.compute(classify, prefix, vectors).items()}
@@ -98,14 +103,60 @@ class DoppelModule(pl.LightningModule):
     def on_test_epoch_end(self) -> None:
         self._eval_end("test")
 
+    # -- a sharded classifier in checkpoints: one logical tensor, whatever the number of processes -------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Every process calls this; process 0, which writes the file, gets the whole class tensors (weights
+        and their optimizer state) gathered from the shards."""
+        names = sharded_names(self, self.loss_set)
+        if not names:
+            return
+        num_classes = self.loss_set.prototype_term.num_classes
+
+        def whole(local: torch.Tensor) -> torch.Tensor:  # the other processes keep their rows
+            gathered = sharding.gather_classes(local, num_classes)
+            return local if gathered is None else gathered
+
+        for name in names:
+            checkpoint["state_dict"][name] = whole(checkpoint["state_dict"][name])
+        states, indices = self._optimizer_states(checkpoint, names)
+        for index in indices:  # a new dict each: the one in the checkpoint is the optimizer's live state
+            states[index] = {key: whole(value) if _per_class(value) else value for key, value in states[index].items()}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """This process's rows of the whole class tensors the checkpoint holds."""
+        names = sharded_names(self, self.loss_set)
+        if not names:
+            return
+        shard = self.loss_set.prototype_term.shard
+        for name in names:
+            checkpoint["state_dict"][name] = checkpoint["state_dict"][name][shard.lo:shard.hi].clone()
+        states, indices = self._optimizer_states(checkpoint, names)
+        for index in indices:
+            states[index] = {key: value[shard.lo:shard.hi].clone() if _per_class(value) else value
+                             for key, value in states[index].items()}
+
+    def _optimizer_states(self, checkpoint: dict[str, Any], names: list[str]) -> tuple[dict[int, dict], list[int]]:
+        """(the optimizer's saved per-parameter states, the indices of the named parameters among them)."""
+        optimizers = checkpoint.get("optimizer_states") or []
+        if not optimizers:
+            return {}, []
+        order = [name for group in self._parameter_groups() for name, _ in group]
+        saved = optimizers[0]["state"]
+        return saved, [index for index in map(order.index, names) if index in saved]
+
     # -- optimisation ------------------------------------------------------------------------
-    def configure_optimizers(self) -> Any:
+    def _parameter_groups(self) -> tuple[list[tuple[str, nn.Parameter]], list[tuple[str, nn.Parameter]]]:
+        """(weight-decayed, not decayed) named parameters, in the optimizer's order."""
         decay, no_decay = [], []
-        for param in self.parameters():
+        for name, param in self.named_parameters():
             if param.requires_grad:
                 # By default scales, margins, biases, ARFA's a and norm parameters are not weight-decayed
                 # (docs/losses.md); optim.decay_1d_params=true decays them as the paper does.
-                (decay if param.dim() > 1 or self.decay_1d_params else no_decay).append(param)
+                (decay if param.dim() > 1 or self.decay_1d_params else no_decay).append((name, param))
+        return decay, no_decay
+
+    def configure_optimizers(self) -> Any:
+        decay, no_decay = ([param for _, param in group] for group in self._parameter_groups())
         optimizer = self.optimizer_factory([{"params": decay}, {"params": no_decay, "weight_decay": 0.0}])
         if self.scheduler_factory is None:
             return optimizer
@@ -119,3 +170,29 @@ def make_scheduler(factory: Any, optimizer: torch.optim.Optimizer, total_steps: 
     func = getattr(factory, "func", factory)
     takes_length = "T_max" in inspect.signature(func).parameters
     return factory(optimizer, T_max=max(1, total_steps)) if takes_length else factory(optimizer)
+
+
+def shard_classifier(model: nn.Module, loss_set: LossSet, rank: int, world_size: int) -> None:
+    """With ``classifier.sharded`` and several processes: keep this process's rows of the prototype term's
+    class parameters and have DDP leave them alone (each process holds different rows). Idempotent."""
+    term = loss_set.prototype_term
+    if term is None or not term.sharded or term.shard is not None or world_size == 1:
+        return
+    term.shard_(ClassShard(term.num_classes, rank, world_size))
+    from torch.nn.parallel import DistributedDataParallel
+
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, sharded_names(model, loss_set))
+
+
+def sharded_names(model: nn.Module, loss_set: LossSet) -> list[str]:
+    """Full names in ``model`` of this process's shard parameters (empty when nothing is split)."""
+    term = loss_set.prototype_term
+    if term is None or not term.split():
+        return []
+    prefix = next(name for name, module in model.named_modules() if module is term)
+    return [f"{prefix}.{name}" for name in term.class_tensors()]
+
+
+def _per_class(value: Any) -> bool:
+    """An optimizer state tensor with a row per class (momentum, Adam's moments; not a step count)."""
+    return isinstance(value, torch.Tensor) and value.dim() >= 1

@@ -74,11 +74,14 @@ def _train(cfg: DictConfig, prepared: Prepared) -> RunMetrics:
 
     backbone = build(cfg.backbone, image_size=datamodule.image_shape()[-1])
     loss_set = LossSet(cfg.loss.terms, embedding_dim=backbone.embedding_dim, num_classes=num_classes,
-                       regularizer=cfg.get("regularizer"))
+                       regularizer=cfg.get("regularizer"), classifier=cfg.get("classifier"),
+                       seed=cfg.seed)
     evaluator.check_model(loss_set)
 
     table = DoppelgangerTable(num_classes, cfg.doppel.top_k, cfg.doppel.reduction)
     mine, sampler_cfg = resolve_mining(cfg, loss_set.prototype_term is not None)
+    if mine and cfg.classifier.negatives == "doppel":
+        loss_set.read_table(table)
     datamodule.attach_sampler(sampler_cfg, table, cfg.seed)
     datamodule.build_sampler()  # the sampler checks its own settings against the data
 
@@ -92,7 +95,8 @@ def _train(cfg: DictConfig, prepared: Prepared) -> RunMetrics:
         backbone.compile(mode=mode, backend=cfg.speed.compile_backend)
 
     module = DoppelModule(backbone, loss_set, prepared.optimizer, prepared.scheduler, augment=prepared.augment,
-                          views=cfg.loss.views, evaluator=evaluator, decay_1d_params=prepared.decay_1d_params)
+                          views=cfg.loss.views, evaluator=evaluator, decay_1d_params=prepared.decay_1d_params,
+                          mining=table.mining if mine else None)
     if checkpoint is not None:
         check_same_data(checkpoint, num_classes, f"ckpt_path={str(ckpt_path)!r}")
         check_state_dict(checkpoint, module.state_dict(), f"ckpt_path={str(ckpt_path)!r}")

@@ -46,7 +46,7 @@ def test_an_epochs_norm_statistics_are_those_of_every_batch():
     for norms in batches:  # one non-zero coordinate per row: its norm is that value exactly
         embeddings = torch.zeros(len(norms), 16)
         embeddings[torch.arange(len(norms)), torch.arange(len(norms)) % 16] = torch.from_numpy(norms)
-        diagnostics.on_train_batch_end(None, SimpleNamespace(last_embeddings=embeddings), None, None, 0)
+        diagnostics.on_train_batch_end(None, None, {"embeddings": embeddings}, None, 0)
     trainer = SimpleNamespace(world_size=1, current_epoch=3)
     entry = diagnostics._norm_statistics(trainer, SimpleNamespace(device=torch.device("cpu")))
     every = np.concatenate(batches).astype(np.float64)

@@ -14,7 +14,7 @@ def test_epoch_metrics_count_churn_fill_and_hub_by_hand():
     table.table[:] = table.table.new_tensor([[1, 4], [0, 4], [EMPTY, EMPTY], [1, 4], [EMPTY, EMPTY]])
     callback = DoppelgangerMining(table)
     logged = {}
-    trainer = SimpleNamespace(world_size=1, datamodule=None, current_epoch=0)
+    trainer = SimpleNamespace(world_size=1, current_epoch=0)
     module = SimpleNamespace(log_dict=lambda metrics, **_: logged.update(metrics))
     callback.on_train_epoch_start(trainer, module)
     # During the epoch: class 0 switches to 3, class 2 gets its first doppelganger, class 3 keeps 1.
@@ -27,15 +27,15 @@ def test_epoch_metrics_count_churn_fill_and_hub_by_hand():
 
 def test_from_table_is_the_share_of_each_epoch_alone():
     """The sampler's counts are read and reset at each epoch end: epoch 2's share counts epoch 2's draws."""
-    callback = DoppelgangerMining(DoppelgangerTable(num_classes=5))
-    sampler = SimpleNamespace(stats={"random": 0, "table": 0, "fallback_empty": 0, "fallback_taken": 0})
-    trainer = SimpleNamespace(world_size=1, datamodule=SimpleNamespace(train_sampler=sampler), current_epoch=0)
+    table = DoppelgangerTable(num_classes=5)
+    callback = DoppelgangerMining(table)
+    trainer = SimpleNamespace(world_size=1, current_epoch=0)
     logged = []
     module = SimpleNamespace(log_dict=lambda metrics, **_: logged.append(dict(metrics)))
     for drawn in ({"random": 3, "table": 1}, {"random": 1, "table": 3}):  # as the sampler counts an epoch
         callback.on_train_epoch_start(trainer, module)
-        for key, count in drawn.items():
-            sampler.stats[key] += count
+        for source, count in drawn.items():
+            table.count_draw(source, count)
         callback.on_train_epoch_end(trainer, module)
     assert [m["doppel/from_table"] for m in logged] == [pytest.approx(1 / 4), pytest.approx(3 / 4)]  # not 4 / 8
-    assert set(sampler.stats.values()) == {0}
+    assert set(table.draws.values()) == {0}

@@ -15,14 +15,32 @@ class MiningRecorder(pl.Callback):
     global batch as the miner saw it: the labels and classifier logits of all processes."""
 
     def __init__(self, folder: str) -> None:
-        self.folder, self.steps = folder, []
+        self.folder, self.steps, self.logits = folder, [], None
+
+    def on_train_start(self, trainer, pl_module):
+        term = pl_module.loss_set.prototype_term
+        compute = term.loss_and_logits
+
+        def recording(embeddings, labels):  # the logits the term computed, kept for this test only
+            loss, view = compute(embeddings, labels)
+            self.logits = view.logits.detach().clone()
+            return loss, view
+
+        term.loss_and_logits = recording
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        gathered = pl_module.all_gather({"labels": pl_module.last_labels,
-                                         "logits": pl_module.loss_set.prototype_term.last_logits})
-        if trainer.world_size > 1:
-            gathered = {k: v.flatten(0, 1) for k, v in gathered.items()}
-        self.steps.append({k: v.cpu() for k, v in gathered.items()})
+        term = pl_module.loss_set.prototype_term
+        if term.split():  # every process holds the logits of its classes for the whole global batch
+            from doppel.losses.sharding import gather_classes
+
+            logits = gather_classes(self.logits.T.contiguous(), term.num_classes)
+            labels = pl_module.all_gather(outputs["labels"]).flatten(0, 1)
+            gathered = {"labels": labels, "logits": None if logits is None else logits.T}
+        else:
+            gathered = pl_module.all_gather({"labels": outputs["labels"], "logits": self.logits})
+            if trainer.world_size > 1:
+                gathered = {k: v.flatten(0, 1) for k, v in gathered.items()}
+        self.steps.append({k: v.cpu() for k, v in gathered.items() if v is not None})
 
     def on_train_end(self, trainer, pl_module):
         import torch
@@ -88,3 +106,26 @@ class MemoryRecorder(pl.Callback):
         peak = max(s["rss_anon"] for s in self.samples)
         with open(f"{self.folder}/memory.json", "w") as file:
             json.dump({"peak_rss_anon": peak, "rchar": self.samples[-1]["rchar"]}, file)
+
+
+class LogicalStateRecorder(pl.Callback):
+    """Writes, when training starts (after a resume restored everything), the whole model as one process
+    would hold it (a sharded classifier gathered from its shards), the doppelganger table and the step, to
+    ``<folder>/start_w<processes>.pt``."""
+
+    def __init__(self, folder: str) -> None:
+        self.folder = folder
+
+    def on_train_start(self, trainer, pl_module):
+        import torch
+
+        from doppel.losses.sharding import gather_classes
+        from doppel.module import sharded_names
+
+        state = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
+        for name in sharded_names(pl_module, pl_module.loss_set):
+            state[name] = gather_classes(state[name], pl_module.loss_set.prototype_term.num_classes)
+        mining = next(c for c in trainer.callbacks if type(c).__name__ == "DoppelgangerMining")
+        if trainer.global_rank == 0:
+            torch.save({"state_dict": state, "table": mining.table.table.clone(), "step": trainer.global_step},
+                       f"{self.folder}/start_w{trainer.world_size}.pt")

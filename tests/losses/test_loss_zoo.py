@@ -47,7 +47,7 @@ def test_softmax_matches_naive(seed):
     term = P.Softmax(DIM, CLASSES)
     x, labels = batch(seed)
     assert_matches(term, lambda x, y: ref.softmax(x, y, term.classifier.weight, term.classifier.bias), x, labels)
-    assert torch.allclose(term.last_logits, term.classifier(x))
+    assert torch.allclose(term.loss_and_logits(x, labels)[1].logits, term.classifier(x))
 
 
 def test_normface_matches_naive():
@@ -115,9 +115,10 @@ def test_lsoftmax_matches_eq2_with_weight_and_feature_norms():
     assert_matches(term, lambda x, y: ref.margin_softmax(x, y, term.weight, ref.multiplicative_psi(4), None,
                                                          normalize_weights=False), x, labels)
     # its mining logits are the plain linear ones, W_j . f, off the target column (which the miner skips)
-    off_target = torch.ones_like(term.last_logits, dtype=torch.bool)
+    logits = term.loss_and_logits(x, labels)[1].logits.detach()
+    off_target = torch.ones_like(logits, dtype=torch.bool)
     off_target[torch.arange(len(labels)), labels] = False
-    assert torch.allclose(term.last_logits[off_target], (x @ term.weight.detach().T)[off_target])
+    assert torch.allclose(logits[off_target], (x @ term.weight.detach().T)[off_target])
 
 
 def test_multiplicative_margin_must_be_an_integer():

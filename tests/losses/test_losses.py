@@ -38,7 +38,7 @@ def test_l2softmax_matches_naive_formula_and_gradient():
     assert torch.allclose(loss, naive)
     assert torch.allclose(x1.grad, x2.grad)
     assert torch.allclose(term.scale.grad, alpha.grad)
-    assert term.last_logits.shape == (12, 4)
+    assert term.loss_and_logits(x1, labels)[1].logits.shape == (12, 4)
 
 
 def test_l2softmax_rejects_labels_outside_classifier():
@@ -154,7 +154,7 @@ def test_loss_set_total_is_the_weighted_sum_of_its_terms():
     regularizer = {"sec": {"_target_": "doppel.losses.regularizers.SphericalEmbeddingConstraint", "weight": 2.0}}
     loss_set = LossSet(terms, embedding_dim=2, num_classes=2, regularizer=regularizer)
     embeddings = torch.tensor([[3.0, 4.0], [0.0, 1.0]])  # norms 5 and 1
-    total, logs = loss_set(embeddings, torch.tensor([0, 1]))
+    total, logs, _ = loss_set(embeddings, torch.tensor([0, 1]))
     # L2-reg: (25 + 1) / 2 = 13; SEC: mu = 3, ((5 - 3)^2 + (1 - 3)^2) / 2 = 4; total 0.5 * 13 + 2 * 4
     assert logs["loss/l2"].item() == pytest.approx(13.0) and logs["loss/sec"].item() == pytest.approx(4.0)
     assert total.item() == pytest.approx(14.5)

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from doppel.callbacks.doppelganger_mining import lookalike_share
 from doppel.data.dataset import IdentityData, TensorImages
 from doppel.data.split import split_dataset
+from doppel.sampling.doppelganger import lookalike_share
 
 
 def test_share_counts_classes_with_a_doppelganger_and_a_known_lookalike():

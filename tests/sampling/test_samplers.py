@@ -104,7 +104,7 @@ def test_doppel_sampler_first_n_random_then_chains():
                 assert classes[i] == expected
             else:
                 assert classes[i] not in classes[:i]
-    assert sampler.stats["random"] == 3 * len(sampler)
+    assert sampler.table.draws["random"] == 3 * len(sampler)
 
 
 def test_fallback_when_no_doppelganger_yet():
@@ -114,8 +114,8 @@ def test_fallback_when_no_doppelganger_yet():
     for batch in sampler:
         classes = classes_in_order(batch)
         assert len(set(classes)) == 9  # fallbacks are random classes not yet in the batch
-    assert sampler.stats["table"] == 0
-    assert sampler.stats["fallback_empty"] == 6 * len(sampler)
+    assert sampler.table.draws["table"] == 0
+    assert sampler.table.draws["fallback_empty"] == 6 * len(sampler)
 
 
 def test_fallback_when_doppelganger_already_in_batch():
@@ -134,7 +134,7 @@ def test_fallback_when_doppelganger_already_in_batch():
                 assert classes[i] == int(partner[origin])
         for i in range(6, 9):  # second link points back to a class in the batch: random fallback
             assert int(partner[classes[i - 3]]) in classes[:i]
-    assert sampler.stats["fallback_taken"] >= 3 * len(sampler)
+    assert sampler.table.draws["fallback_taken"] >= 3 * len(sampler)
 
 
 def test_random_ratio_one_is_random_sampling():
@@ -142,7 +142,7 @@ def test_random_ratio_one_is_random_sampling():
     table.table[:, 0] = (torch.arange(40) + 1) % 40
     sampler = DoppelgangerBatchSampler(SamplerContext(LABELS, table=table), 27, random_ratio=1.0, examples_per_class=3)
     list(sampler)
-    assert sampler.stats["table"] == 0
+    assert sampler.table.draws["table"] == 0
 
 
 def test_impossible_settings_raise_clear_errors():
@@ -220,7 +220,7 @@ def test_position_state_resumes_mid_epoch_exactly(prefetch, stop, kind):
     resumed.set_epoch(2)
     tail = _consume(resumed, resumed_table, prefetch, start=stop)
     assert head + tail == full
-    assert resumed.batches.stats == uninterrupted.batches.stats  # where the classes came from, counted once
+    assert resumed_table.draws == uninterrupted.batches.table.draws  # where the classes came from, counted once
 
 
 def test_a_position_of_another_epoch_is_not_taken_up():
@@ -310,7 +310,7 @@ def test_balanced_sampler_caps_the_hub_that_the_papers_rule_lets_into_every_batc
     # the hub joins as a doppelganger only below 2x the mean so far; one random draw may add one more
     assert balanced[0] <= 2.0 * balanced.mean() + 1
     assert balanced.std() / balanced.mean() < paper.std() / paper.mean()
-    assert balanced_sampler.stats["capped"] > 0
+    assert balanced_sampler.table.draws["capped"] > 0
     assert torch.equal(balanced_sampler.exposure, balanced.long())  # its own count is the batches' classes
 
 
@@ -340,8 +340,8 @@ def test_a_warm_up_samples_at_random_before_doppelgangers_join(kind):
     for epoch in range(3):
         sampler.set_epoch(epoch)
         list(sampler)
-        assert (sampler.stats["table"] > 0) == (epoch >= 2), epoch  # the hub table is used only after
-        sampler.stats = {key: 0 for key in sampler.stats}
+        assert (sampler.table.draws["table"] > 0) == (epoch >= 2), epoch  # the hub table is used only after
+        sampler.table.end_epoch()  # counts start again
     with pytest.raises(ValueError, match="sampler.warmup_epochs"):
         kind(SamplerContext(LABELS, table=DoppelgangerTable(40)), 27, warmup_epochs=-1)
 

@@ -3,7 +3,7 @@ import math
 
 import pytest
 
-from tests.conftest import load_script
+from tests.conftest import ROOT, load_script
 
 
 def write_sweep(root, runs):
@@ -96,6 +96,23 @@ def test_overhead_benchmark_runs_both_samplers_and_mines():
     result = bench.measure(num_classes=60, steps=2, block=1, device=torch.device("cpu"))
     assert result["random_ms"] > 0 and result["doppel_ms"] > 0
     assert result["filled"] > 0.3  # the doppel steps mined the table
+
+
+def test_scale_benchmark_holds_one_share_of_the_classifier_per_process_when_sharded(tmp_path):
+    """Tiny: 2 processes, 1,001 classes (rows 501 / 500). The full classifier's bytes per process are the
+    whole matrix's weights + gradient + momentum; sharded, process 0's share of them."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "scale.json"
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench" / "scale.py"), "--classes", "1001",
+                             "--steps", "1", "--batch", "8", "--dim", "16", "--repeats", "1", "--json", str(out),
+                             "--settings", "full", "sharded", "sharded_pfc0.1_doppel"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.loads(out.read_text())["1001"]
+    assert rows["full"]["classifier_bytes"] == 3 * 1001 * 16 * 4
+    assert rows["sharded"]["classifier_bytes"] == rows["sharded_pfc0.1_doppel"]["classifier_bytes"] == 3 * 501 * 16 * 4
+    assert all(r["ms"] > 0 for r in rows.values())
 
 
 def test_backbone_benchmark_steps_train_the_network_in_each_setting():

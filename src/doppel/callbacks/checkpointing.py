@@ -1,7 +1,8 @@
 """Lightning callback that keeps ``<run>/checkpoints/last.ckpt`` current, so an interrupted run loses little.
 
 It is written (atomically, see :mod:`doppel.serialization`) every ``every_n_steps`` optimizer steps, at every
-epoch end, and when the process receives SIGTERM (a scheduler's preemption or time limit) or SIGINT
+epoch end, and when the process receives SIGTERM (a scheduler's preemption or time limit), SIGUSR1 / SIGUSR2
+(SLURM's warning before a time limit, which then also requeues the job: :mod:`doppel.slurm`) or SIGINT
 (Ctrl-C): training finishes the step it is in, saves, and stops with :class:`RunInterrupted`; a second
 Ctrl-C stops at once. The save that ends an epoch's last step waits for the epoch end (after validation),
 so every checkpoint is taken at a point a resumed run continues from exactly.
@@ -21,6 +22,7 @@ from pytorch_lightning.utilities import rank_zero_info
 
 from doppel.checkpoint import LAST
 from doppel.serialization import CheckpointError, CheckpointWriteError, load_checkpoint
+from doppel.slurm import REQUEUE_SIGNALS, requeue
 
 
 class RunInterrupted(Exception):
@@ -44,7 +46,7 @@ class LastCheckpoint(Checkpoint):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Installed here, after Lightning installs its own SIGTERM handler, so that this one decides.
         if threading.current_thread() is threading.main_thread():
-            for signum in (signal.SIGTERM, signal.SIGINT):
+            for signum in (signal.SIGTERM, signal.SIGINT, *REQUEUE_SIGNALS):
                 self._previous_handlers[signum] = signal.signal(signum, self._on_signal)
 
     def _on_signal(self, signum: int, _frame: Any) -> None:
@@ -114,6 +116,8 @@ class LastCheckpoint(Checkpoint):
         for logger in trainer.loggers:
             logger.save()
         if stop is not None:
+            if stop in REQUEUE_SIGNALS and trainer.is_global_zero:  # SLURM's time-limit warning
+                rank_zero_info(requeue())
             raise RunInterrupted(stop, step, self.path)
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,

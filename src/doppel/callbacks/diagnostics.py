@@ -64,7 +64,7 @@ class Diagnostics(pl.Callback):
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
                            batch: Any, batch_idx: int) -> None:
-        embeddings = getattr(pl_module, "last_embeddings", None)
+        embeddings = outputs.get("embeddings") if isinstance(outputs, dict) else None
         if embeddings is not None:
             self.norms.append(embeddings.float().norm(dim=1))
 
@@ -80,13 +80,17 @@ class Diagnostics(pl.Callback):
                                rank_zero_only=True)
         last = trainer.max_epochs is not None and epoch + 1 >= trainer.max_epochs
         table = self._mined_table(trainer)
+        gallery_due = table is not None and ((epoch + 1) % self.every_n_epochs == 0 or last)
+        term = pl_module.loss_set.prototype_term
+        # A sharded classifier is gathered whole to process 0 (every process takes part).
+        classifier = term.unsharded() if gallery_due and term is not None else None
         if trainer.is_global_zero:
             self.folder.mkdir(parents=True, exist_ok=True)
             wandb_payload: dict[str, Any] = {}
             if entry is not None:
                 self._write_norms(wandb_payload, entry)
-            if table is not None and ((epoch + 1) % self.every_n_epochs == 0 or last):
-                self._write_gallery(trainer, pl_module, table, epoch, wandb_payload)
+            if gallery_due:
+                self._write_gallery(trainer, pl_module, table, epoch, wandb_payload, classifier)
             _log_wandb(trainer, wandb_payload)
         self._seconds += time.perf_counter() - started
         if trainer.is_global_zero:  # a file, not the metric stream: timings would make resumed logs differ
@@ -143,10 +147,11 @@ class Diagnostics(pl.Callback):
         chosen += [(c, "sample") for c in sample if c not in {h for h, _ in chosen}]
         return [(c, kind, int(counts[c])) for c, kind in chosen]
 
-    def gallery(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
-                table: Any) -> tuple[list[dict[str, Any]], dict[int, torch.Tensor]]:
-        """The gallery's rows (class, name, kind, doppelgangers, the classifier's scores of the identity's
-        image) and the image shown for each class in them."""
+    def gallery(self, trainer: pl.Trainer, pl_module: pl.LightningModule, table: Any,
+                classifier: Any = None) -> tuple[list[dict[str, Any]], dict[int, torch.Tensor]]:
+        """The gallery's rows (class, name, kind, doppelgangers, the scores ``classifier`` (default: the
+        loss's prototype term) gives the identity's image) and the image shown for each class in them."""
+        classifier = classifier if classifier is not None else pl_module.loss_set.prototype_term
         datamodule = trainer.datamodule
         names = datamodule.class_names
         chosen = self._gallery_classes(table, datamodule.seed)
@@ -157,7 +162,7 @@ class Diagnostics(pl.Callback):
                          "doppelgangers": [{"class": d, "name": names[d]} for d in others]})
         wanted = sorted({r["class"] for r in rows} | {d["class"] for r in rows for d in r["doppelgangers"]})
         images = dict(zip(wanted, datamodule.class_images(wanted)))
-        scores = _class_scores(pl_module, torch.stack([images[r["class"]] for r in rows]))
+        scores = _class_scores(pl_module, classifier, torch.stack([images[r["class"]] for r in rows]))
         for row, row_scores in zip(rows, scores if scores is not None else [None] * len(rows)):
             if row_scores is not None:
                 row["own_score"] = float(row_scores[row["class"]])
@@ -166,8 +171,8 @@ class Diagnostics(pl.Callback):
         return rows, images
 
     def _write_gallery(self, trainer: pl.Trainer, pl_module: pl.LightningModule, table: Any, epoch: int,
-                       wandb_payload: dict[str, Any]) -> None:
-        rows, images = self.gallery(trainer, pl_module, table)
+                       wandb_payload: dict[str, Any], classifier: Any) -> None:
+        rows, images = self.gallery(trainer, pl_module, table, classifier)
         stem = f"e{epoch:03d}"
         (self.folder / f"gallery_{stem}.json").write_text(json.dumps(rows, indent=1) + "\n")
 
@@ -255,9 +260,8 @@ def _family_names(datamodule: Any) -> dict[str, str]:
     return names
 
 
-def _class_scores(pl_module: pl.LightningModule, images: torch.Tensor) -> torch.Tensor | None:
-    """The classifier's scores [n, classes] of ``images`` (the network in evaluation mode, then restored)."""
-    term = pl_module.loss_set.prototype_term
+def _class_scores(pl_module: pl.LightningModule, term: Any, images: torch.Tensor) -> torch.Tensor | None:
+    """``term``'s scores [n, classes] of ``images`` (the network in evaluation mode, then restored)."""
     if term is None:
         return None
     was_training = pl_module.training

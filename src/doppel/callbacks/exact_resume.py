@@ -8,8 +8,11 @@ and the planned optimizer steps, under ``checkpoint["doppel"]`` (:mod:`doppel.ch
 
 On resume each process takes back its own streams: the sampler and generators before the first batch,
 the global RNGs at the first batch itself (what runs in between, e.g. a DataLoader starting, must not
-shift them). A resumed run must have as many processes as the one that saved, and, when a learning-rate
-schedule is on, the same planned steps (the schedule spans them): both are refused otherwise.
+shift them). A run resumed on another number of processes takes back the model, optimizer, table and
+schedule (a sharded classifier is saved whole and resharded, docs/distributed.md) but not the per-process
+streams: it draws the rest of the epoch for its own process count, skipping the steps already trained.
+When a learning-rate schedule is on, a resumed run must have the same planned steps (the schedule spans
+them: keep the global batch, trainer.devices x sampler.batch_size); it is refused otherwise.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from typing import Any
 import numpy as np
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.utilities import rank_zero_warn
 
 from doppel.checkpoint import FORMAT, STAMP
 from doppel.seeding import named_generators
@@ -56,6 +60,7 @@ class ExactResume(pl.Callback):
         self._restore: dict[str, Any] | None = None
         self._rng: dict[str, Any] | None = None
         self._planned_steps: float | None = None
+        self._saved_by = 1  # processes that wrote the checkpoint resumed from
 
     @staticmethod
     def _sampler(trainer: pl.Trainer) -> Any:
@@ -100,12 +105,16 @@ class ExactResume(pl.Callback):
                            checkpoint: dict[str, Any]) -> None:
         stamp = checkpoint[STAMP]
         processes = stamp["processes"]
+        self._saved_by = len(processes)
         if len(processes) != trainer.world_size:
-            raise CheckpointError(
-                f"the checkpoint was written by {len(processes)} processes and this run has {trainer.world_size}: "
-                "each process resumes its own random streams, so resume with the same trainer.devices and "
-                "trainer.num_nodes.")
-        self._restore = processes[trainer.global_rank]
+            rank_zero_warn(
+                f"resuming a run of {len(processes)} processes on {trainer.world_size}: the weights, optimizer, "
+                "doppelganger table and schedule resume as saved; the random streams were each process's own and "
+                "start anew, and the rest of the epoch is drawn for this number of processes (as many steps as "
+                "were left). Keep trainer.devices x sampler.batch_size (the global batch) as it was.")
+            self._restore = {"elsewhere": processes[0]["sampler"]}
+        else:
+            self._restore = processes[trainer.global_rank]
         self._planned_steps = stamp["planned_steps"]
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -115,14 +124,21 @@ class ExactResume(pl.Callback):
         if planned != self._planned_steps:
             raise CheckpointError(
                 f"the checkpoint's run was planned for {self._planned_steps} optimizer steps and this one for "
-                f"{planned} (trainer.max_epochs, trainer.limit_train_batches, trainer.max_steps or the batch "
-                "size differ): its learning-rate schedule spans the planned steps, so a run resumes with its "
-                "own length; to train longer, start a new run.")
+                f"{planned} (trainer.max_epochs, trainer.limit_train_batches, trainer.max_steps or the global "
+                "batch, trainer.devices x sampler.batch_size, differ): its learning-rate schedule spans the "
+                "planned steps, so a run resumes with its own length; to train longer, start a new run."
+                + (f" It was saved by {self._saved_by} processes: give this run the same global batch."
+                   if self._saved_by != trainer.world_size else ""))
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._restore is None:
             return
         restore, self._restore = self._restore, None
+        if "elsewhere" in restore:  # another number of processes: the position only (see on_load_checkpoint)
+            sampler = self._sampler(trainer)
+            if sampler is not None and restore["elsewhere"] is not None:
+                sampler.load_state_dict_elsewhere(restore["elsewhere"])
+            return
         generators = named_generators(pl_module)
         if generators.keys() != restore["generators"].keys():
             raise CheckpointError(f"the checkpoint holds the random generators {sorted(restore['generators'])} "

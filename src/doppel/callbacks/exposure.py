@@ -58,5 +58,9 @@ class ExposureMonitor(pl.Callback):
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            checkpoint: dict[str, Any]) -> None:
         saved = checkpoint.get("exposure_counts")
-        if saved is not None and len(saved) == trainer.world_size:
+        if saved is None:
+            return
+        if len(saved) == trainer.world_size:
             self.counts = saved[trainer.global_rank].clone()
+        else:  # saved by another number of processes: only the sum over processes is logged, keep it on one
+            self.counts = saved.sum(0) if trainer.global_rank == 0 else torch.zeros_like(saved[0])

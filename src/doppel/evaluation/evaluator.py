@@ -15,6 +15,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from doppel import distributed
 from doppel.data.dataset import Part
 from doppel.evaluation.protocol import DataFacts, Embedded, Inputs, Protocol, Result
 from doppel.losses.loss_set import LossSet
@@ -121,7 +122,7 @@ class Evaluator:
                                 self.parts if name == SPLIT else None, self.blocks)
                 embedded[name] = _without(item, left_out, where)
         outcome: list[dict[str, float] | BaseException | None] = [None]
-        if _rank() == 0:
+        if distributed.rank() == 0:
             try:
                 for name, item in embedded.items():
                     _check_finite(item, f"{where} embeddings" + (f" of {name}" if name != SPLIT else ""))
@@ -137,7 +138,7 @@ class Evaluator:
                 outcome[0] = metrics
             except Exception as error:  # every process raises it, none waits for the others forever
                 outcome[0] = error
-        if _world() > 1:
+        if distributed.world() > 1:
             dist.broadcast_object_list(outcome, src=0)
         if isinstance(outcome[0], BaseException):
             raise outcome[0]
@@ -164,17 +165,9 @@ class Evaluator:
         return lines
 
 
-def _rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
-def _world() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
 def _gather(index: torch.Tensor, rows: torch.Tensor | None, size: int) -> torch.Tensor | None:
     """The rows of all processes in item order on process 0 (None elsewhere)."""
-    world = _world()
+    world = distributed.world()
     if world == 1:
         if rows is None or len(index) != size:
             raise RuntimeError(f"the evaluation embedded {len(index)} of {size} items: an evaluation loader was "
@@ -208,9 +201,9 @@ def _gather(index: torch.Tensor, rows: torch.Tensor | None, size: int) -> torch.
 
 def _gather_items(items: list[int]) -> list[int]:
     """The items of every process (on every process)."""
-    if _world() == 1:
+    if distributed.world() == 1:
         return items
-    everyone: list[list[int] | None] = [None] * _world()
+    everyone: list[list[int] | None] = [None] * distributed.world()
     dist.all_gather_object(everyone, items)
     return [i for part in everyone for i in part]
 

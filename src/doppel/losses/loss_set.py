@@ -4,13 +4,23 @@ from __future__ import annotations
 
 import inspect
 import math
+from typing import NamedTuple
 
 import torch
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig
 from torch import nn
 
-from doppel.losses.prototype import PrototypeTerm
+from doppel.losses.prototype import NEGATIVES, PrototypeTerm
+from doppel.sampling.doppelganger import DoppelgangerTable, Mining, TableUpdate
+
+CLASSIFIER_KEYS = ("sharded", "sample_rate", "negatives")
+
+
+class Losses(NamedTuple):
+    total: torch.Tensor
+    logs: dict[str, torch.Tensor]  # per-term values and trainable scalars, detached
+    proposals: TableUpdate | None  # the prototype term's doppelganger proposals (when mining)
 
 
 class LossSet(nn.Module):
@@ -18,13 +28,17 @@ class LossSet(nn.Module):
     ``regularizer`` config group) adds more terms of the same form, e.g. SEC on top of any loss.
 
     Runtime sizes (``embedding_dim``, ``num_classes``) are passed to the terms that take them. A weight
-    is finite and non-negative unless the term's class sets ``allows_negative_weight``.
-    Calling the set returns the total loss and a dict of per-term values and trainable scalars,
-    named ``loss/<term>`` and ``<term>/<scalar>``.
+    is finite and non-negative unless the term's class sets ``allows_negative_weight``. ``classifier``
+    (the ``classifier`` section) sets how the prototype term holds its classes (``sharded``) and which it
+    scores each step (Partial FC: ``sample_rate``, ``negatives``; its draws seeded by ``seed``).
+    Calling the set returns :class:`Losses`: the total loss, a dict of per-term values and trainable
+    scalars, named ``loss/<term>`` and ``<term>/<scalar>``, and, given ``mining``, the prototype term's
+    doppelganger proposals.
     """
 
     def __init__(self, terms: DictConfig | dict, embedding_dim: int, num_classes: int,
-                 regularizer: DictConfig | dict | None = None) -> None:
+                 regularizer: DictConfig | dict | None = None, classifier: DictConfig | dict | None = None,
+                 seed: int = 0) -> None:
         super().__init__()
         if not terms:
             raise ValueError("loss.terms is empty: pick a loss, e.g. loss=l2s_mb.")
@@ -51,17 +65,53 @@ class LossSet(nn.Module):
                 cause = error.__cause__ or error  # hydra wraps it
                 raise ValueError(f"{key}: {cause}") from None
             self.weights[name] = float(weight)
+        self._configure_classifier(dict(classifier or {}), seed)
+
+    def _configure_classifier(self, classifier: dict, seed: int) -> None:
+        if unknown := sorted(set(classifier) - set(CLASSIFIER_KEYS)):
+            raise ValueError(f"classifier.{unknown[0]} is not a setting; the classifier section takes "
+                             f"{', '.join(CLASSIFIER_KEYS)}.")
+        sharded = classifier.get("sharded", False)
+        if not isinstance(sharded, bool):
+            raise ValueError(f"classifier.sharded={sharded} must be true or false.")
+        sample_rate = classifier.get("sample_rate", 1.0)
+        if isinstance(sample_rate, bool) or not isinstance(sample_rate, (int, float)) or not 0 < sample_rate <= 1:
+            raise ValueError(f"classifier.sample_rate={sample_rate} must be a number in (0, 1]: the share of the "
+                             "classes each step scores (1: all of them).")
+        negatives = classifier.get("negatives", "uniform")
+        if negatives not in NEGATIVES:
+            raise ValueError(f"classifier.negatives={negatives!r} is not one of {NEGATIVES}.")
+        term = self.prototype_term
+        for key, value, asked in (("sharded", "true", sharded), ("sample_rate", sample_rate, sample_rate < 1)):
+            if asked and (term is None or not term.shardable):
+                what = "has no classifier term" if term is None else f"term {type(term).__name__} cannot be split"
+                raise ValueError(f"classifier.{key}={value}: the loss {what}; it applies to the class-weight matrix "
+                                 "of a softmax term (softmax, l2s, normface, cosface, arcface, sphereface, lsoftmax).")
+        if term is not None:
+            term.sharded = sharded
+        if term is not None and term.shardable:
+            term.sample_(sample_rate, negatives, seed)
+
+    def read_table(self, table: DoppelgangerTable) -> None:
+        """The prototype term draws the batch classes' doppelgangers as its Partial FC negatives
+        (``classifier.negatives=doppel``) from the mined table."""
+        self.prototype_term.table = table
 
     @property
     def prototype_term(self) -> PrototypeTerm | None:
         """The first classifier term: its logits feed the doppelganger miner."""
         return next((t for t in self.terms.values() if isinstance(t, PrototypeTerm)), None)
 
-    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor, mining: Mining | None = None) -> Losses:
         total = embeddings.new_zeros(())
         logs: dict[str, torch.Tensor] = {}
+        proposals = None
+        miner = self.prototype_term if mining is not None else None
         for name, term in self.terms.items():
-            value = term(embeddings, labels)
+            if term is miner:
+                value, proposals = term.loss_and_proposals(embeddings, labels, mining)
+            else:
+                value = term(embeddings, labels)
             total = total + self.weights[name] * value
             logs[f"loss/{name}"] = value.detach()
             for scalar_name, scalar in getattr(term, "scalars", dict)().items():
@@ -73,4 +123,4 @@ class LossSet(nn.Module):
                 f"loss term {bad!r} is {logs[f'loss/{bad}'].item()}: lower optim.lr or check the data for "
                 f"empty or corrupt images."
             )
-        return total, logs
+        return Losses(total, logs, proposals)

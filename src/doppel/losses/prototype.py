@@ -1,30 +1,59 @@
-"""Prototype (classifier) loss terms. Each owns its class weights and keeps its last logits.
+"""Prototype (classifier) loss terms. Each owns its class weights and proposes doppelgangers from the
+logits it computes.
 
-The doppelganger miner reads ``last_logits`` after every training step (sec. 3.2 of the
-Doppelganger paper: the scores the prototype loss already computed). Margins change only the
-target class's logit, which the miner never reads.
+The doppelganger miner reads the scores the prototype loss already computed (sec. 3.2 of the
+Doppelganger paper): :meth:`PrototypeTerm.loss_and_proposals` turns them into the step's proposals
+inside the forward, so nothing [B, C] outlives the step. Margins change only the target class's logit,
+which the miner never reads. The softmax terms over a class-weight matrix can split it across processes
+(``classifier.sharded=true``, :mod:`doppel.losses.sharding`).
 """
 
 from __future__ import annotations
 
+import copy
 import math
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from doppel.distributed import rank
+from doppel.losses import sharding
+from doppel.losses.sharding import ClassShard
+from doppel.sampling.doppelganger import DoppelgangerTable, Mining, TableUpdate
+from doppel.seeding import stable_seed
+
+
+@dataclass
+class ColumnLogits:
+    """The logits a term computed: [B, C'] over its columns for the rows ``labels`` (global class ids);
+    ``targets`` is each row's own column (-1: not among these columns; None: the labels) and
+    ``column_classes`` the class of each column (None: column j is class j)."""
+
+    logits: torch.Tensor
+    labels: torch.Tensor
+    targets: torch.Tensor | None = None
+    column_classes: torch.Tensor | None = None
+
 
 class PrototypeTerm(nn.Module, ABC):
-    """A classifier over ``num_classes`` prototypes; ``last_logits`` holds the latest batch's scores.
+    """A classifier over ``num_classes`` prototypes.
 
-    Subclasses implement ``loss_and_logits(embeddings, labels) -> (loss, logits for mining)``.
+    Subclasses implement ``loss_and_logits(embeddings, labels) -> (loss, ColumnLogits)``. Those with
+    ``shardable`` can hold one process's share of the classes (:meth:`shard_`).
     """
+
+    shardable: ClassVar[bool] = False
+    class_parameters: ClassVar[tuple[str, ...]] = ()  # per-class parameters (dim 0 = class), by name
 
     def __init__(self, num_classes: int) -> None:
         super().__init__()
         self.num_classes = num_classes
-        self.last_logits: torch.Tensor | None = None
+        self.sharded = False  # classifier.sharded: split the classes when there are several processes
+        self.shard: ClassShard | None = None  # this process's classes, once split
 
     def check_labels(self, labels: torch.Tensor) -> None:
         if labels.numel() and (labels.min() < 0 or labels.max() >= self.num_classes):
@@ -34,8 +63,8 @@ class PrototypeTerm(nn.Module, ABC):
             )
 
     @abstractmethod
-    def loss_and_logits(self, embeddings: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(loss, logits the miner reads)."""
+    def loss_and_logits(self, embeddings: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, ColumnLogits]:
+        """(loss, the logits the miner reads)."""
 
     @abstractmethod
     def class_scores(self, embeddings: torch.Tensor) -> torch.Tensor:
@@ -46,15 +75,147 @@ class PrototypeTerm(nn.Module, ABC):
         """[C, D] one vector per class in embedding space (a classifier's weight rows, or the centres):
         what the prototype protocol's ``base_prototypes=classifier`` normalises into base prototypes."""
 
-    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def loss_and_proposals(self, embeddings: torch.Tensor, labels: torch.Tensor,
+                           mining: Mining | None) -> tuple[torch.Tensor, TableUpdate | None]:
+        """The loss and, with ``mining``, the step's doppelganger proposals from the logits just computed
+        (padded to one row per row of the batch the logits cover: fixed-size, so they can be gathered)."""
         self.check_labels(labels)
-        loss, logits = self.loss_and_logits(embeddings, labels)
-        self.last_logits = logits.detach()
-        return loss
+        loss, view = self.loss_and_logits(embeddings, labels)
+        if mining is None:
+            return loss, None
+        return loss, mining.propose(view.logits, view.labels, view.targets, view.column_classes,
+                                    pad_to=len(view.labels))
+
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return self.loss_and_proposals(embeddings, labels, None)[0]
+
+    # -- sharding ------------------------------------------------------------------------------
+    def shard_(self, shard: ClassShard) -> None:
+        """Keep only ``shard``'s rows of every per-class parameter (the full ones were initialised the same
+        on every process, so the shards together are the unsharded classifier)."""
+        if not self.shardable:
+            raise ValueError(f"classifier.sharded=true: {type(self).__name__} cannot split its classes across "
+                             "processes (its loss needs other classes' centres); use classifier.sharded=false.")
+        for name, full in self.class_tensors().items():
+            self._replace(name, nn.Parameter(full.detach()[shard.lo:shard.hi].clone(),
+                                             requires_grad=full.requires_grad))
+        self.shard = shard
+
+    def class_tensors(self) -> dict[str, nn.Parameter]:
+        """The per-class parameters this term has (``class_parameters`` without an absent bias), by name."""
+        tensors = {name: getattr(*self._owner(name)) for name in self.class_parameters}
+        return {name: tensor for name, tensor in tensors.items() if tensor is not None}
+
+    def _owner(self, name: str) -> tuple[nn.Module, str]:
+        path, _, attribute = name.rpartition(".")
+        return (self.get_submodule(path) if path else self), attribute
+
+    def _replace(self, name: str, parameter: nn.Parameter) -> None:
+        setattr(*self._owner(name), parameter)
+
+    def split(self) -> bool:
+        """Whether this process holds a share of the classes (sharded, more than one process)."""
+        return self.shard is not None and self.shard.world_size > 1
+
+    def unsharded(self) -> PrototypeTerm | None:
+        """The whole classifier on process 0 (None on the others); collective when split. Evaluation scores
+        with it: costs one copy of the class parameters on process 0."""
+        if not self.split():
+            return self
+        full = {name: sharding.gather_classes(local.detach(), self.num_classes)
+                for name, local in self.class_tensors().items()}
+        if rank() != 0:
+            return None
+        whole = copy.deepcopy(self)
+        whole.shard = None
+        for name, tensor in full.items():
+            whole._replace(name, nn.Parameter(tensor, requires_grad=False))
+        return whole
 
 
-class Softmax(PrototypeTerm):
+NEGATIVES = ("uniform", "doppel")
+
+
+class ShardableSoftmax(PrototypeTerm):
+    """A softmax cross-entropy over the logits of a class-weight matrix. The classes can be split across
+    processes (``classifier.sharded``) and, per step, sampled (Partial FC, ``classifier.sample_rate``).
+    Subclasses compute the logits of the columns they are given (:meth:`column_logits`)."""
+
+    shardable = True
+
+    def __init__(self, num_classes: int) -> None:
+        super().__init__(num_classes)
+        self.sample_rate = 1.0  # Partial FC: the share of (this process's) classes each step scores
+        self.negatives = "uniform"
+        self.table: DoppelgangerTable | None = None  # read for negatives="doppel"
+
+    def sample_(self, sample_rate: float, negatives: str, seed: int) -> None:
+        """Partial FC (An et al., arcface_torch's rule): each step scores the positive classes of the global
+        batch and fills up to ``sample_rate`` of the classes with negatives, drawn uniformly at random
+        (``uniform``) or the batch classes' current doppelgangers first (``doppel``)."""
+        self.sample_rate, self.negatives = float(sample_rate), negatives
+        if self.sample_rate < 1:
+            self.generator = torch.Generator().manual_seed(stable_seed("partial fc", seed))
+
+    @abstractmethod
+    def column_logits(self, embeddings: torch.Tensor, targets: torch.Tensor, scale: torch.Tensor | None,
+                      rows: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, C'] logits of this process's classes (``rows`` of them: a Partial FC sample; None: all), the
+        margin (if any) at each row's ``targets`` column (-1: none here); ``scale`` stands for the term's
+        scale parameter (None where it has none)."""
+
+    def _scale(self) -> torch.Tensor | None:
+        return getattr(self, "scale", None)
+
+    def loss_and_logits(self, embeddings, labels):
+        if not self.split() and self.sample_rate == 1:
+            logits = self.column_logits(embeddings, labels, self._scale())
+            return F.cross_entropy(logits, labels), ColumnLogits(logits, labels)
+        scale = self._scale()
+        if self.split():
+            # Replicated inputs get their gradient x W: DDP averages it over the processes (see sharding).
+            embeddings = sharding.gather_rows(sharding.times_world(embeddings))
+            labels = sharding.gather_rows(labels)
+            scale = None if scale is None else sharding.times_world(scale)
+            targets, first = self.shard.targets(labels), self.shard.lo
+        else:
+            targets, first = labels, 0
+        rows = None
+        if self.sample_rate < 1:
+            rows = self.sample_columns(labels, targets, first)
+            held = targets >= 0
+            targets = torch.where(held, torch.searchsorted(rows, targets.clamp_min(0)), targets)
+        logits = self.column_logits(embeddings, targets, scale, rows)
+        loss = sharding.sharded_cross_entropy(logits, targets) if self.split() else F.cross_entropy(logits, targets)
+        columns = torch.arange(self._classes_here(), device=labels.device) if rows is None else rows
+        return loss, ColumnLogits(logits, labels, targets, columns + first)
+
+    def _classes_here(self) -> int:
+        """Rows of this process's class parameters (all classes unless sharded)."""
+        return len(next(iter(self.class_tensors().values())))
+
+    def sample_columns(self, labels: torch.Tensor, targets: torch.Tensor, first: int) -> torch.Tensor:
+        """The sorted columns (of this process's classes) scored this step: every positive (a class of the
+        global batch held here), then negatives up to ``int(sample_rate x classes here)`` in all."""
+        local = self._classes_here()
+        budget = int(self.sample_rate * local)
+        positive = torch.unique(targets[targets >= 0])
+        if budget <= len(positive):
+            return positive
+        # arcface_torch's draw: uniform priorities, the positives above them all, the top `budget` kept
+        priority = torch.rand(local, generator=self.generator).to(labels.device)
+        if self.negatives == "doppel" and self.table is not None:
+            mined = self.table.table[torch.unique(labels).cpu()].flatten().to(labels.device) - first
+            mined = mined[(mined >= 0) & (mined < local)]  # known doppelgangers held here (EMPTY is < 0)
+            priority[mined] += 2.0  # before any other negative, in random order among themselves
+        priority[positive] = 4.0
+        return priority.topk(budget).indices.sort().values
+
+
+class Softmax(ShardableSoftmax):
     """Softmax cross-entropy over a fully connected layer (the baseline of every table)."""
+
+    class_parameters = ("classifier.weight", "classifier.bias")
 
     def __init__(self, embedding_dim: int, num_classes: int, bias: bool = True) -> None:
         super().__init__(num_classes)
@@ -66,17 +227,18 @@ class Softmax(PrototypeTerm):
     def class_vectors(self):
         return self.classifier.weight
 
-    def loss_and_logits(self, embeddings, labels):
-        logits = self.class_scores(embeddings)
-        return F.cross_entropy(logits, labels), logits
+    def column_logits(self, embeddings, targets, scale, rows=None):
+        return F.linear(embeddings, *_rows(rows, self.classifier.weight, self.classifier.bias))
 
 
-class L2Softmax(PrototypeTerm):
+class L2Softmax(ShardableSoftmax):
     """L2-constrained softmax (Ranjan et al.): softmax cross-entropy on ``alpha * f / ||f||``.
 
     The Doppelganger paper (sec. 4.2.5) trains ``alpha`` from an initial value of 16. The classifier is
     an ordinary fully connected layer (weights not normalised, with bias), as in Ranjan et al.
     """
+
+    class_parameters = ("classifier.weight", "classifier.bias")
 
     def __init__(self, embedding_dim: int, num_classes: int, scale: float = 16.0,
                  trainable_scale: bool = True, bias: bool = True) -> None:
@@ -85,20 +247,20 @@ class L2Softmax(PrototypeTerm):
         self.scale = nn.Parameter(torch.tensor(float(scale)), requires_grad=trainable_scale)
 
     def class_scores(self, embeddings):
-        return self.classifier(self.scale * F.normalize(embeddings, dim=1))
+        return self.column_logits(embeddings, None, self.scale)
 
     def class_vectors(self):
         return self.classifier.weight
 
-    def loss_and_logits(self, embeddings, labels):
-        logits = self.class_scores(embeddings)
-        return F.cross_entropy(logits, labels), logits
+    def column_logits(self, embeddings, targets, scale, rows=None):
+        return F.linear(scale * F.normalize(embeddings, dim=1), *_rows(rows, self.classifier.weight,
+                                                                        self.classifier.bias))
 
     def scalars(self) -> dict[str, torch.Tensor]:
         return {"scale": self.scale}
 
 
-class TargetMarginSoftmax(PrototypeTerm):
+class TargetMarginSoftmax(ShardableSoftmax):
     """Softmax over ``magnitude_j * cos(theta_j)`` with the target logit replaced by ``magnitude_y * psi``.
 
     ``theta_j`` is the angle between ``f`` and the bias-free class weight ``W_j``. The magnitude is
@@ -106,6 +268,8 @@ class TargetMarginSoftmax(PrototypeTerm):
     weights are not normalised. NormFace, CosFace, ArcFace, SphereFace and L-Softmax differ only in
     ``psi`` and in these two choices.
     """
+
+    class_parameters = ("weight",)
 
     def __init__(self, embedding_dim: int, num_classes: int, scale: float | None, trainable_scale: bool = False,
                  normalize_weights: bool = True) -> None:
@@ -122,28 +286,41 @@ class TargetMarginSoftmax(PrototypeTerm):
         """psi(cos theta_y) for each example's target class."""
         raise NotImplementedError
 
-    def class_scores(self, embeddings):
+    def _cosine_logits(self, embeddings: torch.Tensor, scale: torch.Tensor | None, weight: torch.Tensor,
+                       weight_unit: torch.Tensor | None = None) -> torch.Tensor:
         # One B x C matmul gives magnitude_j * cos(theta_j) for every class: the row factor (s or ||f||)
         # scales f^ (B x D, cheaper than B x C); the column factor ||W_j|| stays in unnormalised W.
-        rows = embeddings if self.scale is None else F.normalize(embeddings, dim=1) * self.scale  # ||f|| f^ = f
-        return rows @ (F.normalize(self.weight, dim=1) if self.normalize_weights else self.weight).T
+        rows = embeddings if scale is None else F.normalize(embeddings, dim=1) * scale  # ||f|| f^ = f
+        if not self.normalize_weights:
+            return rows @ weight.T
+        return rows @ (F.normalize(weight, dim=1) if weight_unit is None else weight_unit).T
+
+    def class_scores(self, embeddings):
+        return self._cosine_logits(embeddings, self.scale, self.weight)
 
     def class_vectors(self):
         return self.weight
 
-    def loss_and_logits(self, embeddings, labels):
+    def column_logits(self, embeddings, targets, scale, rows=None):
+        (weight,) = _rows(rows, self.weight)
         unit = F.normalize(embeddings, dim=1)
-        weight_unit = F.normalize(self.weight, dim=1)
-        logits = self.class_scores(embeddings)
-        target_cos = (unit * weight_unit[labels]).sum(1)
-        magnitude = embeddings.norm(dim=1) if self.scale is None else self.scale.expand_as(target_cos)
+        weight_unit = F.normalize(weight, dim=1)  # once: a [C, D] copy at 2M classes is 4 GB
+        logits = self._cosine_logits(embeddings, scale, weight, weight_unit)
+        held = targets >= 0
+        columns = targets.clamp_min(0)  # rows whose target is elsewhere compute a value that is not used
+        target_cos = (unit * weight_unit[columns]).sum(1)
+        magnitude = embeddings.norm(dim=1) if scale is None else scale.expand_as(target_cos)
         if not self.normalize_weights:
-            magnitude = magnitude * self.weight.norm(dim=1)[labels]
-        index = (torch.arange(len(labels), device=labels.device), labels)
+            magnitude = magnitude * weight.norm(dim=1)[columns]
+        value = magnitude * self.target_logit(target_cos)
+        batch = torch.arange(len(targets), device=targets.device)
+        if not self.split():  # every row's target is here (kept apart: the unsharded result stays bit-exact)
+            index, value = (batch, targets), value
+        else:
+            index, value = (batch[held], targets[held]), value[held]
         # In place: the matmul's backward needs its inputs, not its output. The miner never reads the
-        # target column, so the logits it keeps may carry the margin there.
-        logits = logits.index_put_(index, magnitude * self.target_logit(target_cos))
-        return F.cross_entropy(logits, labels), logits
+        # target column, so the logits it reads may carry the margin there.
+        return logits.index_put_(index, value)
 
     def scalars(self) -> dict[str, torch.Tensor]:
         trainable = self.scale is not None and self.scale.requires_grad
@@ -256,6 +433,13 @@ class LargeMarginSoftmax(MultiplicativeAngularMargin):
         super().__init__(embedding_dim, num_classes, margin, None, normalize_weights=False, **annealing)
 
 
+def _rows(rows: torch.Tensor | None, *params: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+    """The given rows of per-class parameters (all of them for None). Indexing the parameter keeps the
+    gradient dense: rows not sampled get zero, and the optimizer's momentum and weight decay still move
+    them, as in arcface_torch's Partial FC."""
+    return params if rows is None else tuple(None if p is None else p[rows] for p in params)
+
+
 def chebyshev(m: int, x: torch.Tensor) -> torch.Tensor:
     """T_m(x) = cos(m * arccos(x)) by the recurrence T_{n+1} = 2x T_n - T_{n-1}."""
     previous, current = torch.ones_like(x), x
@@ -291,7 +475,7 @@ class CenterLoss(PrototypeTerm):
     def loss_and_logits(self, embeddings, labels):
         distances = squared_distances(embeddings, self.centres)
         own = (embeddings - self.centres[labels]).pow(2).sum(1)
-        return own.mean() / 2, -distances
+        return own.mean() / 2, ColumnLogits(-distances, labels)
 
 
 class IELoss(PrototypeTerm):
@@ -339,13 +523,13 @@ class IELoss(PrototypeTerm):
         present = torch.unique(labels)
         others = len(present) - 1
         if others == 0:  # one class in the batch: nothing to exclude
-            return own.sum() * 0.0 + self.log_variance * 0.0, -distances
+            return own.sum() * 0.0 + self.log_variance * 0.0, ColumnLogits(-distances, labels)
         q = max(1, math.ceil(self.q_fraction * others))
         to_present = distances[:, present].masked_fill(labels[:, None] == present[None, :], float("inf"))
         nearest = to_present.topk(q, dim=1, largest=False).values
         exclude = torch.logsumexp(-nearest / (2 * variance), dim=1)
         loss = F.relu(own / (2 * variance) + self.alpha + exclude).mean()
-        return loss, -distances / (2 * variance.detach())
+        return loss, ColumnLogits(-distances / (2 * variance.detach()), labels)
 
     def scalars(self) -> dict[str, torch.Tensor]:
         return {"variance": self.last_variance}

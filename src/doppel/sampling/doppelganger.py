@@ -2,13 +2,16 @@
 
 Sec. 3.2 of the Doppelganger paper: after each training step, for each class in the mini-batch the
 highest-scoring *other* class of the prototype loss's logits becomes its doppelganger. The logits are
-already computed by the loss, so mining costs one masked top-k over a B x C matrix and no forward pass.
+already computed by the loss, so mining costs one top-k over a B x C matrix and no forward pass.
 
 An update is split in two so that several processes can share one table:
-``propose`` turns one step's logits into a fixed-size :class:`TableUpdate` (padded to the batch size,
-so it can be all-gathered), and ``apply`` writes any number of gathered updates, merging the candidates of
-a class proposed by several processes, so every rank that applies the same updates ends with the same
-table, and that table is the one a single process would mine from the whole global batch.
+:meth:`Mining.propose` turns one step's logits into a fixed-size :class:`TableUpdate` inside the prototype
+term's forward (padded to the batch size, so it can be all-gathered; nothing [B, C] outlives the step),
+and :meth:`DoppelgangerTable.apply` writes any number of gathered updates, merging the candidates of a
+class proposed by several processes, so every rank that applies the same updates ends with the same
+table. With ``reduction="max"`` that table is the one a single process would mine from the whole global
+batch, whether the processes split the batch (data parallelism: each proposes from its own rows) or the
+classes (a sharded classifier: each proposes from its own columns, for every row of the global batch).
 """
 
 from __future__ import annotations
@@ -33,6 +36,29 @@ class TableUpdate:
     scores: torch.Tensor  # [R, k] float
 
     @staticmethod
+    def gathered(classes: torch.Tensor, candidates: torch.Tensor, scores: torch.Tensor,
+                 split_classes: bool) -> TableUpdate:
+        """One update from every process's proposals stacked along a first dimension W ([W, R], [W, R, k]):
+        all their rows (the processes split the batch: :meth:`DoppelgangerTable.apply` merges repeated
+        classes), or, when the processes split the classes, their rows merged (:meth:`merge_shards`)."""
+        if split_classes:
+            return TableUpdate.merge_shards(classes[0], candidates, scores)
+        return TableUpdate(classes.flatten(0, 1), candidates.flatten(0, 1), scores.flatten(0, 1))
+
+    @staticmethod
+    def merge_shards(classes: torch.Tensor, candidates: torch.Tensor, scores: torch.Tensor) -> TableUpdate:
+        """One update from the proposals of W processes that split the classes: ``classes`` [R] (the same on
+        every process: each mined the same global batch), ``candidates`` / ``scores`` [W, R, k] from disjoint
+        columns. A class's best k of the W x k is what :meth:`DoppelgangerTable.apply` would keep, found
+        without sorting W x R x k triples."""
+        world, rows, k = scores.shape
+        scores = scores.permute(1, 0, 2).reshape(rows, world * k)
+        candidates = candidates.permute(1, 0, 2).reshape(rows, world * k)
+        best, slot = scores.topk(k, dim=1)
+        chosen = candidates.gather(1, slot).masked_fill(best == float("-inf"), EMPTY)
+        return TableUpdate(classes, chosen, best)
+
+    @staticmethod
     def cat(updates: list[TableUpdate]) -> TableUpdate:
         return TableUpdate(
             torch.cat([u.classes for u in updates]),
@@ -41,8 +67,61 @@ class TableUpdate:
         )
 
 
+@dataclass(frozen=True)
+class Mining:
+    """How one step's logits become proposals: each batch class's ``top_k`` best other classes, a
+    candidate scored by its highest logit over the class's examples (``reduction="max"``) or their mean.
+
+    Runs inside the prototype term's forward, on whatever columns of the classifier it holds: all classes,
+    one process's shard (``column_classes`` = the shard's class ids) or a Partial FC sample.
+    """
+
+    top_k: int = 1
+    reduction: str = "max"
+
+    def propose(self, logits: torch.Tensor, labels: torch.Tensor, targets: torch.Tensor | None = None,
+                column_classes: torch.Tensor | None = None, pad_to: int | None = None) -> TableUpdate:
+        """Proposals from logits [B, C'] over C' columns, in global class ids.
+
+        ``labels`` [B] are global class ids; ``targets`` [B] the column of each row's own class (-1 where
+        these columns do not hold it; default: ``labels``); ``column_classes`` [C'] the class of each column
+        (default: column j is class j). A class never proposes itself; a class with fewer than ``top_k``
+        other columns proposes ``EMPTY`` in the slots left.
+        """
+        logits = logits.detach()
+        targets = labels if targets is None else targets
+        classes, inverse = torch.unique(labels, return_inverse=True)
+        width = logits.shape[1]
+        if self.reduction == "max":
+            scores, candidates = _propose_max(logits, targets, len(classes), inverse, self.top_k)
+        else:
+            counts = torch.bincount(inverse, minlength=len(classes)).to(logits.dtype)
+            per_class = logits.new_zeros(len(classes), width).index_add_(0, inverse, logits)
+            per_class /= counts[:, None]
+            own = targets.new_full((len(classes),), -1).scatter_(0, inverse, targets)  # a class's own column
+            held = own >= 0
+            per_class[held.nonzero().squeeze(1), own[held]] = float("-inf")
+            scores, candidates = per_class.topk(min(self.top_k, width), dim=1)
+        if column_classes is not None:
+            candidates = column_classes[candidates]
+        candidates = candidates.masked_fill(scores == float("-inf"), EMPTY)
+        if candidates.shape[1] < self.top_k:  # fewer columns than top_k
+            missing = self.top_k - candidates.shape[1]
+            candidates = torch.cat([candidates, candidates.new_full((len(classes), missing), EMPTY)], 1)
+            scores = torch.cat([scores, scores.new_full((len(classes), missing), float("-inf"))], 1)
+        update = TableUpdate(classes, candidates, scores)
+        return update if pad_to is None else _pad(update, pad_to)
+
+
+DRAW_SOURCES = ("random", "table", "fallback_empty", "fallback_taken", "capped")
+
+
 class DoppelgangerTable:
-    """``table[c, j]``: the j-th doppelganger of class ``c`` (best first), -1 while unknown."""
+    """``table[c, j]``: the j-th doppelganger of class ``c`` (best first), -1 while unknown.
+
+    The one owner of the table: how it is mined (``mining``), how proposals are merged in (``apply``),
+    where the sampler's classes came from (``count_draw``), its per-epoch statistics and its state.
+    """
 
     def __init__(self, num_classes: int, top_k: int = 1, reduction: str = "max") -> None:
         if num_classes < 2:
@@ -51,9 +130,13 @@ class DoppelgangerTable:
         if top_k >= num_classes:
             raise ValueError(f"doppel.top_k={top_k} must be between 1 and num_classes - 1 ({num_classes - 1}).")
         self.num_classes = num_classes
-        self.top_k = top_k
-        self.reduction = reduction
+        self.mining = Mining(top_k, reduction)
         self.table = torch.full((num_classes, top_k), EMPTY, dtype=torch.long)
+        self.draws = dict.fromkeys(DRAW_SOURCES, 0)  # the sampler's classes by source, this epoch
+        self.epoch_start: torch.Tensor | None = None  # first doppelgangers when the epoch began
+
+    top_k = property(lambda self: self.mining.top_k)
+    reduction = property(lambda self: self.mining.reduction)
 
     @staticmethod
     def check_settings(top_k: int, reduction: str) -> None:
@@ -64,45 +147,10 @@ class DoppelgangerTable:
             raise ValueError(f"doppel.reduction={reduction!r} is not one of {REDUCTIONS}.")
 
     def propose(self, logits: torch.Tensor, labels: torch.Tensor, pad_to: int | None = None) -> TableUpdate:
-        """The doppelganger proposals of one step, from its classifier logits [B, C] and labels [B].
-
-        ``reduction="max"``: a class's score for candidate c is the highest logit any of its examples
-        gave c; ``"mean"``: the mean over its examples. The class itself is never a candidate.
-        """
-        logits = logits.detach()
+        """Proposals from full-width logits [B, C] (see :meth:`Mining.propose`)."""
         if logits.shape[1] != self.num_classes:
             raise ValueError(f"logits have {logits.shape[1]} classes, the table {self.num_classes}.")
-        classes, inverse = torch.unique(labels, return_inverse=True)
-        if self.reduction == "max":
-            scores, candidates = self._propose_max(logits, labels, classes, inverse)
-        else:
-            counts = torch.bincount(inverse, minlength=len(classes)).to(logits.dtype)
-            per_class = logits.new_zeros(len(classes), self.num_classes).index_add_(0, inverse, logits)
-            per_class /= counts[:, None]
-            per_class.scatter_(1, classes[:, None], float("-inf"))
-            scores, candidates = per_class.topk(self.top_k, dim=1)
-        update = TableUpdate(classes, candidates, scores)
-        if pad_to is not None:
-            update = _pad(update, pad_to)
-        return update
-
-    def _propose_max(self, logits, labels, classes, inverse):
-        if self.top_k == 1:
-            # One max pass over [B, C]: each example's best other class, then each class's best example.
-            scores, candidates = _max_excluding_target(logits, labels)
-            best = _best_rows(labels, scores)
-            return scores[best, None], candidates[best, None]
-        # A class's top-k candidates by max-over-examples are always among its examples' top-(k+1)
-        # logits (at most k - 1 better candidates plus the class itself can outrank one in its row),
-        # so one top-k pass over [B, C] suffices and nothing of size [U, C] is built.
-        row_scores, row_candidates = logits.topk(self.top_k + 1, dim=1)
-        pool, pool_index = torch.unique(row_candidates, return_inverse=True)
-        per_class = logits.new_full((len(classes), len(pool)), float("-inf"))
-        flat = inverse[:, None] * len(pool) + pool_index
-        per_class.view(-1).scatter_reduce_(0, flat.flatten(), row_scores.flatten(), "amax")
-        per_class[pool[None, :] == classes[:, None]] = float("-inf")
-        scores, slot = per_class.topk(self.top_k, dim=1)
-        return scores, pool[slot]
+        return self.mining.propose(logits, labels, pad_to=pad_to)
 
     def apply(self, update: TableUpdate) -> None:
         """Write proposals into the table, replacing the rows of the proposed classes.
@@ -159,8 +207,44 @@ class DoppelgangerTable:
         top = counts.topk(min(n, self.num_classes))
         return [(c, k) for c, k in zip(top.indices.tolist(), top.values.tolist()) if k > 0]
 
+    # -- statistics --------------------------------------------------------------------------
+    def count_draw(self, source: str, classes: int = 1) -> None:
+        """The sampler took ``classes`` batch classes from ``source`` (one of ``DRAW_SOURCES``)."""
+        self.draws[source] += classes
+
+    def start_epoch(self) -> None:
+        self.epoch_start = self.first().clone()
+
+    def end_epoch(self, lookalikes: list[set[int]] | None = None) -> dict[str, float]:
+        """The epoch's ``doppel/*`` metrics: fill, churn since :meth:`start_epoch`, the share of batch
+        classes the sampler took from the table (its counts then start again: the next epoch's batches are
+        drawn after this), the top hub's count and, where the data knows which classes look alike, the
+        look-alike share and what chance would score."""
+        first = self.first()
+        metrics = {"doppel/table_filled": self.filled_fraction()}
+        if self.epoch_start is not None:
+            metrics["doppel/churn"] = (first != self.epoch_start).float().mean().item()
+        drawn = sum(self.draws.values())
+        if drawn:
+            metrics["doppel/from_table"] = self.draws["table"] / drawn
+        if lookalikes is not None:
+            judged = lookalike_share(first, lookalikes)
+            if judged is not None:
+                metrics["doppel/lookalike_share"], metrics["doppel/lookalike_chance"] = judged
+        hubs = self.hubs(1)
+        metrics["doppel/hub_count"] = float(hubs[0][1]) if hubs else 0.0
+        self.draws = dict.fromkeys(DRAW_SOURCES, 0)
+        return metrics
+
+    def checksum(self) -> torch.Tensor:
+        """A number that differs between two different tables (positions weighted), to compare processes."""
+        positions = torch.arange(1, self.table.numel() + 1, dtype=torch.float64)
+        return (self.table.flatten().to(torch.float64) * positions).sum()
+
+    # -- state ---------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {"table": self.table.clone(), "reduction": self.reduction}
+        return {"table": self.table.clone(), "reduction": self.reduction, "draws": dict(self.draws),
+                "epoch_start": None if self.epoch_start is None else self.epoch_start.clone()}
 
     def load_state_dict(self, state: dict) -> None:
         table = state["table"]
@@ -170,6 +254,43 @@ class DoppelgangerTable:
                 f"{tuple(self.table.shape)}: the dataset's class count or doppel.top_k differs."
             )
         self.table.copy_(table)
+        self.draws = {**dict.fromkeys(DRAW_SOURCES, 0), **state.get("draws", {})}
+        self.epoch_start = state.get("epoch_start")
+
+
+def lookalike_share(first: torch.Tensor, lookalikes: list[set[int]]) -> tuple[float, float] | None:
+    """Over classes with a doppelganger (``first`` >= 0) and a known look-alike: the share whose first
+    doppelganger is a known look-alike, and the mean share of the other classes that are (a random pick's
+    expected score). None when no class qualifies."""
+    judged = [(cls, int(other)) for cls, other in enumerate(first.tolist()) if other >= 0 and lookalikes[cls]]
+    if not judged:
+        return None
+    hits = sum(other in lookalikes[cls] for cls, other in judged)
+    chance = sum(len(lookalikes[cls]) for cls, _ in judged) / (len(lookalikes) - 1)
+    return hits / len(judged), chance / len(judged)
+
+
+def _propose_max(logits: torch.Tensor, targets: torch.Tensor, n_classes: int, inverse: torch.Tensor,
+                 top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each class's ``top_k`` columns by max-over-its-examples, its own column excluded.
+
+    A class's top-k candidates are always among its examples' top-(k+1) logits (at most k - 1 better
+    candidates plus the class itself can outrank one in its row), so one top-k pass over [B, C'] suffices
+    and nothing of size [classes, C'] is built.
+    """
+    width = logits.shape[1]
+    if top_k == 1:  # one max pass over [B, C']: each row's best other column, then each class's best row
+        scores, columns = _max_excluding_target(logits, targets)
+        best = _best_rows(inverse, scores)
+        return scores[best, None], columns[best, None]
+    row_scores, row_columns = logits.topk(min(top_k + 1, width), dim=1)
+    row_scores = row_scores.masked_fill(row_columns == targets[:, None], float("-inf"))
+    pool, pool_index = torch.unique(row_columns, return_inverse=True)
+    per_class = logits.new_full((n_classes, len(pool)), float("-inf"))
+    flat = inverse[:, None] * len(pool) + pool_index
+    per_class.view(-1).scatter_reduce_(0, flat.flatten(), row_scores.flatten(), "amax")
+    scores, slot = per_class.topk(min(top_k, len(pool)), dim=1)
+    return scores, pool[slot]
 
 
 def _best_rows(keys: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
@@ -182,19 +303,22 @@ def _best_rows(keys: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
     return order[last]
 
 
-def _max_excluding_target(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each row's highest logit other than its label's, and its class.
+def _max_excluding_target(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's highest logit other than its target column's (-1: none here), and its column.
 
-    The target logits are masked in place and restored afterwards: a masked copy of a
-    [B, 100000] matrix would cost as much as the max itself. Call only once backward has run.
+    The target logits are masked in place and restored afterwards: a masked copy of a [B, 100000] matrix
+    would cost as much as the max itself. Safe inside the loss's forward because no backward reads the
+    logits themselves (softmax saves its output); a term whose backward did would fail loudly at backward
+    (autograd's in-place check), never silently.
     """
-    rows = torch.arange(len(labels), device=logits.device)
-    target = logits[rows, labels].clone()
-    logits[rows, labels] = float("-inf")
+    rows = (targets >= 0).nonzero().squeeze(1)
+    columns = targets[rows]
+    kept = logits[rows, columns].clone()
+    logits[rows, columns] = float("-inf")
     try:
         return logits.max(dim=1)
     finally:
-        logits[rows, labels] = target
+        logits[rows, columns] = kept
 
 
 def _pad(update: TableUpdate, rows: int) -> TableUpdate:

@@ -59,7 +59,14 @@ class ResumableBatches:
 
     def __iter__(self) -> Iterator[list[int]]:
         resume, self._resume = self._resume, None
-        if resume is not None and resume[0] == self.epoch:
+        if resume is not None and resume[0] == self.epoch and "skip" in resume[1]:
+            # Another number of processes: this epoch's stream anew, the batches already trained on skipped.
+            generator = self.batches.stream()
+            self.batches.begin_epoch(None)
+            for _ in range(resume[1]["skip"]):
+                self.batches.draw(generator)
+            self._drawn, ahead = resume[1]["skip"], []
+        elif resume is not None and resume[0] == self.epoch:
             position = resume[1]
             generator = torch.Generator()
             generator.set_state(position["generator"])
@@ -100,6 +107,16 @@ class ResumableBatches:
         self.batches.load_state_dict({k: v for k, v in state.items() if k != "position"})
         self._resume = (state["epoch"], state["position"]) if "position" in state else None
 
+    def load_state_dict_elsewhere(self, state: dict) -> None:
+        """Restore the state another number of processes saved: the epoch and seed; a saved position resumes
+        by drawing this process count's stream of the epoch from its start and skipping as many batches
+        (steps) as were trained on. The batches differ from the interrupted run's (its sub-batches were
+        drawn for another number of processes); the epoch's step count is kept."""
+        self.batches.load_state_dict({k: v for k, v in state.items() if k != "position"})
+        position = state.get("position")
+        trained = None if position is None else position["drawn"] - len(position["ahead"])
+        self._resume = None if trained is None else (state["epoch"], {"skip": trained})
+
 
 class KeyedBatches:
     """Batches of (image index, seed of that image's random transforms)."""
@@ -121,3 +138,6 @@ class KeyedBatches:
 
     def load_state_dict(self, state: dict) -> None:
         self.sampler.load_state_dict(state)
+
+    def load_state_dict_elsewhere(self, state: dict) -> None:
+        self.sampler.load_state_dict_elsewhere(state)

@@ -227,10 +227,8 @@ class DoppelgangerBatchSampler(IdentityBatchSampler):
             raise ValueError(f"{type(self).__name__} samples from the doppelganger table: the run must mine one.")
         if table.num_classes != self.num_classes:
             raise ValueError(f"doppelganger table has {table.num_classes} classes, the data {self.num_classes}.")
-        self.table = table
+        self.table = table  # read for doppelgangers; told where each batch class came from (count_draw)
         self.random_ratio = random_ratio
-        # Where the classes of recent batches came from; read and reset by the mining callback.
-        self.stats = {"random": 0, "table": 0, "fallback_empty": 0, "fallback_taken": 0}
 
     @classmethod
     def check_settings(cls, batch_size: int, random_ratio: float | str = 1 / 3, warmup_epochs: int = 0,
@@ -238,13 +236,6 @@ class DoppelgangerBatchSampler(IdentityBatchSampler):
         parse_random_ratio(random_ratio)
         _check_warmup(warmup_epochs)
         super().check_settings(batch_size, **settings)
-
-    def state_dict(self) -> dict:
-        return {**super().state_dict(), "stats": dict(self.stats)}
-
-    def load_state_dict(self, state: dict) -> None:
-        super().load_state_dict(state)
-        self.stats.update(state.get("stats", {}))
 
     def n_random(self, n_classes: int) -> int:
         if self.epoch < self.warmup_epochs:
@@ -259,7 +250,7 @@ class DoppelgangerBatchSampler(IdentityBatchSampler):
         n_random = self.n_random(n_classes)
         in_batch: set[int] = set()
         chosen = self._random_classes(n_random, in_batch, generator)
-        self.stats["random"] += n_random
+        self.table.count_draw("random", n_random)
         admits = self._admission()
         for i in range(n_random, n_classes):
             known = self.table.doppelgangers(chosen[i - n_random])
@@ -267,9 +258,9 @@ class DoppelgangerBatchSampler(IdentityBatchSampler):
             allowed = fresh if admits is None else [c for c in fresh if admits(c)]
             if allowed:
                 cls = allowed[0]
-                self.stats["table"] += 1
+                self.table.count_draw("table")
             else:  # "capped": fresh doppelgangers, none admitted
-                self.stats["capped" if fresh else "fallback_taken" if known else "fallback_empty"] += 1
+                self.table.count_draw("capped" if fresh else "fallback_taken" if known else "fallback_empty")
                 cls = self._random_classes(1, in_batch, generator)[0]
             chosen.append(cls)
             in_batch.add(cls)
@@ -293,7 +284,6 @@ class BalancedDoppelgangerBatchSampler(DoppelgangerBatchSampler):
         super().__init__(context, batch_size, random_ratio, **kwargs)
         self.cap = float(cap)
         self.exposure = torch.zeros(self.num_classes, dtype=torch.long)
-        self.stats["capped"] = 0
 
     @classmethod
     def check_settings(cls, batch_size: int, random_ratio: float | str = 1 / 3, cap: float = 2.0,
