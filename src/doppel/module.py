@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from doppel.evaluation.evaluator import Evaluator
+from doppel.host_syncs import at_sync_point
 from doppel.losses import sharding
 from doppel.losses.loss_set import LossSet
 from doppel.losses.sharding import ClassShard
@@ -20,6 +21,8 @@ from doppel.seeding import seed_for_rank
 
 # Evaluation metrics are computed once on process 0 and broadcast: syncing them would only repeat that.
 warnings.filterwarnings("ignore", message=r"It is recommended to use `self.log\('(val|test)/")
+# The module checks the labels of each batch before transfer; the datamodule has no such hook to defer to.
+warnings.filterwarnings("ignore", message="You have overridden `on_before_batch_transfer` in `LightningModule`")
 
 
 class DoppelModule(pl.LightningModule):
@@ -49,6 +52,11 @@ class DoppelModule(pl.LightningModule):
         return self.backbone(images)
 
     # -- training ----------------------------------------------------------------------------
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        if self._trainer is not None and self.trainer.training:
+            self.loss_set.check_labels(batch[1])  # still on the host: no wait for the device
+        return batch
+
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         images, labels = batch
         if self.views > 1:
@@ -59,15 +67,23 @@ class DoppelModule(pl.LightningModule):
         embeddings = self.backbone(images)
         # Loss terms in float32 even under mixed precision: margins, scales of 64 and log-sum-exps.
         with torch.autocast(embeddings.device.type, enabled=False):
-            loss, logs, proposals = self.loss_set(embeddings.float(), labels, self.mining)
+            loss, logs, proposals = self.loss_set(embeddings.float(), labels, self.mining, step=self.global_step)
         self.log_dict({f"train/{k}": v for k, v in logs.items()}, on_step=True, on_epoch=False,
                       prog_bar=False, batch_size=len(labels))
         self.log("train/loss", loss.detach(), prog_bar=True, batch_size=len(labels))
-        if self._trainer is not None and self.trainer.optimizers:
-            self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=len(labels))
+        if self._trainer is not None and self.trainer.optimizers:  # filled on the device: no host-to-device copy
+            lr = torch.full((), self.trainer.optimizers[0].param_groups[0]["lr"], device=loss.device)
+            self.log("train/lr", lr, batch_size=len(labels))
         # What callbacks read: the labels the loss saw (with loss.views > 1, each label once per view), the
         # doppelganger proposals (global class ids) and the embeddings; nothing [B, C] outlives the step.
         return {"loss": loss, "labels": labels, "proposals": proposals, "embeddings": embeddings.detach()}
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if at_sync_point(self.trainer):
+            self.loss_set.check()
+
+    def on_train_epoch_end(self) -> None:
+        self.loss_set.check()
 
     # -- evaluation --------------------------------------------------------------------------
     def _eval_step(self, batch: tuple[torch.Tensor, torch.Tensor], dataloader_idx: int = 0) -> None:
@@ -106,7 +122,8 @@ class DoppelModule(pl.LightningModule):
     # -- a sharded classifier in checkpoints: one logical tensor, whatever the number of processes -------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Every process calls this; process 0, which writes the file, gets the whole class tensors (weights
-        and their optimizer state) gathered from the shards."""
+        and their optimizer state) gathered from the shards. Never saves a run whose loss has gone bad."""
+        self.loss_set.check()
         names = sharded_names(self, self.loss_set)
         if not names:
             return

@@ -42,10 +42,19 @@ def test_a_sharded_run_mines_the_unsharded_table_checkpoints_one_classifier_and_
         one.apply(one.propose(step["logits"], step["labels"]))
     assert torch.equal(one.table, tables["sharded"][0])
     assert (one.table >= 0).float().mean() > 0.3
+    # The same weights up to the order of float sums, which 4 steps grow to ~1e-3 of a tensor's norm (a pair
+    # of the margin loss drawn on either side of a float boundary), and metrics up to the decisions that can
+    # flip (a nearest neighbour within float error: one query of the 312 is 0.0032).
+    weights = {name: torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+               for name, run in runs.items()}
+    assert weights["sharded"].keys() == weights["whole"].keys()
+    for key, tensor in weights["whole"].items():
+        if tensor.is_floating_point():
+            assert (weights["sharded"][key] - tensor).norm() <= 1e-2 * tensor.norm() + 1e-6, key
     metrics = {name: json.loads((run / "metrics.json").read_text()) for name, run in runs.items()}
     assert metrics["sharded"].keys() == metrics["whole"].keys()
-    for key, value in metrics["whole"].items():  # the same up to the order of float sums
-        assert metrics["sharded"][key] == pytest.approx(value, abs=1e-6), key
+    for key, value in metrics["whole"].items():
+        assert metrics["sharded"][key] == pytest.approx(value, abs=0.02), key
 
     sharded = [*args, "classifier.sharded=true"]
     fault = ["+callbacks.fault._target_=tests.e2e.faults.SignalAtStep", "+callbacks.fault.step=3",
@@ -75,15 +84,6 @@ def test_sharding_a_loss_without_a_softmax_weight_matrix_is_refused(tmp_path, lo
                      cwd=tmp_path)
     assert result.returncode == 1
     assert f"classifier.sharded=true: {what}" in result.stderr
-
-
-def test_partial_fc_on_shards_with_doppelganger_negatives_trains_in_two_processes(tmp_path):
-    run = tmp_path / "run"
-    result = run_cli([*TINY, *DDP, *SHORT, "classifier.sharded=true", "classifier.sample_rate=0.5",
-                      "classifier.negatives=doppel", "~callbacks.diagnostics", f"hydra.run.dir={run}"], cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    metrics = json.loads((run / "metrics.json").read_text())
-    assert metrics["doppel/table_filled"] > 0.3  # the tables of the two processes agreed at every epoch end
 
 
 def test_a_sharded_run_resumes_on_three_then_two_then_one_processes_with_its_logical_state(tmp_path):

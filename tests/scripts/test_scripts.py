@@ -115,6 +115,27 @@ def test_scale_benchmark_holds_one_share_of_the_classifier_per_process_when_shar
     assert all(r["ms"] > 0 for r in rows.values())
 
 
+def test_the_device_check_runs_its_settings_on_the_cpu_without_a_host_sync(tmp_path):
+    """scripts/bench/gpu.py, tiny on the CPU: each setting runs its steps (the decode setting decodes JPEG
+    bytes in the step) and counts no host sync in a steady-state step."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "gpu.json"
+    tiny = json.dumps({"stem_channels": 8, "widths": [8, 16, 16, 16], "depths": [1, 1, 1, 1], "embedding_dim": 16})
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench" / "gpu.py"), "--device", "cpu",
+                             "--backbone", "face_resnet", "--options", tiny, "--image-size", "259", "--batch", "8",
+                             "--classes", "64", "--large-classes", "96", "--steps", "1", "--warmup", "1",
+                             "--sync-steps", "2", "--precision", "fp32", "--json", str(out),
+                             "--settings", "pfc0.1_100k,no_table,full_100k,decode_gpu"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["device"] == "CPU" and list(report["rows"]) == ["pfc0.1_100k", "no_table", "full_100k", "decode_gpu"]
+    for name, row in report["rows"].items():
+        assert row["syncs_per_step"] == 0 and row["images_per_s"] > 0, name
+    assert "decode_gpu" in result.stdout and "syncs/step" in result.stdout
+
+
 def test_backbone_benchmark_steps_train_the_network_in_each_setting():
     bench = load_script("bench/backbones")
     import torch

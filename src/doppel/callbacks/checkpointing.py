@@ -21,6 +21,7 @@ from pytorch_lightning.callbacks import Checkpoint
 from pytorch_lightning.utilities import rank_zero_info
 
 from doppel.checkpoint import LAST
+from doppel.host_syncs import at_sync_point
 from doppel.serialization import CheckpointError, CheckpointWriteError, load_checkpoint
 from doppel.slurm import REQUEUE_SIGNALS, requeue
 
@@ -69,10 +70,14 @@ class LastCheckpoint(Checkpoint):
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._restore_handlers()
 
-    def _stop_requested(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> int | None:
-        """The signal that asks this run to stop; under DDP every process agrees (a signal to any one stops all)."""
+    def _stop_requested(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                        epoch_end: bool = False) -> int | None:
+        """The signal that asks this run to stop; under DDP every process agrees (a signal to any one stops
+        all), at the run's sync points and epoch ends only: agreeing costs a wait for the device."""
         if trainer.world_size == 1:
             return self._received
+        if not epoch_end and not at_sync_point(trainer):
+            return None
         received = torch.tensor([self._received or 0], device=pl_module.device)
         torch.distributed.all_reduce(received, op=torch.distributed.ReduceOp.MAX)
         return int(received) or None
@@ -87,7 +92,7 @@ class LastCheckpoint(Checkpoint):
             self._save(trainer, stop)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._save(trainer, self._stop_requested(trainer, pl_module))
+        self._save(trainer, self._stop_requested(trainer, pl_module, epoch_end=True))
 
     def _save(self, trainer: pl.Trainer, stop: int | None) -> None:
         try:

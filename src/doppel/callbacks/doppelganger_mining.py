@@ -8,6 +8,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities import rank_zero_info
 
+from doppel.losses.sharding import gather_rows
 from doppel.sampling.doppelganger import DoppelgangerTable, TableUpdate
 
 
@@ -41,6 +42,7 @@ class DoppelgangerMining(pl.Callback):
             raise ValueError(f"doppel.reduction={self.table.reduction!r} cannot be mined exactly by "
                              f"{trainer.world_size} processes (a class's mean needs all its logits in one place): "
                              "use doppel.reduction=max, classifier.sharded=true or one process.")
+        self.table.to_(pl_module.device)  # where the proposals are made: applying them never waits
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.table.start_epoch()
@@ -48,8 +50,9 @@ class DoppelgangerMining(pl.Callback):
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
                            batch: Any, batch_idx: int) -> None:
         update: TableUpdate = outputs["proposals"]
-        if trainer.world_size > 1:
-            gathered = pl_module.all_gather(vars(update))
+        if trainer.world_size > 1:  # fixed shapes: no size exchange, so the step never waits for the device
+            gathered = {name: gather_rows(rows).view(trainer.world_size, *rows.shape)
+                        for name, rows in vars(update).items()}
             update = TableUpdate.gathered(**gathered, split_classes=pl_module.loss_set.prototype_term.split())
         self.table.apply(update)
 

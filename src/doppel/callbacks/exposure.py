@@ -36,15 +36,20 @@ class ExposureMonitor(pl.Callback):
     def __init__(self, num_classes: int) -> None:
         self.counts = torch.zeros(num_classes, dtype=torch.long)
 
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self.counts = self.counts.to(pl_module.device)
+
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
                            batch: Any, batch_idx: int) -> None:
-        self.counts[torch.unique(batch[1].cpu())] += 1
+        labels = batch[1]
+        # +1 for each class present, however often: repeated labels write the same value. On the device.
+        self.counts.scatter_(0, labels, self.counts.gather(0, labels) + 1)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         counts = self.counts
         if trainer.world_size > 1:
-            counts = pl_module.all_gather(counts.to(pl_module.device)).sum(0).cpu()
-        pl_module.log_dict(exposure_stats(counts), rank_zero_only=True)
+            counts = pl_module.all_gather(counts).sum(0)
+        pl_module.log_dict(exposure_stats(counts.cpu()), rank_zero_only=True)
         self.counts.zero_()  # after the epoch's stats; a mid-epoch checkpoint keeps the counts so far
 
     # Each process counts its own batches; a checkpoint (written by process 0) keeps every process's counts.
@@ -52,8 +57,8 @@ class ExposureMonitor(pl.Callback):
                            checkpoint: dict[str, Any]) -> None:
         counts = self.counts[None]
         if trainer.world_size > 1:
-            counts = pl_module.all_gather(self.counts.to(pl_module.device)).cpu()
-        checkpoint["exposure_counts"] = counts.clone()  # [processes, classes]
+            counts = pl_module.all_gather(self.counts)
+        checkpoint["exposure_counts"] = counts.to("cpu", copy=True)  # [processes, classes]
 
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            checkpoint: dict[str, Any]) -> None:
@@ -61,6 +66,7 @@ class ExposureMonitor(pl.Callback):
         if saved is None:
             return
         if len(saved) == trainer.world_size:
-            self.counts = saved[trainer.global_rank].clone()
+            counts = saved[trainer.global_rank].clone()
         else:  # saved by another number of processes: only the sum over processes is logged, keep it on one
-            self.counts = saved.sum(0) if trainer.global_rank == 0 else torch.zeros_like(saved[0])
+            counts = saved.sum(0) if trainer.global_rank == 0 else torch.zeros_like(saved[0])
+        self.counts = counts.to(self.counts.device)

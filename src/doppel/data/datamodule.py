@@ -16,7 +16,8 @@ from hydra.utils import get_class, get_method
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
-from doppel.data.dataset import CorruptImage, DataError, IdentityData, Part
+from doppel.data.dataset import CorruptImage, DataError, EncodedImages, IdentityData, Part
+from doppel.data.device_decode import EncodedBatch, collate_encoded, decode_batch, read_encoded
 from doppel.data.readers.verification_bin import VerificationPairs
 from doppel.data.split import Split, check_novel_fraction, split_dataset
 from doppel.data.transforms import ImageTransform
@@ -41,6 +42,9 @@ class TrainLoader(DataLoader):
         yield from super().__iter__()
 
 
+DECODERS = ("cpu", "gpu")  # data.decode: in the workers (Pillow) or on the device (nvJPEG)
+
+
 class _Images(Dataset):
     """Images of the split at ``positions``, transformed; a corrupt image is an error, or with
     ``skip_corrupt``: in training, replaced by the next readable training image of its class; in an
@@ -49,12 +53,13 @@ class _Images(Dataset):
     scored as that image. Each is reported."""
 
     def __init__(self, data: IdentityData, split: Split, positions: torch.Tensor, transform: ImageTransform,
-                 train: bool, skip_corrupt: bool) -> None:
+                 train: bool, skip_corrupt: bool, encoded: bool = False) -> None:
         # Python lists: indexing them per image costs a fraction of indexing tensors.
         self.images, self.index = data.images, split.index[positions].tolist()
         self.label, self.part = split.label[positions].tolist(), split.part[positions].tolist()
         self.names = split.names
         self.transform, self.train, self.skip_corrupt = transform, train, skip_corrupt
+        self.encoded = encoded  # data.decode=gpu: training items are bytes, decoded after the transfer
         self.skipped = 0
 
     def __len__(self) -> int:
@@ -86,7 +91,12 @@ class _Images(Dataset):
         raise DataError(f"data.skip_corrupt: every training image of class {self.names[label]!r} is unreadable "
                         f"(one is {error.where}): replace its images or remove the class from the data.")
 
-    def __getitem__(self, item: Any) -> tuple[torch.Tensor, ...]:
+    def __getitem__(self, item: Any) -> tuple[Any, ...]:
+        if self.train and self.encoded:
+            position, seed = item
+            index = self.index[position]
+            name = self.images.name(index)
+            return read_encoded(self.images.fetch(index), name), seed, name, self.label[position]
         if self.train:
             position, seed = item
             return self.load(position, seed), self.label[position]
@@ -154,7 +164,7 @@ class IdentityDataModule(pl.LightningDataModule):
                  base_queries: bool = True, resize: int | None = None, crop: int | None = None,
                  crop_scale: tuple[float, float] = (0.08, 1.0), skip_corrupt: bool = False,
                  eval_batch_size: int = 512, num_workers: int = 0, pin_memory: bool | None = None,
-                 persistent_workers: bool = False, prefetch_factor: int | None = None,
+                 persistent_workers: bool = False, prefetch_factor: int | None = None, decode: str = "cpu",
                  **reader_settings: Any) -> None:
         super().__init__()
         self.read = _reader(reader, reader_settings)
@@ -169,6 +179,15 @@ class IdentityDataModule(pl.LightningDataModule):
             if value is not None and (not isinstance(value, int) or value < low):
                 raise ValueError(f"data.{key}={value} must be an integer >= {low}"
                                  f"{' or null' if key == 'max_groups' else ''}.")
+        if decode not in DECODERS:
+            raise ValueError(f"data.decode={decode!r} is not one of {DECODERS}.")
+        if decode == "gpu" and not torch.cuda.is_available():
+            raise ValueError("data.decode=gpu decodes JPEGs with nvJPEG on a CUDA device and none is available: "
+                             "use data.decode=cpu.")
+        if decode == "gpu" and skip_corrupt:
+            raise ValueError("data.skip_corrupt=true replaces unreadable images in the workers, which "
+                             "data.decode=gpu leaves undecoded: use one or the other.")
+        self.decode = decode
         self.transform = ImageTransform(resize, crop, tuple(crop_scale))
         self.reader_settings = reader_settings
         self.novel_fraction, self.max_groups, self.base_queries = novel_fraction, max_groups, base_queries
@@ -308,9 +327,21 @@ class IdentityDataModule(pl.LightningDataModule):
         self.train_sampler = self.build_sampler(rank, world_size)
         self.train_batches = ResumableBatches(self.train_sampler)  # the epoch's position, for exact resume
         ahead = {"prefetch_factor": self.prefetch_factor} if self.num_workers and self.prefetch_factor else {}
-        return TrainLoader(self._dataset(self.split.training, train=True), batch_sampler=KeyedBatches(
-            self.train_batches), generator=torch.Generator(), **{**self._loader_options(),
-                                                                  "collate_fn": collate_training, **ahead})
+        dataset = self._dataset(self.split.training, train=True)
+        if self.decode == "gpu":
+            if not isinstance(self.data.images, EncodedImages):
+                raise ValueError("data.decode=gpu decodes the stored JPEG bytes of an encoded format (folder, "
+                                 "recordio, csv, tsv); this data holds decoded pixels: use data.decode=cpu.")
+            dataset.encoded = True
+        collate_fn = collate_encoded if self.decode == "gpu" else collate_training
+        return TrainLoader(dataset, batch_sampler=KeyedBatches(self.train_batches), generator=torch.Generator(),
+                           **{**self._loader_options(), "collate_fn": collate_fn, **ahead})
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """data.decode=gpu: the batch's bytes are decoded on the device its labels have just moved to."""
+        if isinstance(batch[0], EncodedBatch):
+            return decode_batch(batch[0], self.transform, batch[1].device), batch[1]
+        return batch
 
     def evaluate_on(self, positions: torch.Tensor | None, pair_sets: list[VerificationPairs]) -> None:
         """The evaluation sets, in loader order: the split's images at ``positions`` (if any), then each pair

@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from doppel.host_syncs import to_device
+
 # ITU-R BT.601 luma weights for "losing the colour".
 _LUMA = (0.299, 0.587, 0.114)
 
@@ -93,7 +95,7 @@ class PaperAugment(nn.Module):
         flip = torch.rand(b, generator=self.generator) < (0.5 if self.mirror else 0.0)
         shift = (torch.rand(b, 3, generator=self.generator) * 2 - 1) * self.color_shift
         gray = torch.rand(b, generator=self.generator) < self.grayscale_p
-        flip, shift, gray = flip.to(images.device), shift.to(images.device), gray.to(images.device)
+        flip, shift, gray = (to_device(t, images.device) for t in (flip, shift, gray))
         images = torch.where(flip[:, None, None, None], images.flip(-1), images)
         images = (images + shift[:, :, None, None]).clamp(0, 255)
         return torch.where(gray[:, None, None, None], luma(images).expand_as(images), images)
@@ -101,7 +103,7 @@ class PaperAugment(nn.Module):
     def _pad_and_crop(self, images: torch.Tensor) -> torch.Tensor:
         b, c, h, w = images.shape
         p = self.pad_crop
-        offsets = torch.randint(0, 2 * p + 1, (b, 2), generator=self.generator).to(images.device)
+        offsets = to_device(torch.randint(0, 2 * p + 1, (b, 2), generator=self.generator), images.device)
         padded = F.pad(images, (p, p, p, p))
         rows = (offsets[:, 0, None] + torch.arange(h, device=images.device))[:, None, :, None]
         cols = (offsets[:, 1, None] + torch.arange(w, device=images.device))[:, None, None, :]

@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from doppel.host_syncs import to_device
+
 
 def same_label_masks(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(positive, negative) pair masks [B, B]; the diagonal is in neither."""
@@ -93,43 +95,42 @@ class CosineMarginLoss(nn.Module):
 
     def sample_pairs(self, similarity: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Indices (anchor, partner, y) of the drawn pairs, y = +1 positive / -1 negative."""
+        anchor, partner, y, drawn = self._draw(similarity, labels)
+        return anchor[drawn], partner[drawn], y[drawn]
+
+    def _draw(self, similarity: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """A positive and a negative candidate for every anchor, fixed in number (the step never waits for
+        the device), with ``drawn``: whether the anchor had any violating pair of that kind."""
         with torch.no_grad():
             beta = self.beta.detach()
             positive, negative = same_label_masks(labels)
             v_pos = (beta + self.alpha - similarity).clamp_min(0) * positive
             v_neg = (similarity - (beta - self.alpha)).clamp_min(0) * negative
-            anchors, partners, signs = [], [], []
-            for weights, sign in ((v_pos, 1.0), (v_neg, -1.0)):
-                anchor, partner = _draw_proportional(weights, self.generator)
-                anchors.append(anchor)
-                partners.append(partner)
-                signs.append(torch.full_like(anchor, sign, dtype=similarity.dtype))
-        return torch.cat(anchors), torch.cat(partners), torch.cat(signs)
+            anchor = torch.arange(len(labels), device=labels.device)
+            partners, drawn = zip(*(_draw_proportional(weights, self.generator) for weights in (v_pos, v_neg)))
+            signs = torch.ones(2, len(labels), dtype=similarity.dtype, device=similarity.device)
+            signs[1] = -1.0
+        return anchor.repeat(2), torch.cat(partners), signs.flatten(), torch.cat(drawn)
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         x = F.normalize(embeddings, dim=1)
         similarity = x @ x.T
-        anchor, partner, y = self.sample_pairs(similarity, labels)
-        if len(anchor) == 0:
-            return similarity.sum() * 0.0 + self.beta * 0.0
-        return F.relu(self.alpha - y * (similarity[anchor, partner] - self.beta)).mean()
+        anchor, partner, y, drawn = self._draw(similarity, labels)
+        losses = F.relu(self.alpha - y * (similarity[anchor, partner] - self.beta))
+        return (losses * drawn).sum() / drawn.sum().clamp_min(1)  # the mean over drawn pairs; none: 0
 
     def scalars(self) -> dict[str, torch.Tensor]:
         return {"beta": self.beta}
 
 
 def _draw_proportional(weights: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """For each row with positive total weight, one column drawn with probability weight / total."""
-    total = weights.sum(1)
-    rows = (total > 0).nonzero(as_tuple=True)[0]
-    if len(rows) == 0:
-        return rows, rows
-    u = torch.rand(len(rows), generator=generator, dtype=torch.float64).to(weights.device)
-    cumulative = weights[rows].to(torch.float64).cumsum(1)
-    target = u * cumulative[:, -1]
+    """For every row, a column drawn with probability weight / row total, and whether the row has any
+    weight (where it has none, the column means nothing)."""
+    u = to_device(torch.rand(len(weights), generator=generator, dtype=torch.float64), weights.device)
+    cumulative = weights.to(torch.float64).cumsum(1)
     # First column whose cumulative weight exceeds u * total: that column has positive weight.
-    columns = torch.searchsorted(cumulative, target[:, None], right=True).squeeze(1)
-    return rows, columns.clamp_max(weights.shape[1] - 1)
+    columns = torch.searchsorted(cumulative, (u * cumulative[:, -1])[:, None], right=True).squeeze(1)
+    return columns.clamp_max(weights.shape[1] - 1), weights.sum(1) > 0
 
 
 class ContrastiveLoss(nn.Module):

@@ -23,6 +23,34 @@ class Losses(NamedTuple):
     proposals: TableUpdate | None  # the prototype term's doppelganger proposals (when mining)
 
 
+class FiniteWatch:
+    """Remembers, on the device and without making the host wait, the first step whose loss terms were not
+    all finite and their values then; :meth:`check` (one sync) raises about it."""
+
+    def __init__(self, names: list[str]) -> None:
+        self.names = [*names, "total"]
+        self.step: torch.Tensor | None = None  # -1 while every step was finite
+        self.values: torch.Tensor | None = None
+
+    def record(self, values: torch.Tensor, step: int) -> None:
+        if self.step is None:
+            self.step = torch.full((), -1, dtype=torch.long, device=values.device)
+            self.values = torch.zeros_like(values)
+        first = (self.step < 0) & ~torch.isfinite(values).all()
+        self.step = torch.where(first, step, self.step)
+        self.values = torch.where(first, values, self.values)
+
+    def check(self) -> None:
+        if self.step is None or int(self.step) < 0:
+            return
+        values = self.values.tolist()
+        bad = next(i for i, value in enumerate(values) if not math.isfinite(value))
+        raise FloatingPointError(
+            f"loss term {self.names[bad]!r} is {values[bad]} at step {int(self.step)}: lower optim.lr or check the "
+            f"data for empty or corrupt images."
+        )
+
+
 class LossSet(nn.Module):
     """``terms`` maps a name to a term config with ``_target_`` and ``weight``; ``regularizer`` (the
     ``regularizer`` config group) adds more terms of the same form, e.g. SEC on top of any loss.
@@ -65,6 +93,7 @@ class LossSet(nn.Module):
                 cause = error.__cause__ or error  # hydra wraps it
                 raise ValueError(f"{key}: {cause}") from None
             self.weights[name] = float(weight)
+        self.finite = FiniteWatch(list(self.terms))
         self._configure_classifier(dict(classifier or {}), seed)
 
     def _configure_classifier(self, classifier: dict, seed: int) -> None:
@@ -102,14 +131,32 @@ class LossSet(nn.Module):
         """The first classifier term: its logits feed the doppelganger miner."""
         return next((t for t in self.terms.values() if isinstance(t, PrototypeTerm)), None)
 
-    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor, mining: Mining | None = None) -> Losses:
+    def check_labels(self, labels: torch.Tensor) -> None:
+        """Labels outside the classifier are an error; the module checks each batch's on the host, before
+        it moves to the device, so the step itself never reads them back."""
+        if self.prototype_term is not None:
+            self.prototype_term.check_labels(labels)
+
+    def check(self) -> None:
+        """Raise about a loss that was not finite, or a Partial FC sample too small, at any step so far:
+        the one device sync the checks cost, made at the run's sync points (and before every save)."""
+        self.finite.check()
+        term = self.prototype_term
+        if term is not None and hasattr(term, "check_sample"):
+            term.check_sample()
+
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor, mining: Mining | None = None,
+                step: int = 0) -> Losses:
+        """The losses of one step (``step``: its number, for :meth:`check`'s message). Labels are not
+        checked here (:meth:`check_labels`), nor finiteness (:meth:`check`): either would wait for the device."""
         total = embeddings.new_zeros(())
         logs: dict[str, torch.Tensor] = {}
         proposals = None
         miner = self.prototype_term if mining is not None else None
         for name, term in self.terms.items():
-            if term is miner:
-                value, proposals = term.loss_and_proposals(embeddings, labels, mining)
+            if isinstance(term, PrototypeTerm):
+                value, found = term.loss_and_proposals(embeddings, labels, mining if term is miner else None)
+                proposals = found if term is miner else proposals
             else:
                 value = term(embeddings, labels)
             total = total + self.weights[name] * value
@@ -117,10 +164,6 @@ class LossSet(nn.Module):
             for scalar_name, scalar in getattr(term, "scalars", dict)().items():
                 logs[f"{name}/{scalar_name}"] = scalar.detach()
         logs["loss/total"] = total.detach()
-        if not torch.isfinite(total):  # one device sync per step; name the culprit only on failure
-            bad = next((name for name in self.terms if not torch.isfinite(logs[f"loss/{name}"])), "total")
-            raise FloatingPointError(
-                f"loss term {bad!r} is {logs[f'loss/{bad}'].item()}: lower optim.lr or check the data for "
-                f"empty or corrupt images."
-            )
+        self.finite.record(torch.stack([logs[f"loss/{name}"].float() for name in self.terms] + [logs["loss/total"]]),
+                           step)
         return Losses(total, logs, proposals)

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from doppel.distributed import rank
+from doppel.host_syncs import to_device
 from doppel.losses import sharding
 from doppel.losses.sharding import ClassShard
 from doppel.sampling.doppelganger import DoppelgangerTable, Mining, TableUpdate
@@ -78,8 +79,8 @@ class PrototypeTerm(nn.Module, ABC):
     def loss_and_proposals(self, embeddings: torch.Tensor, labels: torch.Tensor,
                            mining: Mining | None) -> tuple[torch.Tensor, TableUpdate | None]:
         """The loss and, with ``mining``, the step's doppelganger proposals from the logits just computed
-        (padded to one row per row of the batch the logits cover: fixed-size, so they can be gathered)."""
-        self.check_labels(labels)
+        (one row per row of the batch the logits cover: fixed-size, so they can be gathered). The labels are
+        the caller's to check (:meth:`check_labels`): reading them here would make the host wait."""
         loss, view = self.loss_and_logits(embeddings, labels)
         if mining is None:
             return loss, None
@@ -87,6 +88,7 @@ class PrototypeTerm(nn.Module, ABC):
                                     pad_to=len(view.labels))
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        self.check_labels(labels)
         return self.loss_and_proposals(embeddings, labels, None)[0]
 
     # -- sharding ------------------------------------------------------------------------------
@@ -148,6 +150,7 @@ class ShardableSoftmax(PrototypeTerm):
         self.sample_rate = 1.0  # Partial FC: the share of (this process's) classes each step scores
         self.negatives = "uniform"
         self.table: DoppelgangerTable | None = None  # read for negatives="doppel"
+        self.sample_excess: torch.Tensor | None = None  # on the device: the most positives a sample missed
 
     def sample_(self, sample_rate: float, negatives: str, seed: int) -> None:
         """Partial FC (An et al., arcface_torch's rule): each step scores the positive classes of the global
@@ -183,10 +186,14 @@ class ShardableSoftmax(PrototypeTerm):
         rows = None
         if self.sample_rate < 1:
             rows = self.sample_columns(labels, targets, first)
-            held = targets >= 0
-            targets = torch.where(held, torch.searchsorted(rows, targets.clamp_min(0)), targets)
+            column = torch.searchsorted(rows, targets.clamp_min(0)).clamp_max(len(rows) - 1)
+            # -1: held elsewhere, or a positive that a too-small sample left out (check_sample stops the run)
+            targets = torch.where((targets >= 0) & (rows[column] == targets), column, -1)
         logits = self.column_logits(embeddings, targets, scale, rows)
-        loss = sharding.sharded_cross_entropy(logits, targets) if self.split() else F.cross_entropy(logits, targets)
+        if self.split():
+            loss = sharding.sharded_cross_entropy(logits, targets)
+        else:
+            loss = F.cross_entropy(logits, targets, ignore_index=-1)
         columns = torch.arange(self._classes_here(), device=labels.device) if rows is None else rows
         return loss, ColumnLogits(logits, labels, targets, columns + first)
 
@@ -195,21 +202,40 @@ class ShardableSoftmax(PrototypeTerm):
         return len(next(iter(self.class_tensors().values())))
 
     def sample_columns(self, labels: torch.Tensor, targets: torch.Tensor, first: int) -> torch.Tensor:
-        """The sorted columns (of this process's classes) scored this step: every positive (a class of the
-        global batch held here), then negatives up to ``int(sample_rate x classes here)`` in all."""
+        """The sorted columns (of this process's classes) scored this step: ``int(sample_rate x classes
+        here)`` of them, every positive (a class of the global batch held here) first, then negatives.
+
+        Fixed in size, so the step never waits for the device: where arcface_torch would widen the sample to
+        more positives than that, a step here keeps only that many and :meth:`check_sample` (at the run's
+        next sync point) stops the run with the sample rate that fits.
+        """
         local = self._classes_here()
-        budget = int(self.sample_rate * local)
-        positive = torch.unique(targets[targets >= 0])
-        if budget <= len(positive):
-            return positive
+        budget = max(1, int(self.sample_rate * local))
+        device = labels.device
+        spare = torch.where(targets >= 0, targets, local)  # "not held here" goes to a spare slot
+        positive = torch.zeros(local + 1, dtype=torch.bool, device=device).index_fill_(0, spare, True)[:local]
         # arcface_torch's draw: uniform priorities, the positives above them all, the top `budget` kept
-        priority = torch.rand(local, generator=self.generator).to(labels.device)
+        priority = to_device(torch.rand(local, generator=self.generator), device)
         if self.negatives == "doppel" and self.table is not None:
-            mined = self.table.table[torch.unique(labels).cpu()].flatten().to(labels.device) - first
-            mined = mined[(mined >= 0) & (mined < local)]  # known doppelgangers held here (EMPTY is < 0)
-            priority[mined] += 2.0  # before any other negative, in random order among themselves
-        priority[positive] = 4.0
+            mined = self.table.table[labels].flatten() - first  # on the device, as the labels
+            mined = torch.where((mined >= 0) & (mined < local), mined, local)  # held here; EMPTY is < 0
+            doppel = torch.zeros(local + 1, dtype=torch.bool, device=device).index_fill_(0, mined, True)[:local]
+            priority = priority + 2.0 * doppel  # before any other negative, in random order among themselves
+        priority = priority.masked_fill(positive, 4.0)
+        excess = positive.sum() - budget
+        self.sample_excess = excess if self.sample_excess is None else torch.maximum(self.sample_excess, excess)
         return priority.topk(budget).indices.sort().values
+
+    def check_sample(self) -> None:
+        """Stop a run whose Partial FC sample could not hold a step's positive classes (one sync)."""
+        if self.sample_excess is None or int(self.sample_excess) <= 0:
+            return
+        local = self._classes_here()
+        budget = max(1, int(self.sample_rate * local))
+        needed = budget + int(self.sample_excess)
+        raise ValueError(f"classifier.sample_rate={self.sample_rate}: a step had {needed} classes of the batch among "
+                         f"this process's {local} classes, more than its sample of {budget}: raise "
+                         f"classifier.sample_rate to at least {needed / local:.3g}, or lower sampler.batch_size.")
 
 
 class Softmax(ShardableSoftmax):

@@ -117,21 +117,20 @@ class _ShardedCrossEntropy(torch.autograd.Function):
         exp = (logits - maximum[:, None]).exp_()
         total = exp.sum(dim=1)
         held = targets >= 0
-        rows = held.nonzero().squeeze(1)
-        target_logit = logits.new_zeros(len(logits)).index_put_((rows,), logits[rows, targets[rows]])
+        columns = targets.clamp_min(0)[:, None]
+        target_logit = torch.where(held, logits.gather(1, columns).squeeze(1), 0.0)
         # One all-reduce for both sums: every row's target is held by exactly one process.
         sums = torch.stack([total, target_logit])
         dist.all_reduce(sums)
         total, target_logit = sums
         exp /= total[:, None]  # this shard's softmax, kept for backward
-        ctx.save_for_backward(exp, rows, targets[rows])
+        ctx.save_for_backward(exp, columns, held)
         return (total.log() + maximum - target_logit).mean()
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        softmax, rows, columns = ctx.saved_tensors
-        grad_logits = softmax.clone()
-        grad_logits[rows, columns] -= 1
+        softmax, columns, held = ctx.saved_tensors
+        grad_logits = softmax.scatter_add(1, columns, -held.to(softmax.dtype)[:, None])  # minus one at held targets
         return grad_logits * (grad / len(softmax)), None
 
 

@@ -90,17 +90,18 @@ class Mining:
         """
         logits = logits.detach()
         targets = labels if targets is None else targets
-        classes, inverse = torch.unique(labels, return_inverse=True)
         width = logits.shape[1]
-        if self.reduction == "max":
-            scores, candidates = _propose_max(logits, targets, len(classes), inverse, self.top_k)
-        else:
+        if self.reduction == "max":  # one proposal per row; apply() keeps each class's best: no sync
+            classes = labels
+            scores, candidates = _row_best(logits, targets, self.top_k)
+        else:  # a class's mean needs its rows together: unique() makes the host wait for the device
+            classes, inverse = torch.unique(labels, return_inverse=True)
             counts = torch.bincount(inverse, minlength=len(classes)).to(logits.dtype)
             per_class = logits.new_zeros(len(classes), width).index_add_(0, inverse, logits)
             per_class /= counts[:, None]
             own = targets.new_full((len(classes),), -1).scatter_(0, inverse, targets)  # a class's own column
-            held = own >= 0
-            per_class[held.nonzero().squeeze(1), own[held]] = float("-inf")
+            column = own.clamp_min(0)[:, None]
+            per_class.scatter_(1, column, torch.where(own[:, None] >= 0, float("-inf"), per_class.gather(1, column)))
             scores, candidates = per_class.topk(min(self.top_k, width), dim=1)
         if column_classes is not None:
             candidates = column_classes[candidates]
@@ -131,12 +132,49 @@ class DoppelgangerTable:
             raise ValueError(f"doppel.top_k={top_k} must be between 1 and num_classes - 1 ({num_classes - 1}).")
         self.num_classes = num_classes
         self.mining = Mining(top_k, reduction)
-        self.table = torch.full((num_classes, top_k), EMPTY, dtype=torch.long)
+        # One spare row past the classes: where fixed-shape writes with nothing to write go.
+        self._storage = torch.full((num_classes + 1, top_k), EMPTY, dtype=torch.long)
+        self._host = self._landing = self._copied = None  # the sampler's copy when the table is on a GPU
         self.draws = dict.fromkeys(DRAW_SOURCES, 0)  # the sampler's classes by source, this epoch
         self.epoch_start: torch.Tensor | None = None  # first doppelgangers when the epoch began
 
     top_k = property(lambda self: self.mining.top_k)
     reduction = property(lambda self: self.mining.reduction)
+
+    @property
+    def table(self) -> torch.Tensor:
+        """[num_classes, top_k] on the training device."""
+        return self._storage[:-1]
+
+    # -- where it lives ----------------------------------------------------------------------------
+    def to_(self, device: torch.device | str) -> DoppelgangerTable:
+        """Keep the table on ``device`` (the mining callback puts it where the logits are). On a GPU the
+        sampler reads a copy in pinned host memory, refreshed without waiting after every update: it sees
+        the table as of the last copy that has landed (:meth:`host_table`)."""
+        device = torch.device(device)
+        self._storage = self._storage.to(device)
+        self._host = self._landing = self._copied = None
+        if device.type == "cuda":
+            self._host = self._storage[:-1].cpu().pin_memory()
+            self._landing = torch.empty_like(self._host).pin_memory()
+        return self
+
+    def _publish(self) -> None:
+        """Start copying the table to the sampler's landing buffer (no wait; :meth:`host_table` swaps it in)."""
+        if self._landing is None:
+            return
+        self._landing.copy_(self.table, non_blocking=True)
+        self._copied = torch.cuda.Event()
+        self._copied.record()
+
+    def host_table(self) -> torch.Tensor:
+        """The table the sampler reads, on the host: the table itself on the CPU; on a GPU the latest copy
+        that has landed (one step or so behind, on top of the batches the loader has drawn ahead)."""
+        if self._host is None:
+            return self.table
+        if self._copied is not None and self._copied.query():
+            self._host, self._landing, self._copied = self._landing, self._host, None
+        return self._host
 
     @staticmethod
     def check_settings(top_k: int, reduction: str) -> None:
@@ -160,34 +198,39 @@ class DoppelgangerTable:
         exactly the proposal of one process that saw the whole global batch: a class's global top-k
         candidates are each in the top-k of the rank that gave them their best score.
         """
-        valid = update.classes >= 0
-        if not valid.any():
-            return
-        device = self.table.device
-        classes = update.classes[valid].to(device)
-        candidates, scores = update.candidates[valid].to(device), update.scores[valid].to(device)
-        # (class, candidate, score) triples; one per (class, candidate), with its best score.
-        cls = classes[:, None].expand_as(candidates).flatten()
-        cand, score = candidates.flatten(), scores.flatten()
-        known = cand != EMPTY
-        cls, cand, score = cls[known], cand[known], score[known]
-        best = _best_rows(cls * self.num_classes + cand, score)
-        cls, cand, score = cls[best], cand[best], score[best]
-        # Each class's candidates by decreasing score (stable: one row's order is kept), the first top_k kept.
-        order = torch.argsort(score, descending=True, stable=True)
+        size, k = self.num_classes, self.top_k
+        classes = update.classes
+        # (class, candidate, score) triples, fixed in number: a padding row or an empty slot scores -inf.
+        cls = classes[:, None].expand_as(update.candidates).flatten()
+        cand, score = update.candidates.flatten(), update.scores.flatten()
+        known = (cls >= 0) & (cand >= 0)
+        score = score.masked_fill(~known, float("-inf"))
+        key = torch.where(known, cls * size + cand, -1)
+        # One triple per (class, candidate): its best score; the others drop to -inf.
+        order = torch.argsort(score, stable=True)
+        order = order[torch.argsort(key[order], stable=True)]  # by key, best last
+        sorted_key = key[order]
+        last = torch.ones_like(known)
+        last[:-1] = sorted_key[1:] != sorted_key[:-1]
+        best = torch.zeros_like(known).scatter_(0, order, last)
+        score = score.masked_fill(~best, float("-inf"))
+        # Each class's candidates by decreasing score (ties: smaller candidate first), the first top_k kept.
+        order = order[torch.argsort(score[order], descending=True, stable=True)]
         order = order[torch.argsort(cls[order], stable=True)]
-        cls, cand = cls[order], cand[order]
-        starts = torch.ones_like(cls, dtype=torch.bool)
+        cls, cand, score = cls[order], cand[order], score[order]
+        starts = torch.ones_like(known)
         starts[1:] = cls[1:] != cls[:-1]
-        run_start = torch.cummax(torch.where(starts, torch.arange(len(cls), device=device), 0), 0).values
-        slot = torch.arange(len(cls), device=device) - run_start
-        keep = slot < self.top_k
-        self.table[classes.unique()] = EMPTY
-        self.table[cls[keep], slot[keep]] = cand[keep]
+        positions = torch.arange(len(cls), device=cls.device)
+        slot = positions - torch.cummax(torch.where(starts, positions, 0), 0).values
+        write = (slot < k) & (score > float("-inf"))
+        # Rows of the proposed classes start empty; writes aimed nowhere land in the spare last row.
+        self._storage.index_fill_(0, torch.where(classes >= 0, classes, size), EMPTY)
+        self._storage.index_put_((torch.where(write, cls, size), torch.where(write, slot, 0)), cand)
+        self._publish()
 
     def doppelgangers(self, cls: int) -> list[int]:
         """Known doppelgangers of ``cls``, best first."""
-        return [c for c in self.table[cls].tolist() if c != EMPTY]
+        return [c for c in self.host_table()[cls].tolist() if c != EMPTY]
 
     def first(self) -> torch.Tensor:
         """Per class, its most similar doppelganger (``EMPTY`` until mined); a view of the table."""
@@ -238,13 +281,13 @@ class DoppelgangerTable:
 
     def checksum(self) -> torch.Tensor:
         """A number that differs between two different tables (positions weighted), to compare processes."""
-        positions = torch.arange(1, self.table.numel() + 1, dtype=torch.float64)
+        positions = torch.arange(1, self.table.numel() + 1, dtype=torch.float64, device=self.table.device)
         return (self.table.flatten().to(torch.float64) * positions).sum()
 
     # -- state ---------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {"table": self.table.clone(), "reduction": self.reduction, "draws": dict(self.draws),
-                "epoch_start": None if self.epoch_start is None else self.epoch_start.clone()}
+        return {"table": self.table.to("cpu", copy=True), "reduction": self.reduction, "draws": dict(self.draws),
+                "epoch_start": None if self.epoch_start is None else self.epoch_start.to("cpu", copy=True)}
 
     def load_state_dict(self, state: dict) -> None:
         table = state["table"]
@@ -254,8 +297,10 @@ class DoppelgangerTable:
                 f"{tuple(self.table.shape)}: the dataset's class count or doppel.top_k differs."
             )
         self.table.copy_(table)
+        self._publish()
         self.draws = {**dict.fromkeys(DRAW_SOURCES, 0), **state.get("draws", {})}
-        self.epoch_start = state.get("epoch_start")
+        start = state.get("epoch_start")
+        self.epoch_start = None if start is None else start.to(self.table.device)
 
 
 def lookalike_share(first: torch.Tensor, lookalikes: list[set[int]]) -> tuple[float, float] | None:
@@ -270,37 +315,20 @@ def lookalike_share(first: torch.Tensor, lookalikes: list[set[int]]) -> tuple[fl
     return hits / len(judged), chance / len(judged)
 
 
-def _propose_max(logits: torch.Tensor, targets: torch.Tensor, n_classes: int, inverse: torch.Tensor,
-                 top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each class's ``top_k`` columns by max-over-its-examples, its own column excluded.
+def _row_best(logits: torch.Tensor, targets: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's ``top_k`` best columns other than its target's, and their logits.
 
-    A class's top-k candidates are always among its examples' top-(k+1) logits (at most k - 1 better
-    candidates plus the class itself can outrank one in its row), so one top-k pass over [B, C'] suffices
-    and nothing of size [classes, C'] is built.
+    Enough to mine a class by max over its rows: a candidate among the class's top-k is, in the row where
+    it scores its maximum, beaten by fewer than k other non-target columns (each of those would score
+    higher for the class), so it is in that row's top-k.
     """
-    width = logits.shape[1]
-    if top_k == 1:  # one max pass over [B, C']: each row's best other column, then each class's best row
+    if top_k == 1:  # one max pass over [B, C']
         scores, columns = _max_excluding_target(logits, targets)
-        best = _best_rows(inverse, scores)
-        return scores[best, None], columns[best, None]
-    row_scores, row_columns = logits.topk(min(top_k + 1, width), dim=1)
+        return scores[:, None], columns[:, None]
+    row_scores, row_columns = logits.topk(min(top_k + 1, logits.shape[1]), dim=1)
     row_scores = row_scores.masked_fill(row_columns == targets[:, None], float("-inf"))
-    pool, pool_index = torch.unique(row_columns, return_inverse=True)
-    per_class = logits.new_full((n_classes, len(pool)), float("-inf"))
-    flat = inverse[:, None] * len(pool) + pool_index
-    per_class.view(-1).scatter_reduce_(0, flat.flatten(), row_scores.flatten(), "amax")
-    scores, slot = per_class.topk(min(top_k, len(pool)), dim=1)
-    return scores, pool[slot]
-
-
-def _best_rows(keys: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-    """Index of the highest-scoring row of each distinct key, in increasing key order."""
-    order = torch.argsort(scores, stable=True)
-    order = order[torch.argsort(keys[order], stable=True)]
-    sorted_keys = keys[order]
-    last = torch.ones_like(sorted_keys, dtype=torch.bool)
-    last[:-1] = sorted_keys[1:] != sorted_keys[:-1]
-    return order[last]
+    scores, slot = row_scores.topk(min(top_k, row_scores.shape[1]), dim=1)
+    return scores, row_columns.gather(1, slot)
 
 
 def _max_excluding_target(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -311,14 +339,13 @@ def _max_excluding_target(logits: torch.Tensor, targets: torch.Tensor) -> tuple[
     logits themselves (softmax saves its output); a term whose backward did would fail loudly at backward
     (autograd's in-place check), never silently.
     """
-    rows = (targets >= 0).nonzero().squeeze(1)
-    columns = targets[rows]
-    kept = logits[rows, columns].clone()
-    logits[rows, columns] = float("-inf")
+    columns = targets.clamp_min(0)[:, None]
+    kept = logits.gather(1, columns)
+    logits.scatter_(1, columns, torch.where(targets[:, None] >= 0, float("-inf"), kept))
     try:
         return logits.max(dim=1)
     finally:
-        logits[rows, columns] = kept
+        logits.scatter_(1, columns, kept)
 
 
 def _pad(update: TableUpdate, rows: int) -> TableUpdate:
