@@ -11,6 +11,11 @@ arithmetic says, and each process's peak resident memory.
 
     python scripts/bench/scale.py                                  # 100,000 and 1,000,000 classes
     python scripts/bench/scale.py --classes 2000000 --settings sharded --steps 2   # the per-process memory at 2M
+
+The sampler section: CPU per step of each batch sampler at WebFace42M's shape (2M classes x 21 images,
+world size 8), the balanced sampler's O(log C) draw against its former O(C) multinomial, in one run:
+
+    python scripts/bench/scale.py --section sampler
 """
 
 from __future__ import annotations
@@ -32,6 +37,12 @@ from doppel.losses.loss_set import LossSet
 from doppel.losses.sharding import gather_rows
 from doppel.module import shard_classifier, sharded_names
 from doppel.sampling.doppelganger import DoppelgangerTable, TableUpdate
+from doppel.sampling.samplers import (
+    BalancedDoppelgangerBatchSampler,
+    DoppelgangerBatchSampler,
+    IdentityBatchSampler,
+    SamplerContext,
+)
 
 # name: (sharded, sample_rate, negatives, mining)
 SETTINGS = {
@@ -153,5 +164,65 @@ def main(argv: list[str] | None = None) -> dict[int, dict[str, dict[str, float]]
     return table
 
 
+class MultinomialBalanced(BalancedDoppelgangerBatchSampler):
+    """The balanced sampler's random draw before issue 35: weights over every class and torch.multinomial,
+    O(C) per draw (the baseline of the sampler section)."""
+
+    def _random_classes(self, n: int, taken: set[int], generator: torch.Generator) -> list[int]:
+        weights = torch.from_numpy(1.0 / (1.0 + self.exposure))
+        if taken:
+            weights[torch.tensor(sorted(taken))] = 0.0
+        chosen = torch.multinomial(weights, n, replacement=False, generator=generator).tolist()
+        taken.update(chosen)
+        return chosen
+
+
+SAMPLERS = {"random": IdentityBatchSampler, "doppel": DoppelgangerBatchSampler,
+            "doppel_balanced": BalancedDoppelgangerBatchSampler, "doppel_balanced_multinomial": MultinomialBalanced}
+
+
+def sampler_section(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
+    """CPU per step of each sampler at WebFace42M's shape: every process draws the W sub-batches of a step
+    from one stream and keeps its own, so a step costs W sub-batches on each process."""
+    parser = argparse.ArgumentParser(description="the sampler section of scale.py")
+    parser.add_argument("--section")
+    parser.add_argument("--classes", type=int, default=2_000_000)
+    parser.add_argument("--images-per-class", type=int, default=21, help="WebFace42M: 42M images / 2M identities")
+    parser.add_argument("--world", type=int, default=8)
+    parser.add_argument("--batch", type=int, default=128, help="images per process")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--json")
+    args = parser.parse_args(argv)
+    labels = torch.arange(args.classes).repeat_interleave(args.images_per_class)
+    table = DoppelgangerTable(args.classes)
+    table.table[:, 0] = torch.randperm(args.classes, generator=torch.Generator().manual_seed(0))  # a full table
+    print(f"CPU, 1 thread; {args.classes:,} classes x {args.images_per_class} images, world size {args.world}, "
+          f"{args.batch} images per process; mean of {args.steps} steps after one")
+    rows = {}
+    torch.set_num_threads(1)
+    for name, kind in SAMPLERS.items():
+        start = time.perf_counter()
+        sampler = kind(SamplerContext(labels, seed=0, rank=0, world_size=args.world, table=table), args.batch)
+        built = time.perf_counter() - start
+        batches = iter(sampler)
+        next(batches)
+        start = time.perf_counter()
+        for _ in range(args.steps):
+            next(batches)
+        rows[name] = {"ms_per_step": (time.perf_counter() - start) / args.steps * 1000, "build_s": built}
+        base = rows.get("doppel_balanced_multinomial", rows[name])["ms_per_step"]
+        print(f"{name:<28} {rows[name]['ms_per_step']:>9.2f} ms/step  built in {built:.1f} s", flush=True)
+    ratio = rows["doppel_balanced"]["ms_per_step"] / base
+    print(f"doppel_balanced (Fenwick) / multinomial: {ratio:.4f}x")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1) + "\n")
+    return rows
+
+
 if __name__ == "__main__":
-    main()
+    import sys
+
+    if "--section" in sys.argv and sys.argv[sys.argv.index("--section") + 1] == "sampler":
+        sampler_section()
+    else:
+        main()

@@ -115,6 +115,21 @@ def test_scale_benchmark_holds_one_share_of_the_classifier_per_process_when_shar
     assert all(r["ms"] > 0 for r in rows.values())
 
 
+def test_the_sampler_section_times_every_sampler_and_the_balanced_draw_against_multinomial(tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "sampler.json"
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench" / "scale.py"), "--section", "sampler",
+                             "--classes", "300", "--images-per-class", "3", "--world", "2", "--batch", "8",
+                             "--steps", "2", "--json", str(out)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.loads(out.read_text())
+    assert list(rows) == ["random", "doppel", "doppel_balanced", "doppel_balanced_multinomial"]
+    assert all(row["ms_per_step"] > 0 for row in rows.values())
+    assert "doppel_balanced (Fenwick) / multinomial" in result.stdout
+
+
 def test_the_device_check_runs_its_settings_on_the_cpu_without_a_host_sync(tmp_path):
     """scripts/bench/gpu.py, tiny on the CPU: each setting runs its steps (the decode setting decodes JPEG
     bytes in the step) and counts no host sync in a steady-state step."""

@@ -3,9 +3,10 @@
 It is written (atomically, see :mod:`doppel.serialization`) every ``every_n_steps`` optimizer steps, at every
 epoch end, and when the process receives SIGTERM (a scheduler's preemption or time limit), SIGUSR1 / SIGUSR2
 (SLURM's warning before a time limit, which then also requeues the job: :mod:`doppel.slurm`) or SIGINT
-(Ctrl-C): training finishes the step it is in, saves, and stops with :class:`RunInterrupted`; a second
-Ctrl-C stops at once. The save that ends an epoch's last step waits for the epoch end (after validation),
-so every checkpoint is taken at a point a resumed run continues from exactly.
+(Ctrl-C): training finishes the step it is in (several processes: the steps up to the next sync point,
+where they agree), saves, and stops with :class:`RunInterrupted`; a second Ctrl-C stops at once. The save
+that ends an epoch's last step waits for the epoch end (after validation), so every checkpoint is taken at
+a point a resumed run continues from exactly.
 """
 
 from __future__ import annotations

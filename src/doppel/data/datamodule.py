@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
 from hydra.utils import get_class, get_method
@@ -54,9 +55,10 @@ class _Images(Dataset):
 
     def __init__(self, data: IdentityData, split: Split, positions: torch.Tensor, transform: ImageTransform,
                  train: bool, skip_corrupt: bool, encoded: bool = False) -> None:
-        # Python lists: indexing them per image costs a fraction of indexing tensors.
-        self.images, self.index = data.images, split.index[positions].tolist()
-        self.label, self.part = split.label[positions].tolist(), split.part[positions].tolist()
+        # NumPy arrays: one buffer each, which forked workers share (a Python list of 42M ints is 1.5 GB, and
+        # reading it touches every object's reference count, so copy-on-write duplicates it per worker).
+        self.images, self.index = data.images, split.index[positions].numpy()
+        self.label, self.part = split.label[positions].numpy(), split.part[positions].numpy()
         self.names = split.names
         self.transform, self.train, self.skip_corrupt = transform, train, skip_corrupt
         self.encoded = encoded  # data.decode=gpu: training items are bytes, decoded after the transfer
@@ -67,7 +69,7 @@ class _Images(Dataset):
 
     def load(self, position: int, seed: int | None) -> torch.Tensor:
         try:
-            image = self.images[self.index[position]]
+            image = self.images[int(self.index[position])]
         except CorruptImage as error:
             if not (self.skip_corrupt and self.train):
                 raise
@@ -81,11 +83,11 @@ class _Images(Dataset):
                       f"training image of its class ({self.skipped} replacements so far in this process).",
                       stacklevel=2)
         label, part = self.label[position], self.part[position]
-        same = [i for i, (other, where) in enumerate(zip(self.label, self.part)) if other == label and where == part]
+        same = np.flatnonzero((self.label == label) & (self.part == part)).tolist()
         start = same.index(position)
         for other in same[start + 1:] + same[:start]:
             try:
-                return self.images[self.index[other]]
+                return self.images[int(self.index[other])]
             except CorruptImage:
                 continue
         raise DataError(f"data.skip_corrupt: every training image of class {self.names[label]!r} is unreadable "
@@ -94,12 +96,12 @@ class _Images(Dataset):
     def __getitem__(self, item: Any) -> tuple[Any, ...]:
         if self.train and self.encoded:
             position, seed = item
-            index = self.index[position]
+            index = int(self.index[position])
             name = self.images.name(index)
-            return read_encoded(self.images.fetch(index), name), seed, name, self.label[position]
+            return read_encoded(self.images.fetch(index), name), seed, name, int(self.label[position])
         if self.train:
             position, seed = item
-            return self.load(position, seed), self.label[position]
+            return self.load(position, seed), int(self.label[position])
         try:
             return self.load(item, None), item
         except CorruptImage as error:

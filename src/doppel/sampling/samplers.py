@@ -31,10 +31,12 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 from torch.utils.data import Sampler
 
 from doppel.sampling.doppelganger import DoppelgangerTable
+from doppel.sampling.weighted_draw import WeightedDraw
 from doppel.seeding import stable_seed
 
 
@@ -76,9 +78,11 @@ class IdentityBatchSampler(Sampler[list[int]]):
         labels = torch.as_tensor(context.labels, dtype=torch.long)
         low, high = _count_range(examples_per_class)
         self.num_classes = int(labels.max()) + 1
-        order = torch.argsort(labels, stable=True)
+        # Flat arrays, not a tensor per class: at a million classes the views alone would take 600 MB.
+        self.image_order = torch.argsort(labels, stable=True)  # the images of class c: image_order[start:start + n]
         counts = torch.bincount(labels, minlength=self.num_classes)
-        self.class_images = list(torch.split(order, counts.tolist()))
+        self.class_start = (torch.cumsum(counts, 0) - counts).tolist()
+        self.class_count = counts.tolist()
         empty = [c for c, n in enumerate(counts.tolist()) if n == 0]
         if empty:
             raise ValueError(f"classes {empty[:5]} have no training images; relabel classes to 0..C-1 without gaps.")
@@ -196,7 +200,8 @@ class IdentityBatchSampler(Sampler[list[int]]):
     def _fill(self, classes: list[int], counts: list[int], generator: torch.Generator) -> list[int]:
         batch = []
         for cls, count in zip(classes, counts):
-            images = self.class_images[cls]
+            start = self.class_start[cls]
+            images = self.image_order[start:start + self.class_count[cls]]
             picks = torch.cat([torch.randperm(len(images), generator=generator)
                                for _ in range(math.ceil(count / len(images)))])[:count]
             batch.extend(images[picks].tolist())
@@ -283,7 +288,7 @@ class BalancedDoppelgangerBatchSampler(DoppelgangerBatchSampler):
         self.check_cap(cap)
         super().__init__(context, batch_size, random_ratio, **kwargs)
         self.cap = float(cap)
-        self.exposure = torch.zeros(self.num_classes, dtype=torch.long)
+        self.begin_epoch(None)
 
     @classmethod
     def check_settings(cls, batch_size: int, random_ratio: float | str = 1 / 3, cap: float = 2.0,
@@ -297,22 +302,25 @@ class BalancedDoppelgangerBatchSampler(DoppelgangerBatchSampler):
             raise ValueError(f"sampler.cap={cap} must be a number >= 1 (a class's batches over the mean).")
 
     def epoch_state(self) -> dict:
-        return {"exposure": self.exposure.clone()}
+        return {"exposure": torch.from_numpy(self.exposure.copy())}
 
     def begin_epoch(self, position: dict | None) -> None:
-        self.exposure = position["exposure"].clone() if position else torch.zeros(self.num_classes, dtype=torch.long)
+        exposure = position["exposure"].numpy() if position else np.zeros(self.num_classes, dtype=np.int64)
+        self.exposure = exposure.astype(np.int64)
+        self.exposed = int(self.exposure.sum())
+        self.weights = WeightedDraw(1.0 / (1.0 + self.exposure))
 
     def _drew(self, classes: list[int]) -> None:
-        self.exposure[torch.tensor(classes)] += 1
+        for cls in classes:  # O(log C) each: no pass over all the classes per batch
+            self.exposure[cls] += 1
+            self.weights.set(cls, 1.0 / (1.0 + self.exposure[cls]))
+        self.exposed += len(classes)
 
     def _limit(self) -> float:
-        return max(1.0, self.cap * float(self.exposure.sum()) / self.num_classes)
+        return max(1.0, self.cap * self.exposed / self.num_classes)
 
     def _random_classes(self, n: int, taken: set[int], generator: torch.Generator) -> list[int]:
-        weights = 1.0 / (1.0 + self.exposure.double())
-        if taken:
-            weights[torch.tensor(sorted(taken))] = 0.0
-        chosen = torch.multinomial(weights, n, replacement=False, generator=generator).tolist()
+        chosen = self.weights.draw(n, taken, generator)
         taken.update(chosen)
         return chosen
 
