@@ -72,7 +72,7 @@ class DoppelModule(pl.LightningModule):
                       prog_bar=False, batch_size=len(labels))
         self.log("train/loss", loss.detach(), prog_bar=True, batch_size=len(labels))
         if self._trainer is not None and self.trainer.optimizers:  # filled on the device: no host-to-device copy
-            lr = torch.full((), self.trainer.optimizers[0].param_groups[0]["lr"], device=loss.device)
+            lr = torch.full((), float(self.trainer.optimizers[0].param_groups[0]["lr"]), device=loss.device)
             self.log("train/lr", lr, batch_size=len(labels))
         # What callbacks read: the labels the loss saw (with loss.views > 1, each label once per view), the
         # doppelganger proposals (global class ids) and the embeddings; nothing [B, C] outlives the step.
@@ -193,6 +193,8 @@ def shard_classifier(model: nn.Module, loss_set: LossSet, rank: int, world_size:
     """With ``classifier.sharded`` and several processes: keep this process's rows of the prototype term's
     class parameters and have DDP leave them alone (each process holds different rows). Idempotent."""
     term = loss_set.prototype_term
+    if term is not None and world_size == 1:
+        term.materialize_()  # sharded on one process: every row
     if term is None or not term.sharded or term.shard is not None or world_size == 1:
         return
     term.shard_(ClassShard(term.num_classes, rank, world_size))

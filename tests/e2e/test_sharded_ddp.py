@@ -114,3 +114,13 @@ def test_a_sharded_run_resumes_on_three_then_two_then_one_processes_with_its_log
             saved.append(torch.load(folder / "checkpoints" / "last.ckpt", weights_only=True))
     assert json.loads((folder / "metrics.json").read_text())["doppel/table_filled"] > 0.3
     assert saved[0]["state_dict"]["loss_set.terms.l2s.classifier.weight"].shape[0] == saved[0]["doppel"]["classes"]
+
+
+def test_sharded_on_one_process_is_the_plain_run(tmp_path):
+    """One process holds every class: its deferred rows are drawn whole at setup, the same run to the bit."""
+    from doppel.train import train
+    from tests.conftest import compose_cfg
+
+    sharded = train(compose_cfg(tmp_path / "sharded", ["trainer.max_epochs=1", "classifier.sharded=true"]))
+    plain = train(compose_cfg(tmp_path / "plain", ["trainer.max_epochs=1"]))
+    assert dict(sharded) == dict(plain)

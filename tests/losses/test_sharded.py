@@ -14,6 +14,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from doppel.losses import prototype as P
+from doppel.losses.loss_set import LossSet
 from doppel.losses.sharding import ClassShard, gather_rows, sharded_cross_entropy
 from doppel.sampling.doppelganger import DoppelgangerTable, Mining, TableUpdate
 
@@ -306,9 +307,16 @@ def _training_worker(rank: int, world: int, port: int, folder: str) -> None:
 @pytest.mark.parametrize("world", [2, 3])
 def test_sharded_ddp_training_equals_one_process_on_the_same_global_batches(tmp_path, world):
     mp.spawn(_training_worker, args=(world, free_port(), str(tmp_path)), nprocs=world, join=True)
+    from doppel.module import shard_classifier
+
+    def one_process(term: str) -> Net:  # what a single process's setup does to a sharded term: every row
+        net = Net(term)
+        shard_classifier(net, net.loss_set, 0, 1)
+        return net
+
     trained = torch.load(tmp_path / "trained.pt", weights_only=True)
     for term in ("l2s", "arcface"):
-        net = Net(term)
+        net = one_process(term)
         everything = slice(0, world * ROWS)
         reference = train_steps(net, net, step_batches(world), everything, 1)
         got = trained[term]
@@ -318,5 +326,53 @@ def test_sharded_ddp_training_equals_one_process_on_the_same_global_batches(tmp_
             if key != "table":
                 error = (got[key] - value).abs().max()
                 assert torch.allclose(got[key], value, rtol=1e-4, atol=1e-6), (term, key, error)
-        start = dict(Net(term).named_parameters())
+        start = dict(one_process(term).named_parameters())
         assert all(not torch.allclose(start[k], reference[k]) for k in start if k in reference), "a parameter is stuck"
+
+
+SPECS = {"softmax": {"_target_": "doppel.losses.prototype.Softmax"},
+         "l2s": {"_target_": "doppel.losses.prototype.L2Softmax"},
+         "l2s_no_bias": {"_target_": "doppel.losses.prototype.L2Softmax", "bias": False},
+         "normface": {"_target_": "doppel.losses.prototype.NormFace"},
+         "cosface": {"_target_": "doppel.losses.prototype.CosFace"},
+         "arcface": {"_target_": "doppel.losses.prototype.ArcFace"},
+         "sphereface": {"_target_": "doppel.losses.prototype.SphereFace"},
+         "lsoftmax": {"_target_": "doppel.losses.prototype.LargeMarginSoftmax"}}
+
+
+@pytest.mark.parametrize("name", list(SPECS))
+def test_a_sharded_term_draws_only_its_rows_exactly_as_the_whole_initialisation(name):
+    """classifier.sharded: no process builds the whole [C, D] matrix; each draws its rows from the same
+    random stream, so the shards are the unsharded initialisation, and the stream after the loss is the
+    same (the margin term built next, and anything after it, draws what it would have)."""
+    classes, dim = 1001, 7
+    torch.manual_seed(5)
+    whole = LossSet({name: SPECS[name], "mb": {"_target_": "doppel.losses.exemplar.CosineMarginLoss"}}, dim, classes)
+    after_whole = torch.get_rng_state()
+    for world in (1, 2, 3):
+        for rank in range(world):
+            torch.manual_seed(5)
+            split = LossSet({name: SPECS[name], "mb": {"_target_": "doppel.losses.exemplar.CosineMarginLoss"}}, dim,
+                            classes, classifier={"sharded": True})
+            assert torch.equal(torch.get_rng_state(), after_whole)
+            term = split.prototype_term
+            assert all(t.is_meta for t in term.class_tensors().values())  # nothing [C, D] allocated yet
+            if world == 1:
+                term.materialize_()
+                lo, hi = 0, classes
+            else:
+                shard = ClassShard(classes, rank, world)
+                term.shard_(shard)
+                lo, hi = shard.lo, shard.hi
+            for key, tensor in whole.prototype_term.class_tensors().items():
+                assert torch.equal(term.class_tensors()[key].detach(), tensor.detach()[lo:hi]), (world, rank, key)
+                assert term.class_tensors()[key].requires_grad
+
+
+def test_weights_loaded_into_a_deferred_term_load_whole():
+    """eval.py and init_from load a checkpoint before any process knows its share: every row is there."""
+    torch.manual_seed(0)
+    saved = LossSet({"l2s": SPECS["l2s"]}, 4, 9).state_dict()
+    loaded = LossSet({"l2s": SPECS["l2s"]}, 4, 9, classifier={"sharded": True})
+    loaded.load_state_dict({k: v + 1 for k, v in saved.items()})
+    assert all(torch.equal(loaded.state_dict()[k], v + 1) for k, v in saved.items())

@@ -11,7 +11,7 @@ from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig
 from torch import nn
 
-from doppel.losses.prototype import NEGATIVES, PrototypeTerm
+from doppel.losses.prototype import NEGATIVES, PrototypeTerm, deferred_class_init
 from doppel.sampling.doppelganger import DoppelgangerTable, Mining, TableUpdate
 
 CLASSIFIER_KEYS = ("sharded", "sample_rate", "negatives")
@@ -78,6 +78,8 @@ class LossSet(nn.Module):
         runtime = {"embedding_dim": embedding_dim, "num_classes": num_classes}
         named = [(f"loss.terms.{name}", name, spec) for name, spec in terms.items()]
         named += [(f"regularizer.{name}", name, spec) for name, spec in regularizer.items()]
+        # classifier.sharded: the (first) classifier term draws its class rows once each process knows its share
+        defer = (classifier or {}).get("sharded") is True
         for key, name, spec in named:
             spec = dict(spec)
             weight = spec.pop("weight", 1.0)
@@ -87,11 +89,16 @@ class LossSet(nn.Module):
                 raise ValueError(f"{key}.weight={weight} must be a finite number >= 0: a negative weight "
                                  "maximises the term (0 turns it off).")
             accepted = inspect.signature(term_class).parameters
+            deferring = defer and issubclass(term_class, PrototypeTerm) and term_class.shardable
             try:
-                self.terms[name] = instantiate(spec, **{k: v for k, v in runtime.items() if k in accepted})
+                with deferred_class_init(deferring):
+                    self.terms[name] = instantiate(spec, **{k: v for k, v in runtime.items() if k in accepted})
             except Exception as error:  # the term's own check: name the config key it came from
                 cause = error.__cause__ or error  # hydra wraps it
                 raise ValueError(f"{key}: {cause}") from None
+            if deferring:
+                self.terms[name].defer_class_init_()
+            defer = defer and not issubclass(term_class, PrototypeTerm)  # only the first classifier is split
             self.weights[name] = float(weight)
         self.finite = FiniteWatch(list(self.terms))
         self._configure_classifier(dict(classifier or {}), seed)

@@ -13,6 +13,8 @@ from __future__ import annotations
 import copy
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -40,6 +42,41 @@ class ColumnLogits:
     column_classes: torch.Tensor | None = None
 
 
+_DEFER_CLASS_INIT = False  # set by deferred_class_init(): class parameters are built on the meta device
+
+
+@contextmanager
+def deferred_class_init(enabled: bool = True) -> Iterator[None]:
+    """Terms built inside do not allocate their class parameters (``classifier.sharded``: each process
+    later draws only its own rows, :meth:`PrototypeTerm.defer_class_init_`)."""
+    global _DEFER_CLASS_INIT
+    previous, _DEFER_CLASS_INIT = _DEFER_CLASS_INIT, enabled
+    try:
+        yield
+    finally:
+        _DEFER_CLASS_INIT = previous
+
+
+def _class_device() -> str | None:
+    return "meta" if _DEFER_CLASS_INIT else None
+
+
+def _uniform_rows(shape: tuple[int, ...], bound: float, generator: torch.Generator,
+                  keep: tuple[int, int] | None) -> torch.Tensor | None:
+    """What ``torch.empty(shape).uniform_(-bound, bound, generator=generator)`` holds in rows ``keep`` (lo, hi),
+    drawn a block of rows at a time (the stream is the same: uniform_ draws element by element), so the
+    whole tensor never exists; the generator ends where the whole draw would leave it."""
+    per_row = math.prod(shape[1:])
+    block = max(1, (1 << 22) // max(1, per_row))
+    kept = []
+    for first in range(0, shape[0], block):
+        last = min(shape[0], first + block)
+        rows = torch.empty(last - first, *shape[1:]).uniform_(-bound, bound, generator=generator)
+        if keep is not None and first < keep[1] and last > keep[0]:
+            kept.append(rows[max(keep[0], first) - first:min(keep[1], last) - first])
+    return None if keep is None else (torch.cat(kept) if kept else torch.empty(0, *shape[1:]))
+
+
 class PrototypeTerm(nn.Module, ABC):
     """A classifier over ``num_classes`` prototypes.
 
@@ -55,6 +92,7 @@ class PrototypeTerm(nn.Module, ABC):
         self.num_classes = num_classes
         self.sharded = False  # classifier.sharded: split the classes when there are several processes
         self.shard: ClassShard | None = None  # this process's classes, once split
+        self.class_init_state: torch.Tensor | None = None  # deferred: the random stream its rows come from
 
     def check_labels(self, labels: torch.Tensor) -> None:
         if labels.numel() and (labels.min() < 0 or labels.max() >= self.num_classes):
@@ -98,10 +136,45 @@ class PrototypeTerm(nn.Module, ABC):
         if not self.shardable:
             raise ValueError(f"classifier.sharded=true: {type(self).__name__} cannot split its classes across "
                              "processes (its loss needs other classes' centres); use classifier.sharded=false.")
-        for name, full in self.class_tensors().items():
-            self._replace(name, nn.Parameter(full.detach()[shard.lo:shard.hi].clone(),
-                                             requires_grad=full.requires_grad))
+        if self.class_init_state is not None:
+            self._draw_class_rows(shard.lo, shard.hi)
+        else:
+            for name, full in self.class_tensors().items():
+                self._replace(name, nn.Parameter(full.detach()[shard.lo:shard.hi].clone(),
+                                                 requires_grad=full.requires_grad))
         self.shard = shard
+
+    # -- class parameters drawn per shard (classifier.sharded): the whole matrix never exists ------------
+    def class_init_bounds(self) -> dict[str, float]:
+        """Each class parameter's uniform initialisation bound, in the order the constructor draws them
+        (a term whose init is not such draws cannot defer it)."""
+        raise NotImplementedError
+
+    def defer_class_init_(self) -> None:
+        """After a construction under :func:`deferred_class_init`: remember where the global random stream
+        stood and move it past the draws the whole parameters would have taken, so everything built after
+        draws what it would have."""
+        self.class_init_state = torch.get_rng_state()
+        for name, bound in self.class_init_bounds().items():
+            _uniform_rows(tuple(getattr(*self._owner(name)).shape), bound, torch.default_generator, None)
+
+    def materialize_(self) -> None:
+        """All rows of deferred class parameters (one process, or weights loaded whole)."""
+        if self.class_init_state is not None:
+            self._draw_class_rows(0, self.num_classes)
+
+    def _draw_class_rows(self, lo: int, hi: int) -> None:
+        """Rows ``lo:hi`` of each class parameter, exactly as the whole initialisation would have drawn them."""
+        generator = torch.Generator().set_state(self.class_init_state)
+        for name, bound in self.class_init_bounds().items():
+            meta = getattr(*self._owner(name))
+            rows = _uniform_rows(tuple(meta.shape), bound, generator, (lo, hi))
+            self._replace(name, nn.Parameter(rows, requires_grad=meta.requires_grad))
+        self.class_init_state = None
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        self.materialize_()  # weights loaded before any shard is known (eval.py, init_from) load whole
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def class_tensors(self) -> dict[str, nn.Parameter]:
         """The per-class parameters this term has (``class_parameters`` without an absent bias), by name."""
@@ -133,6 +206,16 @@ class PrototypeTerm(nn.Module, ABC):
         for name, tensor in full.items():
             whole._replace(name, nn.Parameter(tensor, requires_grad=False))
         return whole
+
+
+def _linear_bounds(linear: nn.Linear) -> dict[str, float]:
+    """nn.Linear.reset_parameters' bounds: kaiming_uniform_(a=sqrt(5)) for the weight, then 1 / sqrt(fan_in)."""
+    fan_in = linear.weight.shape[1]
+    gain = nn.init.calculate_gain("leaky_relu", math.sqrt(5))
+    bounds = {"classifier.weight": math.sqrt(3.0) * (gain / math.sqrt(fan_in))}
+    if linear.bias is not None:
+        bounds["classifier.bias"] = 1 / math.sqrt(fan_in) if fan_in > 0 else 0
+    return bounds
 
 
 NEGATIVES = ("uniform", "doppel")
@@ -245,7 +328,10 @@ class Softmax(ShardableSoftmax):
 
     def __init__(self, embedding_dim: int, num_classes: int, bias: bool = True) -> None:
         super().__init__(num_classes)
-        self.classifier = nn.Linear(embedding_dim, num_classes, bias=bias)
+        self.classifier = nn.Linear(embedding_dim, num_classes, bias=bias, device=_class_device())
+
+    def class_init_bounds(self):
+        return _linear_bounds(self.classifier)
 
     def class_scores(self, embeddings):
         return self.classifier(embeddings)
@@ -269,8 +355,11 @@ class L2Softmax(ShardableSoftmax):
     def __init__(self, embedding_dim: int, num_classes: int, scale: float = 16.0,
                  trainable_scale: bool = True, bias: bool = True) -> None:
         super().__init__(num_classes)
-        self.classifier = nn.Linear(embedding_dim, num_classes, bias=bias)
+        self.classifier = nn.Linear(embedding_dim, num_classes, bias=bias, device=_class_device())
         self.scale = nn.Parameter(torch.tensor(float(scale)), requires_grad=trainable_scale)
+
+    def class_init_bounds(self):
+        return _linear_bounds(self.classifier)
 
     def class_scores(self, embeddings):
         return self.column_logits(embeddings, None, self.scale)
@@ -300,13 +389,17 @@ class TargetMarginSoftmax(ShardableSoftmax):
     def __init__(self, embedding_dim: int, num_classes: int, scale: float | None, trainable_scale: bool = False,
                  normalize_weights: bool = True) -> None:
         super().__init__(num_classes)
-        self.weight = nn.Parameter(torch.empty(num_classes, embedding_dim))
+        self.weight = nn.Parameter(torch.empty(num_classes, embedding_dim, device=_class_device()))
         nn.init.xavier_uniform_(self.weight)
         self.normalize_weights = normalize_weights
         if scale is None:
             self.scale = None
         else:
             self.scale = nn.Parameter(torch.tensor(float(scale)), requires_grad=trainable_scale)
+
+    def class_init_bounds(self):
+        # nn.init.xavier_uniform_'s bound for a [C, D] matrix: fan_in D, fan_out C
+        return {"weight": math.sqrt(3.0) * math.sqrt(2.0 / float(self.weight.shape[1] + self.weight.shape[0]))}
 
     def target_logit(self, cosine: torch.Tensor) -> torch.Tensor:
         """psi(cos theta_y) for each example's target class."""
