@@ -121,6 +121,7 @@ def test_sharded_on_one_process_is_the_plain_run(tmp_path):
     from doppel.train import train
     from tests.conftest import compose_cfg
 
-    sharded = train(compose_cfg(tmp_path / "sharded", ["trainer.max_epochs=1", "classifier.sharded=true"]))
-    plain = train(compose_cfg(tmp_path / "plain", ["trainer.max_epochs=1"]))
+    short = ["trainer.max_epochs=1", "trainer.limit_train_batches=3"]
+    sharded = train(compose_cfg(tmp_path / "sharded", [*short, "classifier.sharded=true"]))
+    plain = train(compose_cfg(tmp_path / "plain", short))
     assert dict(sharded) == dict(plain)
