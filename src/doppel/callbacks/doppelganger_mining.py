@@ -42,7 +42,8 @@ class DoppelgangerMining(pl.Callback):
             raise ValueError(f"doppel.reduction={self.table.reduction!r} cannot be mined exactly by "
                              f"{trainer.world_size} processes (a class's mean needs all its logits in one place): "
                              "use doppel.reduction=max, classifier.sharded=true or one process.")
-        self.table.to_(pl_module.device)  # where the proposals are made: applying them never waits
+        # Where the proposals are made, so applying them never waits (the module moves there after setup).
+        self.table.to_(trainer.strategy.root_device)
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.table.start_epoch()

@@ -37,7 +37,7 @@ class ExposureMonitor(pl.Callback):
         self.counts = torch.zeros(num_classes, dtype=torch.long)
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self.counts = self.counts.to(pl_module.device)
+        self.counts = self.counts.to(trainer.strategy.root_device)  # the module moves there after setup
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
                            batch: Any, batch_idx: int) -> None:

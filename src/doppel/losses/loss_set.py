@@ -41,12 +41,13 @@ class FiniteWatch:
         self.values = torch.where(first, values, self.values)
 
     def check(self) -> None:
-        if self.step is None or int(self.step) < 0:
+        step = -1 if self.step is None else int(self.step)
+        if step < 0:
             return
         values = self.values.tolist()
         bad = next(i for i, value in enumerate(values) if not math.isfinite(value))
         raise FloatingPointError(
-            f"loss term {self.names[bad]!r} is {values[bad]} at step {int(self.step)}: lower optim.lr or check the "
+            f"loss term {self.names[bad]!r} is {values[bad]} at step {step}: lower optim.lr or check the "
             f"data for empty or corrupt images."
         )
 
@@ -148,9 +149,8 @@ class LossSet(nn.Module):
         """Raise about a loss that was not finite, or a Partial FC sample too small, at any step so far:
         the one device sync the checks cost, made at the run's sync points (and before every save)."""
         self.finite.check()
-        term = self.prototype_term
-        if term is not None and hasattr(term, "check_sample"):
-            term.check_sample()
+        if self.prototype_term is not None:
+            self.prototype_term.check_sample()
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor, mining: Mining | None = None,
                 step: int = 0) -> Losses:

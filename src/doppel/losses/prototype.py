@@ -48,7 +48,7 @@ _DEFER_CLASS_INIT = False  # set by deferred_class_init(): class parameters are 
 @contextmanager
 def deferred_class_init(enabled: bool = True) -> Iterator[None]:
     """Terms built inside do not allocate their class parameters (``classifier.sharded``: each process
-    later draws only its own rows, :meth:`PrototypeTerm.defer_class_init_`)."""
+    later draws only its own rows, :meth:`ShardableSoftmax.defer_class_init_`)."""
     global _DEFER_CLASS_INIT
     previous, _DEFER_CLASS_INIT = _DEFER_CLASS_INIT, enabled
     try:
@@ -92,7 +92,6 @@ class PrototypeTerm(nn.Module, ABC):
         self.num_classes = num_classes
         self.sharded = False  # classifier.sharded: split the classes when there are several processes
         self.shard: ClassShard | None = None  # this process's classes, once split
-        self.class_init_state: torch.Tensor | None = None  # deferred: the random stream its rows come from
 
     def check_labels(self, labels: torch.Tensor) -> None:
         if labels.numel() and (labels.min() < 0 or labels.max() >= self.num_classes):
@@ -136,45 +135,16 @@ class PrototypeTerm(nn.Module, ABC):
         if not self.shardable:
             raise ValueError(f"classifier.sharded=true: {type(self).__name__} cannot split its classes across "
                              "processes (its loss needs other classes' centres); use classifier.sharded=false.")
-        if self.class_init_state is not None:
-            self._draw_class_rows(shard.lo, shard.hi)
-        else:
-            for name, full in self.class_tensors().items():
-                self._replace(name, nn.Parameter(full.detach()[shard.lo:shard.hi].clone(),
-                                                 requires_grad=full.requires_grad))
+        for name, full in self.class_tensors().items():
+            self._replace(name, nn.Parameter(full.detach()[shard.lo:shard.hi].clone(),
+                                             requires_grad=full.requires_grad))
         self.shard = shard
 
-    # -- class parameters drawn per shard (classifier.sharded): the whole matrix never exists ------------
-    def class_init_bounds(self) -> dict[str, float]:
-        """Each class parameter's uniform initialisation bound, in the order the constructor draws them
-        (a term whose init is not such draws cannot defer it)."""
-        raise NotImplementedError
-
-    def defer_class_init_(self) -> None:
-        """After a construction under :func:`deferred_class_init`: remember where the global random stream
-        stood and move it past the draws the whole parameters would have taken, so everything built after
-        draws what it would have."""
-        self.class_init_state = torch.get_rng_state()
-        for name, bound in self.class_init_bounds().items():
-            _uniform_rows(tuple(getattr(*self._owner(name)).shape), bound, torch.default_generator, None)
-
     def materialize_(self) -> None:
-        """All rows of deferred class parameters (one process, or weights loaded whole)."""
-        if self.class_init_state is not None:
-            self._draw_class_rows(0, self.num_classes)
+        """Every row of class parameters whose drawing was deferred (none here: see ShardableSoftmax)."""
 
-    def _draw_class_rows(self, lo: int, hi: int) -> None:
-        """Rows ``lo:hi`` of each class parameter, exactly as the whole initialisation would have drawn them."""
-        generator = torch.Generator().set_state(self.class_init_state)
-        for name, bound in self.class_init_bounds().items():
-            meta = getattr(*self._owner(name))
-            rows = _uniform_rows(tuple(meta.shape), bound, generator, (lo, hi))
-            self._replace(name, nn.Parameter(rows, requires_grad=meta.requires_grad))
-        self.class_init_state = None
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
-        self.materialize_()  # weights loaded before any shard is known (eval.py, init_from) load whole
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+    def check_sample(self) -> None:
+        """Raise about what a step kept on the device to report at the next sync point (nothing here)."""
 
     def class_tensors(self) -> dict[str, nn.Parameter]:
         """The per-class parameters this term has (``class_parameters`` without an absent bias), by name."""
@@ -234,7 +204,47 @@ class ShardableSoftmax(PrototypeTerm):
         self.negatives = "uniform"
         self.table: DoppelgangerTable | None = None  # read for negatives="doppel"
         self.sample_excess: torch.Tensor | None = None  # on the device: the most positives a sample missed
+        self.class_init_state: torch.Tensor | None = None  # deferred: the random stream its rows come from
 
+    # -- class parameters drawn per shard (classifier.sharded): the whole matrix never exists ------------
+    @abstractmethod
+    def class_init_bounds(self) -> dict[str, float]:
+        """Each class parameter's uniform initialisation bound, in the order the constructor draws them."""
+
+    def defer_class_init_(self) -> None:
+        """After a construction under :func:`deferred_class_init`: remember where the global random stream
+        stood and move it past the draws the whole parameters would have taken, so everything built after
+        draws what it would have."""
+        self.class_init_state = torch.get_rng_state()
+        for name, bound in self.class_init_bounds().items():
+            _uniform_rows(tuple(getattr(*self._owner(name)).shape), bound, torch.default_generator, None)
+
+    def shard_(self, shard: ClassShard) -> None:
+        if self.class_init_state is None:
+            super().shard_(shard)
+        else:  # deferred: draw only this shard's rows
+            self._draw_class_rows(shard.lo, shard.hi)
+            self.shard = shard
+
+    def materialize_(self) -> None:
+        """All rows of deferred class parameters (one process, or weights loaded whole)."""
+        if self.class_init_state is not None:
+            self._draw_class_rows(0, self.num_classes)
+
+    def _draw_class_rows(self, lo: int, hi: int) -> None:
+        """Rows ``lo:hi`` of each class parameter, exactly as the whole initialisation would have drawn them."""
+        generator = torch.Generator().set_state(self.class_init_state)
+        for name, bound in self.class_init_bounds().items():
+            meta = getattr(*self._owner(name))
+            rows = _uniform_rows(tuple(meta.shape), bound, generator, (lo, hi))
+            self._replace(name, nn.Parameter(rows, requires_grad=meta.requires_grad))
+        self.class_init_state = None
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        self.materialize_()  # weights loaded before any shard is known (eval.py, init_from) load whole
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    # -- Partial FC ----------------------------------------------------------------------------------
     def sample_(self, sample_rate: float, negatives: str, seed: int) -> None:
         """Partial FC (An et al., arcface_torch's rule): each step scores the positive classes of the global
         batch and fills up to ``sample_rate`` of the classes with negatives, drawn uniformly at random
@@ -284,6 +294,10 @@ class ShardableSoftmax(PrototypeTerm):
         """Rows of this process's class parameters (all classes unless sharded)."""
         return len(next(iter(self.class_tensors().values())))
 
+    def _budget(self) -> int:
+        """The columns a Partial FC step scores on this process (arcface_torch's int(rate x classes here))."""
+        return max(1, int(self.sample_rate * self._classes_here()))
+
     def sample_columns(self, labels: torch.Tensor, targets: torch.Tensor, first: int) -> torch.Tensor:
         """The sorted columns (of this process's classes) scored this step: ``int(sample_rate x classes
         here)`` of them, every positive (a class of the global batch held here) first, then negatives.
@@ -292,8 +306,7 @@ class ShardableSoftmax(PrototypeTerm):
         more positives than that, a step here keeps only that many and :meth:`check_sample` (at the run's
         next sync point) stops the run with the sample rate that fits.
         """
-        local = self._classes_here()
-        budget = max(1, int(self.sample_rate * local))
+        local, budget = self._classes_here(), self._budget()
         device = labels.device
         spare = torch.where(targets >= 0, targets, local)  # "not held here" goes to a spare slot
         positive = torch.zeros(local + 1, dtype=torch.bool, device=device).index_fill_(0, spare, True)[:local]
@@ -311,11 +324,11 @@ class ShardableSoftmax(PrototypeTerm):
 
     def check_sample(self) -> None:
         """Stop a run whose Partial FC sample could not hold a step's positive classes (one sync)."""
-        if self.sample_excess is None or int(self.sample_excess) <= 0:
+        excess = 0 if self.sample_excess is None else int(self.sample_excess)
+        if excess <= 0:
             return
-        local = self._classes_here()
-        budget = max(1, int(self.sample_rate * local))
-        needed = budget + int(self.sample_excess)
+        local, budget = self._classes_here(), self._budget()
+        needed = budget + excess
         raise ValueError(f"classifier.sample_rate={self.sample_rate}: a step had {needed} classes of the batch among "
                          f"this process's {local} classes, more than its sample of {budget}: raise "
                          f"classifier.sample_rate to at least {needed / local:.3g}, or lower sampler.batch_size.")
