@@ -16,23 +16,38 @@ The sampler section: CPU per step of each batch sampler at WebFace42M's shape (2
 world size 8), the balanced sampler's O(log C) draw against its former O(C) multinomial, in one run:
 
     python scripts/bench/scale.py --section sampler
+
+The index section: start-up of ``data=recordio`` on a WebFace42M-shaped pack (42M header-only image records
+in 2M classes, written vectorised once): the first start, which parses the ``.idx`` and builds the
+memory-mapped cache (``data.index_cache=auto``), against ``--ranks`` processes starting together on the
+built cache (time and memory each: the reader, the split, the training set's arrays and the sampler, all a
+rank does before its first batch):
+
+    python scripts/bench/scale.py --section index --folder /tmp/webface_shape
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
+import os
 import resource
+import shutil
 import socket
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from doppel.data.datamodule import IdentityDataModule
+from doppel.data.readers.recordio import MAGIC
+from doppel.data.split import split_dataset
 from doppel.losses.loss_set import LossSet
 from doppel.losses.sharding import gather_rows
 from doppel.module import shard_classifier, sharded_names
@@ -219,10 +234,163 @@ def sampler_section(argv: list[str] | None = None) -> dict[str, dict[str, float]
     return rows
 
 
+def decimal_lines(keys: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """mxnet's ``%d\\t%d\\n`` index lines as bytes, built without a Python loop."""
+    def widths(values: np.ndarray) -> np.ndarray:
+        return 1 + sum((values >= 10**p).astype(np.int64) for p in range(1, 19))
+
+    key_width, offset_width = widths(keys), widths(offsets)
+    ends = np.cumsum(key_width + offset_width + 2)
+    starts = ends - (key_width + offset_width + 2)
+    text = np.empty(int(ends[-1]), np.uint8)
+    for values, width, first in ((keys, key_width, starts), (offsets, offset_width, starts + key_width + 1)):
+        for p in range(int(width.max())):
+            live = width > p
+            text[(first + width - 1 - p)[live]] = 48 + (values[live] // 10**p) % 10
+    text[starts + key_width], text[ends - 1] = 9, 10
+    return text
+
+
+IMAGE = np.dtype([("magic", "<u4"), ("length", "<u4"), ("flag", "<u4"), ("label", "<f4"), ("id", "<u8"),
+                  ("id2", "<u8"), ("jpeg", "<u4")])  # a header-only image record: 4 payload bytes
+IDENTITY = np.dtype([("magic", "<u4"), ("length", "<u4"), ("flag", "<u4"), ("label", "<f4"), ("id", "<u8"),
+                     ("id2", "<u8"), ("start", "<f4"), ("end", "<f4")])  # record 0 and identity records
+
+
+def write_header_pack(rec_path: Path, classes: int, per_class: int, chunk: int = 1 << 21) -> None:
+    """An InsightFace pack laid out as ``write_recordio`` writes it (record 0, images by class, identity
+    records; tests/scripts check the bytes are the same), with 4-byte stand-ins for the JPEGs."""
+    images = classes * per_class
+    first = images + 1
+    with open(rec_path, "wb") as rec, open(rec_path.with_suffix(".idx"), "wb") as idx:
+        head = np.zeros(1, IDENTITY)
+        head[["magic", "length", "flag", "start", "end"]] = (MAGIC, 32, 2, first, first + classes)
+        rec.write(head.tobytes())
+        idx.write(decimal_lines(np.zeros(1, np.int64), np.zeros(1, np.int64)).tobytes())
+        offset = IDENTITY.itemsize
+        for low in range(0, images, chunk):
+            keys = np.arange(low + 1, min(low + chunk, images) + 1, dtype=np.int64)
+            records = np.zeros(len(keys), IMAGE)
+            records[["magic", "length", "jpeg"]] = (MAGIC, IMAGE.itemsize - 8, 0xD9FFD8FF)
+            records["label"], records["id"] = (keys - 1) // per_class, keys
+            rec.write(records.tobytes())
+            idx.write(decimal_lines(keys, offset + IMAGE.itemsize * np.arange(len(keys))).tobytes())
+            offset += IMAGE.itemsize * len(keys)
+        for low in range(0, classes, chunk):
+            cls = np.arange(low, min(low + chunk, classes), dtype=np.int64)
+            records = np.zeros(len(cls), IDENTITY)
+            records[["magic", "length", "flag"]] = (MAGIC, IDENTITY.itemsize - 8, 2)
+            records["id"] = first + cls
+            records["start"], records["end"] = 1 + cls * per_class, 1 + (cls + 1) * per_class
+            rec.write(records.tobytes())
+            idx.write(decimal_lines(first + cls, offset + IDENTITY.itemsize * np.arange(len(cls))).tobytes())
+            offset += IDENTITY.itemsize * len(cls)
+
+
+def memory_mb() -> dict[str, float]:
+    """This process's peak resident memory (VmHWM: since its exec, unlike ru_maxrss, which a spawned child
+    inherits from its parent) and, now, its private memory and the shared file pages other processes map too."""
+    fields = {}
+    for name in ("status", "smaps_rollup"):
+        for line in Path(f"/proc/self/{name}").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if value.strip().endswith("kB"):
+                fields[key] = int(value.split()[0]) / 1024
+    return {"peak_rss_mb": fields["VmHWM"], "private_mb_at_end": fields["Private_Clean"] + fields["Private_Dirty"],
+            "shared_mb_at_end": fields["Shared_Clean"] + fields["Shared_Dirty"]}
+
+
+def start_rank(rank: int, world: int, root: str | None, index_cache: str, barrier, queue) -> None:
+    """What rank ``rank`` does before its first batch, timed phase by phase (``root`` None: nothing, the
+    baseline of a process that has only imported what a rank imports)."""
+    torch.set_num_threads(1)
+    barrier.wait()  # the ranks start together (after their imports), as under torchrun
+    if root is None:
+        queue.put({"rank": rank, **memory_mb()})
+        return
+    times, begin = {}, time.perf_counter()
+    datamodule = IdentityDataModule(reader="doppel.data.readers.recordio.read_recordio", root=root,
+                                    index_cache=index_cache, novel_fraction=0.01, base_queries=False)
+    datamodule.data = datamodule.read(**datamodule.reader_settings)
+    times["read_s"] = time.perf_counter() - begin
+    datamodule.split = split_dataset(datamodule.data, 0.01, None, False)
+    times["split_s"] = time.perf_counter() - begin - sum(times.values())
+    dataset = datamodule._dataset(datamodule.split.training, train=True)
+    times["dataset_s"] = time.perf_counter() - begin - sum(times.values())
+    sampler = DoppelgangerBatchSampler(SamplerContext(datamodule.split.label[datamodule.split.training], 0, rank,
+                                                      world, DoppelgangerTable(datamodule.num_classes)), 128)
+    next(iter(sampler))
+    times["sampler_s"] = time.perf_counter() - begin - sum(times.values())
+    times["total_s"] = time.perf_counter() - begin
+    queue.put({"rank": rank, **times, "images": len(dataset), "classes": datamodule.num_classes, **memory_mb()})
+
+
+def start_together(ranks: int, world: int, root: str | None, index_cache: str) -> list[dict]:
+    context = multiprocessing.get_context("spawn")
+    queue, barrier = context.Queue(), context.Barrier(ranks)
+    processes = [context.Process(target=start_rank, args=(r, world, root, index_cache, barrier, queue))
+                 for r in range(ranks)]
+    for process in processes:
+        process.start()
+    rows = sorted((queue.get() for _ in processes), key=lambda row: row["rank"])
+    for process in processes:
+        process.join()
+    return rows
+
+
+def index_section(argv: list[str] | None = None) -> dict[str, list[dict]]:
+    parser = argparse.ArgumentParser(description="the index section of scale.py")
+    parser.add_argument("--section")
+    parser.add_argument("--folder", required=True, help="where the synthetic pack is written (kept for reruns)")
+    parser.add_argument("--classes", type=int, default=2_000_000)
+    parser.add_argument("--images-per-class", type=int, default=21, help="WebFace42M: 42M images / 2M identities")
+    parser.add_argument("--ranks", type=int, default=2, help="processes starting together on the built cache")
+    parser.add_argument("--world", type=int, default=8, help="the world size the sampler is built for")
+    parser.add_argument("--json")
+    args = parser.parse_args(argv)
+    folder = Path(args.folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rec = folder / "train.rec"
+    shape = f"{args.classes}x{args.images_per_class}"
+    if not rec.exists() or (folder / "shape").read_text() != shape:
+        begin = time.perf_counter()
+        write_header_pack(rec, args.classes, args.images_per_class)
+        (folder / "shape").write_text(shape)
+        sizes = [path.stat().st_size / 2**30 for path in (rec, rec.with_suffix(".idx"))]
+        print(f"wrote {rec} ({sizes[0]:.2f} GB, .idx {sizes[1]:.2f} GB) in {time.perf_counter() - begin:.0f} s",
+              flush=True)
+    shutil.rmtree(folder / "train.idx.doppel-cache", ignore_errors=True)
+    idle = start_together(1, args.world, None, "off")[0]
+    rows = {"first start (builds the cache)": start_together(1, args.world, str(folder), "auto"),
+            f"{args.ranks} ranks together on the cache": start_together(args.ranks, args.world, str(folder), "auto")}
+    if os.environ.get("SCALE_INDEX_WITHOUT_CACHE"):
+        rows["index_cache=off"] = start_together(1, args.world, str(folder), "off")
+    first = rows["first start (builds the cache)"][0]
+    print(f"{first['images']:,} training images, {first['classes']:,} classes; sampler built for world size "
+          f"{args.world}; a process that has only imported: peak RSS {idle['peak_rss_mb']:.0f} MB, private "
+          f"{idle['private_mb_at_end']:.0f} MB (in the rows below, less that: the start-up's own)")
+    print(f"{'':<34} {'read s':>7} {'split s':>8} {'arrays s':>9} {'sampler s':>10} {'total s':>8} "
+          f"{'peak RSS MB':>12} {'private MB':>11} {'shared MB':>10}")
+    for name, ranks in rows.items():
+        for row in ranks:
+            print(f"{name + ' / rank ' + str(row['rank']):<34} {row['read_s']:>7.2f} {row['split_s']:>8.2f} "
+                  f"{row['dataset_s']:>9.2f} {row['sampler_s']:>10.2f} {row['total_s']:>8.2f} "
+                  f"{row['peak_rss_mb'] - idle['peak_rss_mb']:>12.0f} "
+                  f"{row['private_mb_at_end'] - idle['private_mb_at_end']:>11.0f} {row['shared_mb_at_end']:>10.0f}")
+    together = rows[f"{args.ranks} ranks together on the cache"]
+    print(f"start on the cache / first start: {max(r['total_s'] for r in together) / first['total_s']:.3f}x")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"idle": idle, **rows}, indent=1) + "\n")
+    return rows
+
+
 if __name__ == "__main__":
     import sys
 
-    if "--section" in sys.argv and sys.argv[sys.argv.index("--section") + 1] == "sampler":
+    section = sys.argv[sys.argv.index("--section") + 1] if "--section" in sys.argv else None
+    if section == "sampler":
         sampler_section()
+    elif section == "index":
+        index_section()
     else:
         main()

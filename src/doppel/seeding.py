@@ -4,7 +4,9 @@ between versions), no library version. Splits and random streams derive from the
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -16,6 +18,12 @@ def _digest64(text: str) -> int:
 def stable_fraction(key: str) -> float:
     """A number in [0, 1) fixed by ``key``."""
     return _digest64(key) / 2**64
+
+
+def stable_fractions(keys: Iterable[str]) -> np.ndarray:
+    """``stable_fraction`` of every key, as float64 (millions of keys: no Python float per key)."""
+    digests = b"".join(hashlib.sha256(key.encode()).digest()[:8] for key in keys)
+    return np.frombuffer(digests, ">u8").astype(np.float64) / 2**64
 
 
 def stable_seed(*parts: object) -> int:

@@ -390,3 +390,16 @@ def test_the_mining_lag_is_workers_times_prefetch_factor_batches(prefetch, tmp_p
     assert module.train_batches._drawn == 1 + 2 * prefetch
     with pytest.raises(ValueError, match="data.prefetch_factor=0 must be a positive integer or null"):
         IdentityDataModule(reader="doppel.data.readers.rendered_npz.read_rendered_npz", prefetch_factor=0)
+
+
+def test_labels_in_class_order_keep_no_image_order_and_draw_the_same_images():
+    """The split's training labels come class by class: the sampler keeps no [N] order for them, and draws the
+    same images as with the order the labels would sort to (the identity)."""
+    shuffled = torch.randperm(len(LABELS), generator=torch.Generator().manual_seed(0))
+    scattered = IdentityBatchSampler(SamplerContext(LABELS[shuffled], seed=3), batch_size=24)
+    in_order = IdentityBatchSampler(SamplerContext(LABELS, seed=3), batch_size=24)
+    assert in_order.image_order is None and scattered.image_order is not None
+    # the same classes and counts either way; each image of `scattered` is the shuffled place of one of `in_order`
+    rank_in_class = torch.argsort(torch.argsort(LABELS[shuffled], stable=True))
+    for a, b in zip(in_order, scattered):
+        assert a == rank_in_class[b].tolist()

@@ -130,6 +130,34 @@ def test_the_sampler_section_times_every_sampler_and_the_balanced_draw_against_m
     assert "doppel_balanced (Fenwick) / multinomial" in result.stdout
 
 
+def test_the_index_section_writes_recordio_bytes_and_starts_ranks_on_the_built_cache(tmp_path):
+    """The synthetic pack is byte for byte what write_recordio writes with the same 4-byte payloads; the first
+    start builds the cache and the ranks that start together on it see the same training set."""
+    import subprocess
+    import sys
+
+    from doppel.data.readers.recordio import write_recordio
+
+    scale = load_script("bench/scale")
+    scale.write_header_pack(tmp_path / "fast.rec", 37, 3)
+    write_recordio(tmp_path / "slow.rec", ((c, [b"\xff\xd8\xff\xd9"] * 3) for c in range(37)))
+    for suffix in (".rec", ".idx"):
+        assert (tmp_path / f"fast{suffix}").read_bytes() == (tmp_path / f"slow{suffix}").read_bytes()
+
+    out = tmp_path / "index.json"
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench" / "scale.py"), "--section", "index",
+                             "--folder", str(tmp_path / "pack"), "--classes", "400", "--images-per-class", "3",
+                             "--ranks", "2", "--json", str(out)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.loads(out.read_text())
+    first, together = rows["first start (builds the cache)"], rows["2 ranks together on the cache"]
+    assert (tmp_path / "pack" / "train.idx.doppel-cache" / "labels.npy").exists()
+    assert [r["rank"] for r in together] == [0, 1]
+    assert {(r["images"], r["classes"]) for r in first + together} == {(first[0]["images"], first[0]["classes"])}
+    assert 380 < first[0]["classes"] < 400 and first[0]["images"] == 3 * first[0]["classes"]
+    assert "start on the cache / first start" in result.stdout
+
+
 def test_the_device_check_runs_its_settings_on_the_cpu_without_a_host_sync(tmp_path):
     """scripts/bench/gpu.py, tiny on the CPU: each setting runs its steps (the decode setting decodes JPEG
     bytes in the step) and counts no host sync in a steady-state step."""

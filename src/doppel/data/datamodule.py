@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset, get_worker_info
 from doppel.data.dataset import CorruptImage, DataError, EncodedImages, IdentityData, Part
 from doppel.data.device_decode import EncodedBatch, collate_encoded, decode_batch, read_encoded
 from doppel.data.readers.verification_bin import VerificationPairs
-from doppel.data.split import Split, check_novel_fraction, split_dataset
+from doppel.data.split import Split, check_novel_fraction, split_dataset, take
 from doppel.data.transforms import ImageTransform
 from doppel.sampling.doppelganger import DoppelgangerTable
 from doppel.sampling.resumable import KeyedBatches, ResumableBatches
@@ -57,8 +57,8 @@ class _Images(Dataset):
                  train: bool, skip_corrupt: bool, encoded: bool = False) -> None:
         # NumPy arrays: one buffer each, which forked workers share (a Python list of 42M ints is 1.5 GB, and
         # reading it touches every object's reference count, so copy-on-write duplicates it per worker).
-        self.images, self.index = data.images, split.index[positions].numpy()
-        self.label, self.part = split.label[positions].numpy(), split.part[positions].numpy()
+        self.images, self.index = data.images, take(split.index, positions).numpy()
+        self.label, self.part = take(split.label, positions).numpy(), take(split.part, positions).numpy()
         self.names = split.names
         self.transform, self.train, self.skip_corrupt = transform, train, skip_corrupt
         self.encoded = encoded  # data.decode=gpu: training items are bytes, decoded after the transfer
@@ -310,7 +310,7 @@ class IdentityDataModule(pl.LightningDataModule):
     def build_sampler(self, rank: int = 0, world_size: int = 1) -> Any:
         self.setup()
         sampler_class = get_class(self.sampler_cfg._target_)
-        labels = self.split.label[self.split.training]
+        labels = take(self.split.label, self.split.training)
         context = SamplerContext(labels, self.seed, rank, world_size, self.table if sampler_class.uses_table else None)
         # Called directly, not through hydra.instantiate, so the sampler's own error reaches the user.
         settings = {k: v for k, v in OmegaConf.to_container(self.sampler_cfg).items() if k != "_target_"}

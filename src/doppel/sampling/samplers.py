@@ -79,7 +79,10 @@ class IdentityBatchSampler(Sampler[list[int]]):
         low, high = _count_range(examples_per_class)
         self.num_classes = int(labels.max()) + 1
         # Flat arrays, not a tensor per class: at a million classes the views alone would take 600 MB.
-        self.image_order = torch.argsort(labels, stable=True)  # the images of class c: image_order[start:start + n]
+        # The images of class c: image_order[start:start + n]; None when the labels come class by class (the
+        # split's training labels do), where that order is the identity and would cost 8 bytes an image.
+        sorted_already = bool((labels[1:] >= labels[:-1]).all())
+        self.image_order = None if sorted_already else torch.argsort(labels, stable=True)
         counts = torch.bincount(labels, minlength=self.num_classes)
         self.class_start = (torch.cumsum(counts, 0) - counts).tolist()
         self.class_count = counts.tolist()
@@ -201,7 +204,8 @@ class IdentityBatchSampler(Sampler[list[int]]):
         batch = []
         for cls, count in zip(classes, counts):
             start = self.class_start[cls]
-            images = self.image_order[start:start + self.class_count[cls]]
+            end = start + self.class_count[cls]
+            images = self.image_order[start:end] if self.image_order is not None else torch.arange(start, end)
             picks = torch.cat([torch.randperm(len(images), generator=generator)
                                for _ in range(math.ceil(count / len(images)))])[:count]
             batch.extend(images[picks].tolist())
