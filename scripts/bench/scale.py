@@ -24,6 +24,13 @@ built cache (time and memory each: the reader, the split, the training set's arr
 rank does before its first batch):
 
     python scripts/bench/scale.py --section index --folder /tmp/webface_shape
+
+The eval section: leave-one-out Recall@1 of ``--queries`` random embeddings (512-d, ~21 per class, as
+WebFace42M's 1% novel images) on 1 process against ``--world`` processes sharing the search (process 0
+scores, the others serve its chunks; the metrics must come out equal), and the clustering metrics of that many
+images in as many clusters as classes (a sparse table):
+
+    python scripts/bench/scale.py --section eval --queries 420000
 """
 
 from __future__ import annotations
@@ -48,6 +55,8 @@ import torch.multiprocessing as mp
 from doppel.data.datamodule import IdentityDataModule
 from doppel.data.readers.recordio import MAGIC
 from doppel.data.split import split_dataset
+from doppel.evaluation import knn
+from doppel.evaluation.metrics import clustering_metrics, retrieval_metrics
 from doppel.losses.loss_set import LossSet
 from doppel.losses.sharding import gather_rows
 from doppel.module import shard_classifier, sharded_names
@@ -384,6 +393,54 @@ def index_section(argv: list[str] | None = None) -> dict[str, list[dict]]:
     return rows
 
 
+def _eval_worker(rank: int, world: int, port: int, args: argparse.Namespace, folder: str) -> None:
+    torch.set_num_threads(args.threads)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    if rank != 0:
+        knn.serve(torch.device("cpu"))
+    else:
+        generator = torch.Generator().manual_seed(0)
+        labels = torch.randint(0, max(1, args.queries // 21), (args.queries,), generator=generator)
+        embeddings = torch.nn.functional.normalize(torch.randn(args.queries, args.dim, generator=generator), dim=1)
+        begin = time.perf_counter()
+        with knn.spread_over_processes(torch.device("cpu")):
+            metrics = retrieval_metrics(embeddings, labels, ks=(1,), at_r=False)
+        took = time.perf_counter() - begin
+        clusters = torch.randint(0, int(labels.max()) + 1, (args.queries,), generator=generator)
+        begin = time.perf_counter()
+        clustering = clustering_metrics(labels, clusters)
+        Path(folder, "eval.json").write_text(json.dumps({"knn_s": took, "recall@1": metrics["recall@1"],
+                                                         "clustering_s": time.perf_counter() - begin, **clustering}))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def eval_section(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
+    parser = argparse.ArgumentParser(description="the eval section of scale.py")
+    parser.add_argument("--section")
+    parser.add_argument("--queries", type=int, default=420_000)
+    parser.add_argument("--dim", type=int, default=512)
+    parser.add_argument("--world", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    parser.add_argument("--json")
+    args = parser.parse_args(argv)
+    rows = {}
+    for world in (1, args.world):
+        with tempfile.TemporaryDirectory() as folder:
+            mp.spawn(_eval_worker, args=(world, free_port(), args, folder), nprocs=world, join=True)
+            rows[f"{world} process{'es' if world > 1 else ''}"] = json.loads(Path(folder, "eval.json").read_text())
+    print(f"CPU, {args.threads} thread(s) per process; {args.queries:,} queries x {args.dim}, leave-one-out Recall@1")
+    base = rows["1 process"]
+    for name, row in rows.items():
+        print(f"{name:<12} kNN {row['knn_s']:>8.1f} s ({row['knn_s'] / base['knn_s']:.3f}x)  "
+              f"recall@1 {row['recall@1']:.6f}  clustering table {row['clustering_s']:.2f} s (NMI {row['nmi']:.4f})")
+    if len({row["recall@1"] for row in rows.values()}) != 1:
+        raise SystemExit("the processes' Recall@1 differs from one process's: the spread search is wrong")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1) + "\n")
+    return rows
+
+
 if __name__ == "__main__":
     import sys
 
@@ -392,5 +449,7 @@ if __name__ == "__main__":
         sampler_section()
     elif section == "index":
         index_section()
+    elif section == "eval":
+        eval_section()
     else:
         main()

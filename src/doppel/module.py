@@ -97,7 +97,8 @@ class DoppelModule(pl.LightningModule):
         term = None if term is None else term.unsharded()  # the whole classifier on process 0 (collective)
         classify = None if term is None else (lambda e: term.class_scores(e.to(self.device)).float().cpu())
         vectors = None if term is None else (lambda: term.class_vectors().detach().float().cpu())
-        metrics = {f"{prefix}/{k}": v for k, v in self.evaluator.compute(classify, prefix, vectors).items()}
+        metrics = {f"{prefix}/{k}": v for k, v in self.evaluator.compute(classify, prefix, vectors,
+                                                                                    self.device).items()}
         # Computed once and broadcast: every process logs the same numbers, no reduction needed.
         self.log_dict(metrics, sync_dist=False, rank_zero_only=False)
         self.final_metrics.update(metrics)

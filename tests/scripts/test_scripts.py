@@ -158,6 +158,20 @@ def test_the_index_section_writes_recordio_bytes_and_starts_ranks_on_the_built_c
     assert "start on the cache / first start" in result.stdout
 
 
+def test_the_eval_section_gets_one_process_recall_from_two_and_a_sparse_clustering_table(tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "eval.json"
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench" / "scale.py"), "--section", "eval",
+                             "--queries", "3000", "--dim", "16", "--json", str(out)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.loads(out.read_text())
+    assert list(rows) == ["1 process", "2 processes"]
+    assert rows["1 process"]["recall@1"] == rows["2 processes"]["recall@1"] > 0
+    assert rows["1 process"]["nmi"] == rows["2 processes"]["nmi"] > 0
+
+
 def test_the_device_check_runs_its_settings_on_the_cpu_without_a_host_sync(tmp_path):
     """scripts/bench/gpu.py, tiny on the CPU: each setting runs its steps (the decode setting decodes JPEG
     bytes in the step) and counts no host sync in a steady-state step."""

@@ -17,6 +17,7 @@ import torch.distributed as dist
 
 from doppel import distributed
 from doppel.data.dataset import Part
+from doppel.evaluation import knn
 from doppel.evaluation.protocol import DataFacts, Embedded, Inputs, Protocol, Result
 from doppel.losses.loss_set import LossSet
 
@@ -102,9 +103,12 @@ class Evaluator:
         self._rows, self._dropped = {}, {}
 
     def compute(self, classify: Callable[[torch.Tensor], torch.Tensor] | None, where: str,
-                class_vectors: Callable[[], torch.Tensor] | None = None) -> dict[str, float]:
+                class_vectors: Callable[[], torch.Tensor] | None = None,
+                device: torch.device | None = None) -> dict[str, float]:
         """Every protocol's metrics from the embeddings collected since the last call (on every process);
-        ``classify`` and ``class_vectors`` give the training classifier's scores and class vectors."""
+        ``classify`` and ``class_vectors`` give the training classifier's scores and class vectors. Process 0
+        scores; the nearest-neighbour search is spread over every process, each on its ``device``
+        (:mod:`doppel.evaluation.knn`)."""
         rows, self._rows = self._rows, {}
         dropped, self._dropped = self._dropped, {}
         embedded: dict[str, Embedded] = {}
@@ -122,27 +126,37 @@ class Evaluator:
                                 self.parts if name == SPLIT else None, self.blocks)
                 embedded[name] = _without(item, left_out, where)
         outcome: list[dict[str, float] | BaseException | None] = [None]
-        if distributed.rank() == 0:
-            try:
-                for name, item in embedded.items():
-                    _check_finite(item, f"{where} embeddings" + (f" of {name}" if name != SPLIT else ""))
-                self.last_split = embedded.get(SPLIT)
-                inputs = Inputs(split=embedded.get(SPLIT), pairs={k: v for k, v in embedded.items() if k != SPLIT},
-                                classify=classify, class_vectors=class_vectors)
-                self.last_results = {name: protocol.evaluate(inputs) for name, protocol in self.protocols.items()}
-                metrics = {k: v for result in self.last_results.values() for k, v in result.metrics.items()}
-                undefined = [k for k, v in metrics.items() if v != v]
-                if undefined:  # never into metrics.json or a sweep's objective
-                    raise FloatingPointError(f"{where} metrics {', '.join(undefined)} are undefined (NaN): the "
-                                             "evaluation sets leave nothing to score them on; check the data's split.")
-                outcome[0] = metrics
-            except Exception as error:  # every process raises it, none waits for the others forever
-                outcome[0] = error
+        device = device or torch.device("cpu")
+        if distributed.rank() != 0:
+            knn.serve(device)
+        else:
+            with knn.spread_over_processes(device):
+                self._score(embedded, classify, class_vectors, where, outcome)
         if distributed.world() > 1:
             dist.broadcast_object_list(outcome, src=0)
         if isinstance(outcome[0], BaseException):
             raise outcome[0]
         return outcome[0]
+
+    def _score(self, embedded: dict[str, Embedded], classify: Callable[[torch.Tensor], torch.Tensor] | None,
+               class_vectors: Callable[[], torch.Tensor] | None, where: str,
+               outcome: list[dict[str, float] | BaseException | None]) -> None:
+        """Process 0: every protocol's metrics (or the error) into ``outcome``."""
+        try:
+            for name, item in embedded.items():
+                _check_finite(item, f"{where} embeddings" + (f" of {name}" if name != SPLIT else ""))
+            self.last_split = embedded.get(SPLIT)
+            inputs = Inputs(split=embedded.get(SPLIT), pairs={k: v for k, v in embedded.items() if k != SPLIT},
+                            classify=classify, class_vectors=class_vectors)
+            self.last_results = {name: protocol.evaluate(inputs) for name, protocol in self.protocols.items()}
+            metrics = {k: v for result in self.last_results.values() for k, v in result.metrics.items()}
+            undefined = [k for k, v in metrics.items() if v != v]
+            if undefined:  # never into metrics.json or a sweep's objective
+                raise FloatingPointError(f"{where} metrics {', '.join(undefined)} are undefined (NaN): the "
+                                         "evaluation sets leave nothing to score them on; check the data's split.")
+            outcome[0] = metrics
+        except Exception as error:  # every process raises it, none waits for the others forever
+            outcome[0] = error
 
     # -- outputs -----------------------------------------------------------------------------
     def write_figures(self, folder: Path, suffix: str = "") -> list[Path]:
