@@ -317,7 +317,7 @@ def start_rank(rank: int, world: int, root: str | None, index_cache: str, barrie
     if root is None:
         queue.put({"rank": rank, **memory_mb()})
         return
-    times, begin = {}, time.perf_counter()
+    times, begin, cpu_begin = {}, time.perf_counter(), time.process_time()
     datamodule = IdentityDataModule(reader="doppel.data.readers.recordio.read_recordio", root=root,
                                     index_cache=index_cache, novel_fraction=0.01, base_queries=False)
     datamodule.data = datamodule.read(**datamodule.reader_settings)
@@ -331,6 +331,7 @@ def start_rank(rank: int, world: int, root: str | None, index_cache: str, barrie
     next(iter(sampler))
     times["sampler_s"] = time.perf_counter() - begin - sum(times.values())
     times["total_s"] = time.perf_counter() - begin
+    times["cpu_s"] = time.process_time() - cpu_begin  # what it costs without other work on the cores
     queue.put({"rank": rank, **times, "images": len(dataset), "classes": datamodule.num_classes, **memory_mb()})
 
 
@@ -378,12 +379,12 @@ def index_section(argv: list[str] | None = None) -> dict[str, list[dict]]:
     print(f"{first['images']:,} training images, {first['classes']:,} classes; sampler built for world size "
           f"{args.world}; a process that has only imported: peak RSS {idle['peak_rss_mb']:.0f} MB, private "
           f"{idle['private_mb_at_end']:.0f} MB (in the rows below, less that: the start-up's own)")
-    print(f"{'':<34} {'read s':>7} {'split s':>8} {'arrays s':>9} {'sampler s':>10} {'total s':>8} "
+    print(f"{'':<34} {'read s':>7} {'split s':>8} {'arrays s':>9} {'sampler s':>10} {'total s':>8} {'CPU s':>6} "
           f"{'peak RSS MB':>12} {'private MB':>11} {'shared MB':>10}")
     for name, ranks in rows.items():
         for row in ranks:
             print(f"{name + ' / rank ' + str(row['rank']):<34} {row['read_s']:>7.2f} {row['split_s']:>8.2f} "
-                  f"{row['dataset_s']:>9.2f} {row['sampler_s']:>10.2f} {row['total_s']:>8.2f} "
+                  f"{row['dataset_s']:>9.2f} {row['sampler_s']:>10.2f} {row['total_s']:>8.2f} {row['cpu_s']:>6.2f} "
                   f"{row['peak_rss_mb'] - idle['peak_rss_mb']:>12.0f} "
                   f"{row['private_mb_at_end'] - idle['private_mb_at_end']:>11.0f} {row['shared_mb_at_end']:>10.0f}")
     together = rows[f"{args.ranks} ranks together on the cache"]

@@ -84,11 +84,11 @@ class IdentityBatchSampler(Sampler[list[int]]):
         sorted_already = bool((labels[1:] >= labels[:-1]).all())
         self.image_order = None if sorted_already else torch.argsort(labels, stable=True)
         counts = torch.bincount(labels, minlength=self.num_classes)
-        self.class_start = (torch.cumsum(counts, 0) - counts).tolist()
-        self.class_count = counts.tolist()
-        empty = [c for c, n in enumerate(counts.tolist()) if n == 0]
+        self.class_start = (torch.cumsum(counts, 0) - counts).numpy()  # arrays: 2M Python ints would be 130 MB
+        self.class_count = counts.numpy()
+        empty = torch.nonzero(counts == 0).flatten()[:5].tolist()
         if empty:
-            raise ValueError(f"classes {empty[:5]} have no training images; relabel classes to 0..C-1 without gaps.")
+            raise ValueError(f"classes {empty} have no training images; relabel classes to 0..C-1 without gaps.")
         few = counts < low
         if few.any():
             warnings.warn(f"sampler.examples_per_class={examples_per_class}: {int(few.sum())} of {self.num_classes} "
@@ -203,8 +203,8 @@ class IdentityBatchSampler(Sampler[list[int]]):
     def _fill(self, classes: list[int], counts: list[int], generator: torch.Generator) -> list[int]:
         batch = []
         for cls, count in zip(classes, counts):
-            start = self.class_start[cls]
-            end = start + self.class_count[cls]
+            start = int(self.class_start[cls])
+            end = start + int(self.class_count[cls])
             images = self.image_order[start:end] if self.image_order is not None else torch.arange(start, end)
             picks = torch.cat([torch.randperm(len(images), generator=generator)
                                for _ in range(math.ceil(count / len(images)))])[:count]
