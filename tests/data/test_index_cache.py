@@ -160,3 +160,28 @@ def test_processes_starting_together_build_the_cache_once(tmp_path: Path) -> Non
     assert len((tmp_path / "log").read_text().split()) == 1  # one build; the others mapped it
     assert sorted(p.name for p in tmp_path.iterdir()) == [".train.idx.doppel-cache.lock", "log", "train.idx",
                                                          "train.idx.doppel-cache"]  # no half-built folder left
+
+
+def test_a_cache_another_node_wrote_meanwhile_is_kept(tmp_path: Path, monkeypatch) -> None:
+    """Nodes that share no lock (flock does not cross every network file system) may build at once: the one
+    that finds a valid cache in place when it is done keeps it."""
+    import contextlib
+
+    from doppel.data import index_cache
+
+    monkeypatch.setattr(index_cache, "_exclusive", lambda lock: contextlib.nullcontext())  # no shared lock
+    (tmp_path / "train.idx").write_text("0\t0\n")
+    sources = [tmp_path / "train.idx"]
+
+    theirs = []
+
+    def build_while_another_node_finishes() -> dict[str, np.ndarray]:
+        index_cache.cached_arrays("auto", "data.index_cache", sources, lambda: {"labels": np.arange(3)})
+        theirs.append((tmp_path / "train.idx.doppel-cache" / "labels.npy").stat().st_ino)
+        return {"labels": np.arange(3)}
+
+    first = index_cache.cached_arrays("auto", "data.index_cache", sources, build_while_another_node_finishes)
+    assert first["labels"].tolist() == [0, 1, 2] and isinstance(first["labels"], np.memmap)
+    assert (tmp_path / "train.idx.doppel-cache" / "labels.npy").stat().st_ino == theirs[0]  # theirs, not replaced
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")) == ["train.idx",
+                                                                                           "train.idx.doppel-cache"]

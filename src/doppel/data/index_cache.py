@@ -107,11 +107,11 @@ def cached_arrays(setting: str | None, key: str, sources: list[Path],
         warnings.warn(f"{key}=auto: cannot write the index cache at {folder} ({error}); every start parses "
                       f"{sources[0]} in memory. Set {key} to a writable folder.", stacklevel=2)
         return build()
-    del arrays  # map what was written: the built arrays' memory goes back
-    found = _load(folder, stamp)
+    found = _load(folder, stamp)  # mapped: the built arrays' memory goes back once they are dropped
     if found is None:
-        raise OSError(f"{folder}: the index cache just written does not read back; is the file system full? "
-                      f"Remove it, or set {key}=off.")
+        warnings.warn(f"{folder}: the index cache just written does not read back (a full file system, or another "
+                      "node replacing it); this start uses what it parsed.", stacklevel=2)
+        return arrays
     return found
 
 
@@ -123,9 +123,15 @@ def _write(folder: Path, stamp: dict, arrays: dict[str, np.ndarray]) -> None:
         for name, array in arrays.items():
             np.save(building / f"{name}.npy", np.ascontiguousarray(array), allow_pickle=False)
         (building / STAMP).write_text(json.dumps({**stamp, "lengths": {n: len(a) for n, a in arrays.items()}}))
-        if folder.exists():  # stale: processes that mapped its files keep them until they unmap
-            shutil.rmtree(folder)
-        os.rename(building, folder)
+        if folder.exists():
+            if _load(folder, stamp) is not None:  # another node built it meanwhile (no flock across nodes)
+                return
+            shutil.rmtree(folder)  # stale: processes that mapped its files keep them until they unmap
+        try:
+            os.rename(building, folder)
+        except OSError:
+            if _load(folder, stamp) is None:  # not someone else's valid cache renamed in first
+                raise
     finally:
         shutil.rmtree(building, ignore_errors=True)
 
