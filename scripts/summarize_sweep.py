@@ -5,7 +5,9 @@ paired t-test's two-sided p-value.
     python scripts/summarize_sweep.py outputs/results/cjk_random outputs/results/cjk_doppel \\
         --group sampler --baseline sampler=random
 
-Reads every job's ``metrics.json`` and ``.hydra/overrides.yaml`` under the given multirun directories;
+Reads every job's ``metrics.json`` (and, beside it, an ``eval_metrics.json`` of metrics an ``eval.py`` of its
+checkpoint added, which never override the run's own) and ``.hydra/overrides.yaml`` under the given multirun
+directories;
 jobs that share all overrides except ``seed`` (or only the ``--group`` keys, if given) form one row. An
 ``eval.py`` job of one checkpoint takes the overrides of the training run that wrote it (its
 ``ckpt_path`` replaced by them; the job's own overrides win), so evaluation sweeps group and pair by the
@@ -47,7 +49,11 @@ def load_jobs(*sweep_dirs: Path) -> list[Job]:
     for sweep_dir in sweep_dirs:
         for metrics_file in sorted(Path(sweep_dir).glob("*/metrics.json")):
             settings = read_overrides(metrics_file.parent)
-            jobs.append((settings, json.loads(metrics_file.read_text()), metrics_file.parent))
+            metrics = json.loads(metrics_file.read_text())
+            added = metrics_file.parent / "eval_metrics.json"  # an eval.py of the job's checkpoint, kept beside it
+            if added.is_file():
+                metrics = {**json.loads(added.read_text()), **metrics}  # the run's own numbers win
+            jobs.append((settings, metrics, metrics_file.parent))
     if not jobs:
         raise SystemExit(f"no */metrics.json under {', '.join(map(str, sweep_dirs))}: are they finished multiruns?")
     return jobs

@@ -33,6 +33,16 @@ def test_rows_group_seeds_with_t_intervals_and_paired_tests_against_a_baseline(t
     assert lines[-3] == f"| sampler=doppel | 2 | +45.00 ± {half:.2f} (p={p:.3f}) |"
 
 
+def test_metrics_an_eval_of_the_checkpoint_added_join_the_runs_own(tmp_path):
+    summarize_sweep = load_script("summarize_sweep")
+    sweep = write_sweep(tmp_path / "a", [("random", 0, 0.10), ("random", 1, 0.20)])
+    job = sorted(sweep.glob("*/metrics.json"))[0].parent
+    (job / "eval_metrics.json").write_text(json.dumps({"test/novel/top1": 0.99, "test/novel/coverage@0.97": 0.4}))
+    metrics = {path.name: m for _, m, path in summarize_sweep.load_jobs(sweep)}
+    assert metrics[job.name]["test/novel/coverage@0.97"] == 0.4
+    assert metrics[job.name]["test/novel/top1"] == 0.10  # the run's own number, not the evaluation's
+
+
 def test_a_p_value_below_one_in_a_thousand_is_printed_as_such(tmp_path):
     summarize_sweep = load_script("summarize_sweep")
     random = write_sweep(tmp_path / "a", [("random", seed, 0.10) for seed in range(3)])
