@@ -131,7 +131,7 @@ class Evaluator:
             knn.serve(device)
         else:
             with knn.spread_over_processes(device):
-                self._score(embedded, classify, class_vectors, where, outcome)
+                outcome[0] = self._score(embedded, classify, class_vectors, where)
         if distributed.world() > 1:
             dist.broadcast_object_list(outcome, src=0)
         if isinstance(outcome[0], BaseException):
@@ -139,9 +139,8 @@ class Evaluator:
         return outcome[0]
 
     def _score(self, embedded: dict[str, Embedded], classify: Callable[[torch.Tensor], torch.Tensor] | None,
-               class_vectors: Callable[[], torch.Tensor] | None, where: str,
-               outcome: list[dict[str, float] | BaseException | None]) -> None:
-        """Process 0: every protocol's metrics (or the error) into ``outcome``."""
+               class_vectors: Callable[[], torch.Tensor] | None, where: str) -> dict[str, float] | BaseException:
+        """Process 0: every protocol's metrics, or the error (which every process then raises)."""
         try:
             for name, item in embedded.items():
                 _check_finite(item, f"{where} embeddings" + (f" of {name}" if name != SPLIT else ""))
@@ -154,9 +153,9 @@ class Evaluator:
             if undefined:  # never into metrics.json or a sweep's objective
                 raise FloatingPointError(f"{where} metrics {', '.join(undefined)} are undefined (NaN): the "
                                          "evaluation sets leave nothing to score them on; check the data's split.")
-            outcome[0] = metrics
+            return metrics
         except Exception as error:  # every process raises it, none waits for the others forever
-            outcome[0] = error
+            return error
 
     # -- outputs -----------------------------------------------------------------------------
     def write_figures(self, folder: Path, suffix: str = "") -> list[Path]:
@@ -189,7 +188,7 @@ def _gather(index: torch.Tensor, rows: torch.Tensor | None, size: int) -> torch.
         return rows[torch.argsort(index)]
     # Every process holds ceil(size / world) rows at most (items r, r + world, ...): pad to that.
     share = -(-size // world)
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    device = distributed.comm_device()
     width = torch.tensor([rows.shape[1] if rows is not None and len(rows) else 0], device=device)
     dist.all_reduce(width, op=dist.ReduceOp.MAX)
     padded = torch.zeros(share, int(width), device=device)

@@ -91,24 +91,18 @@ class Request:
 _serving: dict[str, torch.device] = {}  # on process 0, while the other processes serve: the device
 
 
-def _comm_device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-
-
 def chunk_sums(request: Request) -> torch.Tensor:
     """[chunks, metrics + 1]: the request's per-chunk sums, computed by every serving process (or by this one
     alone)."""
-    if "device" not in _serving:
-        return request.chunk_sums(0, 1, torch.device("cpu"))[:-1]
-    device, world = _serving["device"], distributed.world()
-    if world == 1:
+    device, world = _serving.get("device", torch.device("cpu")), distributed.world()
+    if "device" not in _serving or world == 1:
         return request.chunk_sums(0, 1, device)[:-1]
     _send(request)
     try:
         rows, failure = request.chunk_sums(0, world, device), None
     except Exception as error:  # take part in the reduction all the same: the others are waiting in it
         rows, failure = request.empty_rows(), error
-    rows = rows.to(_comm_device())
+    rows = rows.to(distributed.comm_device())
     dist.reduce(rows, dst=0)
     if failure is not None:
         raise failure
@@ -129,7 +123,7 @@ def _send(request: Request | None) -> None:
     if request is not None:
         for tensor in (request.queries, request.query_labels, request.gallery, request.gallery_labels):
             if tensor is not None:
-                dist.broadcast(tensor.contiguous().to(_comm_device()), src=0)
+                dist.broadcast(tensor.contiguous().to(distributed.comm_device()), src=0)
 
 
 def _receive() -> Request | None:
@@ -143,7 +137,7 @@ def _receive() -> Request | None:
         if shape is None:
             tensors.append(None)
             continue
-        tensor = torch.empty(shape[0], dtype=shape[1], device=_comm_device())
+        tensor = torch.empty(shape[0], dtype=shape[1], device=distributed.comm_device())
         dist.broadcast(tensor, src=0)
         tensors.append(tensor.cpu())
     return Request(*tensors, ks=tuple(header["ks"]), at_r=header["at_r"], chunk=header["chunk"])
@@ -172,4 +166,4 @@ def serve(device: torch.device) -> None:
             print(f"process {distributed.rank()}: retrieval chunks failed: {error!r}", flush=True)
             rows = request.empty_rows()
             rows[-1, 0] = 1
-        dist.reduce(rows.to(_comm_device()), dst=0)
+        dist.reduce(rows.to(distributed.comm_device()), dst=0)
