@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import socket
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -108,3 +109,10 @@ def compose_cfg(tmp_path: Path, overrides: list[str] = (), tiny_backbone: bool =
     with open_dict(cfg):
         cfg.paths.output_dir = str(tmp_path)
     return cfg
+
+
+def free_port() -> int:
+    """A free TCP port on this machine for a test's gloo process group."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

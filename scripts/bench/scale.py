@@ -31,6 +31,15 @@ scores, the others serve its chunks; the metrics must come out equal), and the c
 images in as many clusters as classes (a sparse table):
 
     python scripts/bench/scale.py --section eval --queries 420000
+
+The checkpoint section: saving a sharded classifier (ArcFace over ``--classes`` x ``--dim``, weights and
+Nesterov momentum, after one step) from ``--world`` processes, the way ``last.ckpt`` is written
+(``DoppelModule.on_save_checkpoint``): gathered into process 0, which writes one file
+(``checkpoint.class_shards=false``), against each process writing its own rows (the default). Printed: the
+stall of a step (from the save's start until every process is done), what process 0 writes, the peak
+memory of the processes, and a check that both read back as the same logical tensors:
+
+    python scripts/bench/scale.py --section checkpoint --classes 1000000
 """
 
 from __future__ import annotations
@@ -52,6 +61,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from doppel.checkpoint import SHARD_REQUEST, new_shard_folder, read_checkpoint, read_class_rows
 from doppel.data.datamodule import IdentityDataModule
 from doppel.data.readers.recordio import MAGIC
 from doppel.data.split import split_dataset
@@ -59,7 +69,7 @@ from doppel.evaluation import knn
 from doppel.evaluation.metrics import clustering_metrics, retrieval_metrics
 from doppel.losses.loss_set import LossSet
 from doppel.losses.sharding import gather_rows
-from doppel.module import shard_classifier, sharded_names
+from doppel.module import DoppelModule, shard_classifier, sharded_names
 from doppel.sampling.doppelganger import DoppelgangerTable, TableUpdate
 from doppel.sampling.samplers import (
     BalancedDoppelgangerBatchSampler,
@@ -67,6 +77,7 @@ from doppel.sampling.samplers import (
     IdentityBatchSampler,
     SamplerContext,
 )
+from doppel.serialization import atomic_save
 
 # name: (sharded, sample_rate, negatives, mining)
 SETTINGS = {
@@ -442,6 +453,115 @@ def eval_section(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     return rows
 
 
+def _resident_bytes() -> int:
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmRSS:"))
+
+
+class _PeakResident:
+    """The most resident memory seen while the block runs (sampled every millisecond by a thread): a
+    process's ru_maxrss also holds the peaks of what ran before."""
+
+    def __enter__(self) -> _PeakResident:
+        import threading
+
+        self.peak, self._done = _resident_bytes(), threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._done.wait(0.001):
+            self.peak = max(self.peak, _resident_bytes())
+
+    def __exit__(self, *exc) -> None:
+        self._done.set()
+        self._thread.join()
+        self.peak = max(self.peak, _resident_bytes())
+
+
+def _checkpoint_worker(rank: int, world: int, port: int, way: str, args: argparse.Namespace, folder: str) -> None:
+    torch.set_num_threads(args.threads)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    model = Model(args.classes, args.dim, True, 1.0, "uniform")
+    module = DoppelModule(model.neck, model.loss_set, optimizer=None)
+    shard_classifier(module, module.loss_set, rank, world)
+    decay, no_decay = ([p for _, p in group] for group in module._parameter_groups())
+    optimizer = torch.optim.SGD([{"params": decay}, {"params": no_decay, "weight_decay": 0.0}], lr=0.01,
+                                momentum=0.9, nesterov=True, weight_decay=5e-4)
+    for group in optimizer.param_groups:  # the momentum a step leaves, without the step's own transients
+        for param in group["params"]:
+            optimizer.state[param]["momentum_buffer"] = torch.randn_like(param)
+    before = _resident_bytes()
+    path = Path(folder) / "last.ckpt"
+    dist.barrier()
+    start = time.perf_counter()
+    with _PeakResident() as resident:
+        checkpoint = {"state_dict": module.state_dict(), "optimizer_states": [optimizer.state_dict()],
+                      "global_step": 1}
+        if way == "per process":
+            checkpoint[SHARD_REQUEST] = new_shard_folder(path, 1)
+        module.on_save_checkpoint(checkpoint)
+        if rank == 0:
+            atomic_save(checkpoint, path)
+        del checkpoint
+    dist.barrier()  # what Trainer.save_checkpoint ends with: the step waits for the slowest process
+    stall = time.perf_counter() - start
+    Path(folder, f"save_{rank}.json").write_text(json.dumps({"stall_s": stall, "peak": resident.peak,
+                                                            "before": before}))
+    dist.destroy_process_group()
+
+
+def checkpoint_section(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
+    parser = argparse.ArgumentParser(description="the checkpoint section of scale.py")
+    parser.add_argument("--section")
+    parser.add_argument("--classes", type=int, default=1_000_000)
+    parser.add_argument("--dim", type=int, default=512)
+    parser.add_argument("--world", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    parser.add_argument("--folder", help="where the checkpoints are written (default: a temporary folder)")
+    parser.add_argument("--json")
+    args = parser.parse_args(argv)
+    rows, logical = {}, {}
+    with tempfile.TemporaryDirectory(dir=args.folder) as parent:
+        for way in ("gathered", "per process"):
+            folder = Path(parent) / way.replace(" ", "_")
+            folder.mkdir()
+            mp.spawn(_checkpoint_worker, args=(args.world, free_port(), way, args, str(folder)), nprocs=args.world,
+                     join=True)
+            ranks = [json.loads((folder / f"save_{r}.json").read_text()) for r in range(args.world)]
+            files = [p for p in folder.rglob("*.pt")]
+            rows[way] = {"stall_s": max(r["stall_s"] for r in ranks),
+                         "save_peak_0": ranks[0]["peak"] - ranks[0]["before"],
+                         "save_peak_max": max(r["peak"] - r["before"] for r in ranks),
+                         "held_before": ranks[0]["before"],
+                         "file_mb": (folder / "last.ckpt").stat().st_size / 2**20,
+                         "largest_shard_mb": max((p.stat().st_size for p in files), default=0) / 2**20}
+            logical[way] = read_class_rows(read_checkpoint(folder / "last.ckpt"))
+    same = all(torch.equal(logical["per process"]["state_dict"][k], v)
+               for k, v in logical["gathered"]["state_dict"].items())
+    same &= all(torch.equal(logical["per process"]["optimizer_states"][0]["state"][i][key], value)
+                for i, state in logical["gathered"]["optimizer_states"][0]["state"].items()
+                for key, value in state.items())
+    print(f"CPU, {args.world} processes x {args.threads} thread(s); ArcFace {args.classes:,} x {args.dim}, weights and "
+          f"momentum ({2 * args.classes * args.dim * 4 / 2**20:,.0f} MB)")
+    print(f"{'classifier saved':<18} {'stall s':>8} {'vs gathered':>12} {'last.ckpt MB':>13} {'largest shard MB':>17} "
+          f"{'save peak MB p0':>16} {'save peak MB max':>17}")
+    base = rows["gathered"]["stall_s"]
+    for way, row in rows.items():
+        shard = f"{row['largest_shard_mb']:.1f}" if row["largest_shard_mb"] else "-"
+        print(f"{way:<18} {row['stall_s']:>8.2f} {row['stall_s'] / base:>12.3f} {row['file_mb']:>13.1f} {shard:>17} "
+              f"{row['save_peak_0'] / 2**20:>16.0f} {row['save_peak_max'] / 2**20:>17.0f}")
+    print(f"each process held {rows['gathered']['held_before'] / 2**20:,.0f} MB before saving (its rows, their "
+          "momentum, the rest); save peak: the most it held while saving, beyond that")
+    print(f"both read back as the same logical weights and momentum: {same}")
+    if not same:
+        raise SystemExit("the per-process checkpoint does not read back as the gathered one")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1) + "\n")
+    return rows
+
+
 if __name__ == "__main__":
     import sys
 
@@ -452,5 +572,7 @@ if __name__ == "__main__":
         index_section()
     elif section == "eval":
         eval_section()
+    elif section == "checkpoint":
+        checkpoint_section()
     else:
         main()

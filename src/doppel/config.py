@@ -242,6 +242,9 @@ def _check_values(cfg: DictConfig) -> Prepared:
                        ("trainer.check_val_every_n_epoch", cfg.trainer.check_val_every_n_epoch)):
         if value is not None and (not isinstance(value, int) or value < 1):
             raise ValueError(f"{key}={value} must be a positive integer or null.")
+    if not isinstance(cfg.checkpoint.class_shards, bool):
+        raise ValueError(f"checkpoint.class_shards={cfg.checkpoint.class_shards} must be true (each process writes "
+                         "its classifier rows) or false (gathered into process 0's file).")
     max_epochs, max_steps = cfg.trainer.get("max_epochs"), cfg.trainer.get("max_steps", -1)
     if not (isinstance(max_epochs, int) and max_epochs >= 1) and not (isinstance(max_steps, int) and max_steps >= 1):
         raise ValueError(f"trainer.max_epochs={max_epochs} must be a positive integer (or set trainer.max_steps).")

@@ -21,13 +21,13 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 from pytorch_lightning.utilities import rank_zero_info
 
-from doppel.checkpoint import STAMP, check_finite, check_state_dict
+from doppel.checkpoint import STAMP, check_finite, check_state_dict, read_checkpoint, read_class_rows
 from doppel.config import bind_evaluator, build
 from doppel.losses.loss_set import LossSet
 from doppel.models.ensemble import EnsembleNet
 from doppel.module import DoppelModule
 from doppel.reporting import RunMetrics, finish_wandb, report, save_config
-from doppel.serialization import CheckpointError, load_checkpoint
+from doppel.serialization import CheckpointError
 
 # Settings that made the weights: always the checkpoint's.
 WEIGHTS = ("backbone", "loss", "regularizer")
@@ -95,7 +95,7 @@ def _run_checkpoint(path: str) -> dict[str, Any]:
     file = Path(path).expanduser()
     if not file.is_file():
         raise FileNotFoundError(f"ckpt_path={str(file)!r} is not a file: point it at a run's checkpoints/last.ckpt.")
-    checkpoint = load_checkpoint(file)
+    checkpoint = read_class_rows(read_checkpoint(file), optimizer=False)  # the weights, whole
     if STAMP not in checkpoint or "state_dict" not in checkpoint:
         raise CheckpointError(f"ckpt_path={str(file)!r} was not written by a Doppel run; evaluate other weights "
                               "through the backbone (backbone=timm backbone.pretrained_path=...).")

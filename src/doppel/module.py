@@ -11,6 +11,7 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
+from doppel.checkpoint import CLASS_SHARDS, SHARD_REQUEST, put_rows, read_class_rows, write_class_shard
 from doppel.evaluation.evaluator import Evaluator
 from doppel.host_syncs import at_sync_point
 from doppel.losses import sharding
@@ -122,30 +123,37 @@ class DoppelModule(pl.LightningModule):
 
     # -- a sharded classifier in checkpoints: one logical tensor, whatever the number of processes -------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Every process calls this; process 0, which writes the file, gets the whole class tensors (weights
-        and their optimizer state) gathered from the shards. Never saves a run whose loss has gone bad."""
+        """Every process calls this. A sharded classifier's rows (weights and their optimizer state) go to
+        one file per process when the save asks for it (:data:`SHARD_REQUEST`, the run's last.ckpt), else
+        they are gathered into process 0, which writes the file. Never saves a run whose loss has gone bad."""
         self.loss_set.check()
+        request = checkpoint.pop(SHARD_REQUEST, None)
         names = sharded_names(self, self.loss_set)
         if not names:
             return
-        num_classes = self.loss_set.prototype_term.num_classes
-
-        def whole(local: torch.Tensor) -> torch.Tensor:  # the other processes keep their rows
-            gathered = sharding.gather_classes(local, num_classes)
-            return local if gathered is None else gathered
-
-        for name in names:
-            checkpoint["state_dict"][name] = whole(checkpoint["state_dict"][name])
+        rows = {f"state_dict/{name}": checkpoint["state_dict"][name] for name in names}
         states, indices = self._optimizer_states(checkpoint, names)
-        for index in indices:  # a new dict each: the one in the checkpoint is the optimizer's live state
-            states[index] = {key: whole(value) if _per_class(value) else value for key, value in states[index].items()}
+        rows |= {f"optimizer/0/{index}/{key}": value for index in indices
+                 for key, value in states[index].items() if _per_class(value)}
+        shard = self.loss_set.prototype_term.shard
+        if request is not None:
+            write_class_shard(checkpoint, request, rows, ClassShard.bounds(shard.num_classes, shard.world_size))
+            return
+        for key, local in rows.items():  # the other processes keep their rows
+            gathered = sharding.gather_classes(local, shard.num_classes)
+            put_rows(checkpoint, key, local if gathered is None else gathered)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """This process's rows of the whole class tensors the checkpoint holds."""
+        """This process's rows of the class tensors, from the checkpoint's class shards or whole tensors."""
+        term = self.loss_set.prototype_term
+        split = term is not None and term.split()
+        if CLASS_SHARDS in checkpoint:  # written by any number of processes: read the rows of this one's classes
+            read_class_rows(checkpoint, *((term.shard.lo, term.shard.hi) if split else (0, None)))
+            return
         names = sharded_names(self, self.loss_set)
         if not names:
             return
-        shard = self.loss_set.prototype_term.shard
+        shard = term.shard
         for name in names:
             checkpoint["state_dict"][name] = checkpoint["state_dict"][name][shard.lo:shard.hi].clone()
         states, indices = self._optimizer_states(checkpoint, names)

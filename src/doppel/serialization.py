@@ -30,8 +30,9 @@ _ZIP = b"PK\x03\x04"
 _LEGACY = pickle.dumps(torch.serialization.MAGIC_NUMBER, protocol=2)[:-1]
 
 
-def load_checkpoint(path: str | Path, key: str = "ckpt_path") -> dict[str, Any]:
-    """``torch.load(path, weights_only=True)`` on the CPU; ``key`` is the setting that named the file.
+def load_checkpoint(path: str | Path, key: str = "ckpt_path", mmap: bool = False) -> dict[str, Any]:
+    """``torch.load(path, weights_only=True)`` on the CPU; ``key`` is the setting that named the file;
+    ``mmap``: tensors memory-mapped from the file (only the rows read are paged in).
 
     A file that does not begin as torch.save files do never reaches the unpickler.
     """
@@ -52,7 +53,7 @@ def load_checkpoint(path: str | Path, key: str = "ckpt_path") -> dict[str, Any]:
         raise CheckpointError(f"{name} is not a PyTorch checkpoint (its bytes are not a torch.save archive): "
                               "it is another kind of file or corrupt.")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as error:
         refused = re.search(r"GLOBAL ([\w.]+)", str(error))
         if refused:

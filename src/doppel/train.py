@@ -24,6 +24,8 @@ from doppel.checkpoint import (
     check_state_dict,
     checkpoint_dir,
     copy_matching_weights,
+    read_checkpoint,
+    read_class_rows,
     resolve_ckpt_path,
 )
 from doppel.config import CONFIG_DIR, Prepared, bind_evaluator, build, check_config, resolve_mining
@@ -34,7 +36,7 @@ from doppel.module import DoppelModule
 from doppel.reporting import RunMetrics, finish_wandb, report, save_config
 from doppel.run_lock import run_lock
 from doppel.sampling.doppelganger import DoppelgangerTable
-from doppel.serialization import check_writable, load_checkpoint
+from doppel.serialization import check_writable
 
 __all__ = ["CONFIG_DIR", "RunInterrupted", "RunMetrics", "train"]
 
@@ -57,14 +59,14 @@ def _train(cfg: DictConfig, prepared: Prepared) -> RunMetrics:
     config = OmegaConf.to_container(cfg, resolve=True)
     checkpoint = None
     if ckpt_path is not None:
-        checkpoint = load_checkpoint(ckpt_path)
+        checkpoint = read_checkpoint(ckpt_path)
         check_checkpoint(checkpoint, config, f"ckpt_path={str(ckpt_path)!r}")
         rank_zero_info(f"resuming from {ckpt_path} (step {checkpoint.get('global_step')})")
     elif cfg.ckpt_path == "auto":
         rank_zero_info(f"ckpt_path=auto: no checkpoint in {checkpoint_dir(output_dir)}, starting a new run")
     start_weights = None
     if cfg.init_from is not None and checkpoint is None:  # a resumed run already holds the fine-tuned weights
-        start_weights = load_checkpoint(cfg.init_from, key="init_from")
+        start_weights = read_class_rows(read_checkpoint(cfg.init_from, key="init_from"), optimizer=False)
         check_finite(start_weights, f"init_from={cfg.init_from!r}")
 
     pl.seed_everything(cfg.seed, workers=True)
@@ -113,7 +115,8 @@ def _train(cfg: DictConfig, prepared: Prepared) -> RunMetrics:
     # Before LastCheckpoint: a checkpoint written at a step's end holds that step's counts.
     callbacks.append(ExposureMonitor(num_classes))
     callbacks += [ExactResume(config, num_classes),
-                  LastCheckpoint(checkpoint_dir(output_dir), cfg.checkpoint.every_n_steps)]
+                  LastCheckpoint(checkpoint_dir(output_dir), cfg.checkpoint.every_n_steps,
+                                 cfg.checkpoint.class_shards)]
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
     if checkpoint is not None:
         for logger in loggers:

@@ -122,10 +122,20 @@ class LogicalStateRecorder(pl.Callback):
         from doppel.losses.sharding import gather_classes
         from doppel.module import sharded_names
 
+        classes = pl_module.loss_set.prototype_term.num_classes
+        sharded = sharded_names(pl_module, pl_module.loss_set)
         state = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
-        for name in sharded_names(pl_module, pl_module.loss_set):
-            state[name] = gather_classes(state[name], pl_module.loss_set.prototype_term.num_classes)
+        for name in sharded:
+            state[name] = gather_classes(state[name], classes)
+        # The momentum of every parameter, by its index in the optimizer's state (a shard's gathered whole)
+        optimizer = trainer.optimizers[0]
+        names = {id(p): n for n, p in pl_module.named_parameters()}
+        momentum = {}
+        for index, param in enumerate(p for group in optimizer.param_groups for p in group["params"]):
+            buffer = optimizer.state.get(param, {}).get("momentum_buffer")
+            if buffer is not None:
+                momentum[index] = gather_classes(buffer, classes) if names[id(param)] in sharded else buffer.clone()
         mining = next(c for c in trainer.callbacks if type(c).__name__ == "DoppelgangerMining")
         if trainer.global_rank == 0:
-            torch.save({"state_dict": state, "table": mining.table.table.clone(), "step": trainer.global_step},
-                       f"{self.folder}/start_w{trainer.world_size}.pt")
+            torch.save({"state_dict": state, "momentum": momentum, "table": mining.table.table.clone(),
+                        "step": trainer.global_step}, f"{self.folder}/start_w{trainer.world_size}.pt")

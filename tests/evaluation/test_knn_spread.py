@@ -5,7 +5,6 @@ process 0 refusing the result when another process failed its chunks."""
 from __future__ import annotations
 
 import json
-import socket
 from pathlib import Path
 
 import pytest
@@ -17,12 +16,7 @@ from doppel.data.dataset import Part
 from doppel.evaluation import knn
 from doppel.evaluation.metrics import retrieval_metrics
 from doppel.evaluation.prototype import prototype_metrics
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.conftest import free_port
 
 
 def inputs() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -6,7 +6,6 @@ global batch with unbalanced classes (some repeated, some absent) and a class co
 from __future__ import annotations
 
 import math
-import socket
 
 import pytest
 import torch
@@ -17,6 +16,7 @@ from doppel.losses import prototype as P
 from doppel.losses.loss_set import LossSet
 from doppel.losses.sharding import ClassShard, gather_rows, sharded_cross_entropy
 from doppel.sampling.doppelganger import DoppelgangerTable, Mining, TableUpdate
+from tests.conftest import free_port
 
 DIM, CLASSES, ROWS = 6, 11, 8  # rows per process
 TERMS = {
@@ -127,11 +127,6 @@ def _worker(rank: int, world: int, port: int, folder: str) -> None:
     finally:
         dist.destroy_process_group()
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module", params=[1, 2, 3])

@@ -182,6 +182,24 @@ def test_the_eval_section_gets_one_process_recall_from_two_and_a_sparse_clusteri
     assert rows["1 process"]["nmi"] == rows["2 processes"]["nmi"] > 0
 
 
+def test_the_checkpoint_section_writes_each_process_share_and_reads_back_the_gathered_classifier(tmp_path):
+    """Gathered, process 0's file holds the whole classifier and its momentum; per process, last.ckpt holds
+    none of it and each process's file its half (the arithmetic: rows x dim x 4 bytes, twice)."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "checkpoint.json"
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench" / "scale.py"), "--section", "checkpoint",
+                             "--classes", "3001", "--dim", "32", "--json", str(out)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "both read back as the same logical weights and momentum: True" in result.stdout
+    rows = json.loads(out.read_text())
+    whole, half = 2 * 3001 * 32 * 4 / 2**20, 2 * 1501 * 32 * 4 / 2**20
+    assert whole <= rows["gathered"]["file_mb"] < whole + 0.1
+    assert rows["per process"]["file_mb"] < 0.1
+    assert half <= rows["per process"]["largest_shard_mb"] < half + 0.01
+
+
 def test_the_device_check_runs_its_settings_on_the_cpu_without_a_host_sync(tmp_path):
     """scripts/bench/gpu.py, tiny on the CPU: each setting runs its steps (the decode setting decodes JPEG
     bytes in the step) and counts no host sync in a steady-state step."""

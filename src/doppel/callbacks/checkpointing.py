@@ -7,6 +7,11 @@ epoch end, and when the process receives SIGTERM (a scheduler's preemption or ti
 where they agree), saves, and stops with :class:`RunInterrupted`; a second Ctrl-C stops at once. The save
 that ends an epoch's last step waits for the epoch end (after validation), so every checkpoint is taken at
 a point a resumed run continues from exactly.
+
+A sharded classifier (``classifier.sharded=true``) is written by every process, its own rows to its own
+file in a new folder beside ``last.ckpt`` (``checkpoint.class_shards=true``, :mod:`doppel.checkpoint`):
+no process gathers the whole classifier, and the files are written in parallel. Once the new ``last.ckpt``
+is in place, the folders of the checkpoints it replaced are removed.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import torch
 from pytorch_lightning.callbacks import Checkpoint
 from pytorch_lightning.utilities import rank_zero_info
 
-from doppel.checkpoint import LAST
+from doppel.checkpoint import LAST, SHARD_REQUEST, new_shard_folder, remove_stale_class_shards
 from doppel.host_syncs import at_sync_point
 from doppel.serialization import CheckpointError, CheckpointWriteError, load_checkpoint
 from doppel.slurm import REQUEUE_SIGNALS, requeue
@@ -37,9 +42,11 @@ class RunInterrupted(Exception):
 
 
 class LastCheckpoint(Checkpoint):
-    def __init__(self, dirpath: str | Path, every_n_steps: int | None = 500) -> None:
+    def __init__(self, dirpath: str | Path, every_n_steps: int | None = 500, class_shards: bool = True) -> None:
         self.path = Path(dirpath) / LAST
         self.every_n_steps = every_n_steps
+        self.class_shards = class_shards  # a sharded classifier written per process (else gathered into one)
+        self._shard_folder: dict[str, str] | None = None  # where the save in progress puts class shards
         self._received: int | None = None
         self._previous_handlers: dict[int, Any] = {}
         self._saved: tuple[int | None, int] | None = None  # (the signal that asked to stop, the step saved)
@@ -96,11 +103,22 @@ class LastCheckpoint(Checkpoint):
         self._save(trainer, self._stop_requested(trainer, pl_module, epoch_end=True))
 
     def _save(self, trainer: pl.Trainer, stop: int | None) -> None:
+        folder = new_shard_folder(self.path, trainer.global_step) if self.class_shards else None
+        self._shard_folder = folder
         try:
             trainer.save_checkpoint(self.path, weights_only=False)  # every process takes part; the first writes
         except CheckpointWriteError as error:
             raise CheckpointWriteError(f"{error} {self._previous()}") from error
+        finally:
+            self._shard_folder = None
+        if trainer.is_global_zero:
+            remove_stale_class_shards(self.path, keep=folder)
         self._saved = (stop, trainer.global_step)
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        if self._shard_folder is not None:  # the module's hook, which runs next, writes the rows there
+            checkpoint[SHARD_REQUEST] = self._shard_folder
 
     def _previous(self) -> str:
         """What the failed save left to resume from: the previous checkpoint, read back to be sure."""
