@@ -68,7 +68,7 @@ from doppel.data.split import split_dataset
 from doppel.evaluation import knn
 from doppel.evaluation.metrics import clustering_metrics, retrieval_metrics
 from doppel.losses.loss_set import LossSet
-from doppel.losses.sharding import gather_rows
+from doppel.losses.sharding import ClassShard, gather_rows
 from doppel.module import DoppelModule, shard_classifier, sharded_names
 from doppel.sampling.doppelganger import DoppelgangerTable, TableUpdate
 from doppel.sampling.samplers import (
@@ -480,9 +480,16 @@ class _PeakResident:
         self.peak = max(self.peak, _resident_bytes())
 
 
+def _bit_sum(tensor: torch.Tensor) -> int:
+    """A checksum of a float32 tensor's bits and of its rows' order, exact whatever the order of summation."""
+    rows = tensor.detach().contiguous().view(torch.int32).reshape(len(tensor), -1).sum(1, dtype=torch.int64)
+    return int(((rows % 1_000_003) * (torch.arange(len(rows)) % 9973 + 1)).sum())
+
+
 def _checkpoint_worker(rank: int, world: int, port: int, way: str, args: argparse.Namespace, folder: str) -> None:
     torch.set_num_threads(args.threads)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    baseline = _resident_bytes()
     model = Model(args.classes, args.dim, True, 1.0, "uniform")
     module = DoppelModule(model.neck, model.loss_set, optimizer=None)
     shard_classifier(module, module.loss_set, rank, world)
@@ -493,6 +500,10 @@ def _checkpoint_worker(rank: int, world: int, port: int, way: str, args: argpars
         for param in group["params"]:
             optimizer.state[param]["momentum_buffer"] = torch.randn_like(param)
     before = _resident_bytes()
+    own = {name: param for name, param in module.named_parameters() if name in sharded_names(module, module.loss_set)}
+    classifier = {name: (param, optimizer.state[param]["momentum_buffer"]) for name, param in own.items()}
+    classifier_bytes = sum(t.numel() * t.element_size() for pair in classifier.values() for t in pair)
+    sums = {name: [_bit_sum(t) for t in pair] for name, pair in classifier.items()}
     path = Path(folder) / "last.ckpt"
     dist.barrier()
     start = time.perf_counter()
@@ -507,8 +518,9 @@ def _checkpoint_worker(rank: int, world: int, port: int, way: str, args: argpars
         del checkpoint
     dist.barrier()  # what Trainer.save_checkpoint ends with: the step waits for the slowest process
     stall = time.perf_counter() - start
-    Path(folder, f"save_{rank}.json").write_text(json.dumps({"stall_s": stall, "peak": resident.peak,
-                                                            "before": before}))
+    Path(folder, f"save_{rank}.json").write_text(json.dumps({
+        "stall_s": stall, "peak": resident.peak, "before": before, "baseline": baseline,
+        "classifier_bytes": classifier_bytes, "rows": next(iter(own.values())).shape[0], "sums": sums}))
     dist.destroy_process_group()
 
 
@@ -520,11 +532,13 @@ def checkpoint_section(argv: list[str] | None = None) -> dict[str, dict[str, flo
     parser.add_argument("--world", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
     parser.add_argument("--folder", help="where the checkpoints are written (default: a temporary folder)")
+    parser.add_argument("--ways", nargs="+", default=["gathered", "per_process"], choices=["gathered", "per_process"],
+                        help="per_process alone where process 0 cannot hold the gathered classifier")
     parser.add_argument("--json")
     args = parser.parse_args(argv)
-    rows, logical = {}, {}
+    rows, same = {}, True
     with tempfile.TemporaryDirectory(dir=args.folder) as parent:
-        for way in ("gathered", "per process"):
+        for way in (w.replace("_", " ") for w in args.ways):
             folder = Path(parent) / way.replace(" ", "_")
             folder.mkdir()
             mp.spawn(_checkpoint_worker, args=(args.world, free_port(), way, args, str(folder)), nprocs=args.world,
@@ -532,31 +546,41 @@ def checkpoint_section(argv: list[str] | None = None) -> dict[str, dict[str, flo
             ranks = [json.loads((folder / f"save_{r}.json").read_text()) for r in range(args.world)]
             files = [p for p in folder.rglob("*.pt")]
             rows[way] = {"stall_s": max(r["stall_s"] for r in ranks),
-                         "save_peak_0": ranks[0]["peak"] - ranks[0]["before"],
-                         "save_peak_max": max(r["peak"] - r["before"] for r in ranks),
-                         "held_before": ranks[0]["before"],
+                         "save_peak_0": max(0, ranks[0]["peak"] - ranks[0]["before"]),  # 0: never above before
+                         "save_peak_max": max(max(0, r["peak"] - r["before"]) for r in ranks),
+                         "held_before": max(r["before"] - r["baseline"] for r in ranks),
+                         "classifier_bytes": max(r["classifier_bytes"] for r in ranks),
+                         "rows": max(r["rows"] for r in ranks),
                          "file_mb": (folder / "last.ckpt").stat().st_size / 2**20,
                          "largest_shard_mb": max((p.stat().st_size for p in files), default=0) / 2**20}
-            logical[way] = read_class_rows(read_checkpoint(folder / "last.ckpt"))
-    same = all(torch.equal(logical["per process"]["state_dict"][k], v)
-               for k, v in logical["gathered"]["state_dict"].items())
-    same &= all(torch.equal(logical["per process"]["optimizer_states"][0]["state"][i][key], value)
-                for i, state in logical["gathered"]["optimizer_states"][0]["state"].items()
-                for key, value in state.items())
+            # What was saved reads back: each process's rows (weights, momentum), bit for bit.
+            logical = read_class_rows(read_checkpoint(folder / "last.ckpt"))
+            momenta = [s["momentum_buffer"] for s in logical["optimizer_states"][0]["state"].values()
+                       if s["momentum_buffer"].shape[0] == args.classes]
+            bounds = ClassShard.bounds(args.classes, args.world)
+            for r, ranked in enumerate(ranks):
+                for name, (weight_sum, momentum_sum) in ranked["sums"].items():
+                    lo, hi = bounds[r], bounds[r + 1]
+                    same &= _bit_sum(logical["state_dict"][name][lo:hi]) == weight_sum
+                    same &= _bit_sum(momenta[0][lo:hi]) == momentum_sum
+            del logical, momenta
     print(f"CPU, {args.world} processes x {args.threads} thread(s); ArcFace {args.classes:,} x {args.dim}, weights and "
           f"momentum ({2 * args.classes * args.dim * 4 / 2**20:,.0f} MB)")
     print(f"{'classifier saved':<18} {'stall s':>8} {'vs gathered':>12} {'last.ckpt MB':>13} {'largest shard MB':>17} "
           f"{'save peak MB p0':>16} {'save peak MB max':>17}")
-    base = rows["gathered"]["stall_s"]
+    base = rows["gathered"]["stall_s"] if "gathered" in rows else float("nan")
     for way, row in rows.items():
         shard = f"{row['largest_shard_mb']:.1f}" if row["largest_shard_mb"] else "-"
         print(f"{way:<18} {row['stall_s']:>8.2f} {row['stall_s'] / base:>12.3f} {row['file_mb']:>13.1f} {shard:>17} "
               f"{row['save_peak_0'] / 2**20:>16.0f} {row['save_peak_max'] / 2**20:>17.0f}")
-    print(f"each process held {rows['gathered']['held_before'] / 2**20:,.0f} MB before saving (its rows, their "
-          "momentum, the rest); save peak: the most it held while saving, beyond that")
-    print(f"both read back as the same logical weights and momentum: {same}")
+    row = next(iter(rows.values()))
+    print(f"classifier per process: {row['classifier_bytes'] / 2**20:,.1f} MB of weights and momentum counted from the "
+          f"tensors, {2 * row['rows'] * args.dim * 4 / 2**20:,.1f} MB by the arithmetic (2 x {row['rows']:,} rows x "
+          f"{args.dim} x 4 bytes); {row['held_before'] / 2**20:,.0f} MB resident for the model before saving")
+    print("save peak: the most a process held while saving beyond what it held before")
+    print(f"every process's rows read back as saved: {same}")
     if not same:
-        raise SystemExit("the per-process checkpoint does not read back as the gathered one")
+        raise SystemExit("the saved checkpoint does not read back as the processes held it")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1) + "\n")
     return rows

@@ -68,13 +68,14 @@ def _uniform_rows(shape: tuple[int, ...], bound: float, generator: torch.Generat
     whole tensor never exists; the generator ends where the whole draw would leave it."""
     per_row = math.prod(shape[1:])
     block = max(1, (1 << 22) // max(1, per_row))
-    kept = []
+    kept = None if keep is None else torch.empty(keep[1] - keep[0], *shape[1:])  # filled block by block
     for first in range(0, shape[0], block):
         last = min(shape[0], first + block)
         rows = torch.empty(last - first, *shape[1:]).uniform_(-bound, bound, generator=generator)
         if keep is not None and first < keep[1] and last > keep[0]:
-            kept.append(rows[max(keep[0], first) - first:min(keep[1], last) - first])
-    return None if keep is None else (torch.cat(kept) if kept else torch.empty(0, *shape[1:]))
+            lo, hi = max(keep[0], first), min(keep[1], last)
+            kept[lo - keep[0]:hi - keep[0]] = rows[lo - first:hi - first]
+    return kept
 
 
 class PrototypeTerm(nn.Module, ABC):
