@@ -26,11 +26,12 @@ rank does before its first batch):
     python scripts/bench/scale.py --section index --folder /tmp/webface_shape
 
 The eval section: leave-one-out Recall@1 of ``--queries`` random embeddings (512-d, ~21 per class, as
-WebFace42M's 1% novel images) on 1 process against ``--world`` processes sharing the search (process 0
+WebFace42M's 1% novel images) on 1 process against ``--worlds`` processes sharing the search (process 0
 scores, the others serve its chunks; the metrics must come out equal), and the clustering metrics of that many
 images in as many clusters as classes (a sparse table):
 
-    python scripts/bench/scale.py --section eval --queries 420000
+    python scripts/bench/scale.py --section eval --queries 40000
+    python scripts/bench/scale.py --section eval --queries 420000 --worlds 2   # the spread search alone
 
 The checkpoint section: saving a sharded classifier (ArcFace over ``--classes`` x ``--dim``, weights and
 Nesterov momentum, after one step) from ``--world`` processes, the way ``last.ckpt`` is written
@@ -432,17 +433,18 @@ def eval_section(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     parser.add_argument("--section")
     parser.add_argument("--queries", type=int, default=420_000)
     parser.add_argument("--dim", type=int, default=512)
-    parser.add_argument("--world", type=int, default=2)
+    parser.add_argument("--worlds", type=int, nargs="+", default=[1, 2],
+                        help="numbers of processes to run it with (the first is the baseline of the ratios)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
     parser.add_argument("--json")
     args = parser.parse_args(argv)
     rows = {}
-    for world in (1, args.world):
+    for world in args.worlds:
         with tempfile.TemporaryDirectory() as folder:
             mp.spawn(_eval_worker, args=(world, free_port(), args, folder), nprocs=world, join=True)
             rows[f"{world} process{'es' if world > 1 else ''}"] = json.loads(Path(folder, "eval.json").read_text())
     print(f"CPU, {args.threads} thread(s) per process; {args.queries:,} queries x {args.dim}, leave-one-out Recall@1")
-    base = rows["1 process"]
+    base = next(iter(rows.values()))
     for name, row in rows.items():
         print(f"{name:<12} kNN {row['knn_s']:>8.1f} s ({row['knn_s'] / base['knn_s']:.3f}x)  "
               f"recall@1 {row['recall@1']:.6f}  clustering table {row['clustering_s']:.2f} s (NMI {row['nmi']:.4f})")
