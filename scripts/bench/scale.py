@@ -46,6 +46,7 @@ memory of the processes, and a check that both read back as the same logical ten
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import multiprocessing
 import os
@@ -493,11 +494,10 @@ def _checkpoint_worker(rank: int, world: int, port: int, way: str, args: argpars
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     baseline = _resident_bytes()
     model = Model(args.classes, args.dim, True, 1.0, "uniform")
-    module = DoppelModule(model.neck, model.loss_set, optimizer=None)
+    sgd = functools.partial(torch.optim.SGD, lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    module = DoppelModule(model.neck, model.loss_set, optimizer=sgd)
     shard_classifier(module, module.loss_set, rank, world)
-    decay, no_decay = ([p for _, p in group] for group in module._parameter_groups())
-    optimizer = torch.optim.SGD([{"params": decay}, {"params": no_decay, "weight_decay": 0.0}], lr=0.01,
-                                momentum=0.9, nesterov=True, weight_decay=5e-4)
+    optimizer = module.configure_optimizers()  # the parameter groups (and so the state's order) of training
     for group in optimizer.param_groups:  # the momentum a step leaves, without the step's own transients
         for param in group["params"]:
             optimizer.state[param]["momentum_buffer"] = torch.randn_like(param)
@@ -540,8 +540,8 @@ def checkpoint_section(argv: list[str] | None = None) -> dict[str, dict[str, flo
     args = parser.parse_args(argv)
     rows, same = {}, True
     with tempfile.TemporaryDirectory(dir=args.folder) as parent:
-        for way in (w.replace("_", " ") for w in args.ways):
-            folder = Path(parent) / way.replace(" ", "_")
+        for key in args.ways:
+            way, folder = key.replace("_", " "), Path(parent) / key
             folder.mkdir()
             mp.spawn(_checkpoint_worker, args=(args.world, free_port(), way, args, str(folder)), nprocs=args.world,
                      join=True)

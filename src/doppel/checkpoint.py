@@ -145,8 +145,7 @@ def write_class_shard(checkpoint: dict[str, Any], request: Mapping[str, str], ro
         torch.distributed.all_gather_object(failures, failure)
     problem = [next((f for f in failures if f), None)]
     if problem[0] is None and rank() == 0:
-        missing = [name for name in map(_shard_file, range(world()), [world()] * world())
-                   if not (folder / name).is_file()]
+        missing = [name for name in (_shard_file(r, world()) for r in range(world())) if not (folder / name).is_file()]
         if missing:
             problem[0] = (f"process 0 does not see {missing[0]} in {folder}, which another process wrote: the run "
                           "folder must be on a file system every node shares (hydra.run.dir=...), or set "
