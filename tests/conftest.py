@@ -98,14 +98,14 @@ NO_PICTURES = ["~callbacks.diagnostics", "report=false"]
 
 
 def compose_cfg(tmp_path: Path, overrides: list[str] = (), tiny_backbone: bool = True,
-                pictures: bool = False) -> DictConfig:
+                pictures: bool = False, config_name: str = "train") -> DictConfig:
     """``train.yaml`` with :data:`TINY` and ``overrides``; ``tiny_backbone=False`` keeps the chosen
     backbone's own size (TINY's ``backbone.*`` keys are Face-ResNet's); ``pictures`` keeps the diagnostics
     and the report."""
     tiny = TINY if tiny_backbone else [o for o in TINY if not o.startswith("backbone.")]
     tiny = tiny if pictures else [*tiny, *NO_PICTURES]
     with initialize_config_dir(CONFIGS, version_base="1.3"):
-        cfg = compose("train", overrides=[*tiny, *overrides], return_hydra_config=False)
+        cfg = compose(config_name, overrides=[*tiny, *overrides], return_hydra_config=False)
     with open_dict(cfg):
         cfg.paths.output_dir = str(tmp_path)
     return cfg

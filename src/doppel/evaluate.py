@@ -43,9 +43,9 @@ def evaluate(cfg: DictConfig, overrides: list[str] | None = None) -> RunMetrics:
     output_dir.mkdir(parents=True, exist_ok=True)
     paths = [] if cfg.ckpt_path is None else [str(p) for p in cfg.ckpt_path] if OmegaConf.is_list(cfg.ckpt_path) \
         else [str(cfg.ckpt_path)]
-    checkpoints = [_run_checkpoint(path) for path in paths]
+    checkpoints = [run_checkpoint(path) for path in paths]
     checkpoint = checkpoints[0] if len(checkpoints) == 1 else None
-    members = [_with_run_settings(cfg, c[STAMP]["config"], overrides or []) for c in checkpoints]
+    members = [with_run_settings(cfg, c[STAMP]["config"], overrides or []) for c in checkpoints]
     if members:
         cfg = members[0]
     pl.seed_everything(cfg.seed, workers=True)  # a head built fresh (external backbone) is the same each time
@@ -91,7 +91,7 @@ def evaluate(cfg: DictConfig, overrides: list[str] | None = None) -> RunMetrics:
     return RunMetrics(metrics, objective)
 
 
-def _run_checkpoint(path: str) -> dict[str, Any]:
+def run_checkpoint(path: str) -> dict[str, Any]:
     file = Path(path).expanduser()
     if not file.is_file():
         raise FileNotFoundError(f"ckpt_path={str(file)!r} is not a file: point it at a run's checkpoints/last.ckpt.")
@@ -106,20 +106,45 @@ def _run_checkpoint(path: str) -> dict[str, Any]:
 def _ensemble(members: list[DictConfig], checkpoints: list[dict[str, Any]], paths: list[str],
               image_size: int) -> EnsembleNet:
     """Each checkpoint's backbone, built with its own settings and weights."""
-    nets = []
-    for member, checkpoint, path in zip(members, checkpoints, paths):
-        net = build(member.backbone, image_size=image_size)
-        weights = {k.removeprefix("backbone."): v for k, v in checkpoint["state_dict"].items()
-                   if k.startswith("backbone.")}
-        missing, unexpected = net.load_state_dict(weights, strict=False)
-        if missing or unexpected:
-            raise CheckpointError(f"ckpt_path {path!r}: its backbone weights do not fit its backbone settings "
-                                  f"(missing {missing[:3]}, unexpected {unexpected[:3]}).")
-        nets.append(net)
-    return EnsembleNet(nets)
+    return EnsembleNet([checkpoint_backbone(member, checkpoint, path, image_size)
+                        for member, checkpoint, path in zip(members, checkpoints, paths)])
 
 
-def _with_run_settings(cfg: DictConfig, saved: dict[str, Any], overrides: list[str]) -> DictConfig:
+def one_network(cfg: DictConfig, overrides: list[str], script: str) -> tuple[DictConfig, Any, Any, str | None]:
+    """For the scripts that use one network (embed.py, export.py): ``cfg`` with the checkpoint's settings, as
+    eval.py applies them; the data module, set up; ``network()``, which builds the backbone (in eval mode) with
+    the checkpoint's weights, or as configured without ``ckpt_path``; the checkpoint's resolved path."""
+    checkpoint, path = None, None
+    if cfg.ckpt_path is not None:
+        if OmegaConf.is_list(cfg.ckpt_path):
+            raise ValueError(f"{script} takes one checkpoint (ckpt_path=<run>/checkpoints/last.ckpt), not a list.")
+        path = str(Path(str(cfg.ckpt_path)).expanduser().resolve())
+        checkpoint = run_checkpoint(path)
+        cfg = with_run_settings(cfg, checkpoint[STAMP]["config"], overrides)
+    datamodule = build(cfg.data)
+    datamodule.setup()
+
+    def network() -> Any:
+        size = datamodule.image_shape()[-1]
+        net = checkpoint_backbone(cfg, checkpoint, path, size) if checkpoint is not None \
+            else build(cfg.backbone, image_size=size)
+        return net.eval()
+
+    return cfg, datamodule, network, path
+
+
+def checkpoint_backbone(cfg: DictConfig, checkpoint: dict[str, Any], path: str, image_size: int) -> Any:
+    """The backbone of ``cfg`` (the checkpoint's settings) with the checkpoint's backbone weights."""
+    net = build(cfg.backbone, image_size=image_size)
+    weights = {k.removeprefix("backbone."): v for k, v in checkpoint["state_dict"].items() if k.startswith("backbone.")}
+    missing, unexpected = net.load_state_dict(weights, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"ckpt_path {path!r}: its backbone weights do not fit its backbone settings "
+                              f"(missing {missing[:3]}, unexpected {unexpected[:3]}).")
+    return net
+
+
+def with_run_settings(cfg: DictConfig, saved: dict[str, Any], overrides: list[str]) -> DictConfig:
     """``cfg`` with the checkpoint's settings for :data:`WEIGHTS`, and for :data:`RUN` unless a group
     choice on the command line replaced them; dotted overrides (``data.root=...``) are applied again on top."""
     chosen = {o.lstrip("+~").split("=", 1)[0] for o in overrides}

@@ -5,7 +5,10 @@ from __future__ import annotations
 import csv
 import warnings
 from pathlib import Path
+from typing import Any
 
+import numpy as np
+import torch
 from omegaconf import OmegaConf
 from pytorch_lightning.loggers import CSVLogger as LightningCSVLogger
 from pytorch_lightning.loggers.csv_logs import ExperimentWriter
@@ -64,3 +67,59 @@ class CSVLogger(LightningCSVLogger):
                 out.writerows(rows)
             writer.metrics_keys = header
         return writer
+
+
+def log_media(loggers: list[Any], payload: dict[str, tuple[str, Any]], step: int | None = None) -> None:
+    """Send ``payload`` ({key: (kind, value)}) to every W&B and TensorBoard logger: ``image`` (a PNG path),
+    ``histogram`` ((counts, bin edges)), ``table`` ((columns, rows); a uint8 [C, H, W] tensor cell is a picture)."""
+    from pytorch_lightning.loggers import TensorBoardLogger, WandbLogger
+
+    if not payload:
+        return
+    for logger in loggers:
+        if isinstance(logger, WandbLogger):
+            logged = {key: _wandb_value(kind, value) for key, (kind, value) in payload.items()}
+            logger.experiment.log({**logged, **({} if step is None else {"trainer/global_step": step})})
+        elif isinstance(logger, TensorBoardLogger):
+            for key, (kind, value) in payload.items():
+                _tensorboard_value(logger.experiment, key, kind, value, step or 0)
+
+
+def _wandb_value(kind: str, value: Any) -> Any:
+    import wandb
+
+    if kind == "image":
+        return wandb.Image(str(value))
+    if kind == "histogram":
+        counts, edges = value
+        return wandb.Histogram(np_histogram=(np.asarray(counts), np.asarray(edges)))
+    columns, rows = value
+    return wandb.Table(columns=columns, data=[[_wandb_cell(c) for c in row] for row in rows])
+
+
+def _wandb_cell(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):  # an image, uint8 [C, H, W]
+        import wandb
+
+        return wandb.Image(value.expand(3, -1, -1).permute(1, 2, 0).contiguous().numpy())
+    return value
+
+
+def _tensorboard_value(writer: Any, key: str, kind: str, value: Any, step: int) -> None:
+    if kind == "image":
+        from PIL import Image
+
+        with Image.open(value) as image:
+            writer.add_image(key, np.array(image.convert("RGB")), step, dataformats="HWC")
+    elif kind == "histogram":
+        counts, edges = (np.asarray(v, dtype=np.float64) for v in value)
+        centres = (edges[:-1] + edges[1:]) / 2  # TensorBoard wants the sums: taken at the bin centres
+        writer.add_histogram_raw(key, min=float(edges[0]), max=float(edges[-1]), num=int(counts.sum()),
+                                 sum=float((counts * centres).sum()), sum_squares=float((counts * centres ** 2).sum()),
+                                 bucket_limits=edges[1:].tolist(), bucket_counts=counts.tolist(), global_step=step)
+    else:  # a table as Markdown; pictures in cells are named, not drawn
+        columns, rows = value
+        lines = ["| " + " | ".join(map(str, columns)) + " |", "|" + "---|" * len(columns)]
+        lines += ["| " + " | ".join("(picture)" if isinstance(c, torch.Tensor) else str(c) for c in row) + " |"
+                  for row in rows]
+        writer.add_text(key, "\n".join(lines), step)

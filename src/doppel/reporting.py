@@ -12,6 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.utilities import rank_zero_only
 
 from doppel.evaluation.evaluator import Evaluator
+from doppel.loggers import log_media
 from doppel.report import write_report
 
 
@@ -45,14 +46,8 @@ def report(metrics: dict[str, float], evaluator: Evaluator, output_dir: Path, lo
 
 
 def log_images(loggers: list[Any], paths: list[Path]) -> None:
-    """The curves as W&B images (``eval/<name>``), where a W&B logger is configured."""
-    from pytorch_lightning.loggers import WandbLogger
-
-    for logger in loggers:
-        if isinstance(logger, WandbLogger) and paths:
-            import wandb
-
-            logger.experiment.log({f"eval/{p.stem}": wandb.Image(str(p)) for p in paths})
+    """The curves as images ``eval/<name>`` of the W&B and TensorBoard loggers."""
+    log_media(loggers, {f"eval/{p.stem}": ("image", p) for p in paths})
 
 
 def finish_wandb(loggers: list[Any]) -> None:

@@ -201,6 +201,20 @@ def test_the_checkpoint_section_writes_each_process_share_and_reads_back_the_gat
     assert half <= rows["per process"]["largest_shard_mb"] < half + 0.01
 
 
+def test_the_ijb_benchmark_reads_a_release_of_the_given_size_and_scores_it():
+    """scripts/bench/ijb.py, small: the release it writes is read back at its size and scored in full."""
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench" / "ijb.py"), "--faces", "3000",
+                             "--templates", "300", "--pairs", "5000", "--gallery", "40", "--probes", "100",
+                             "--dim", "16"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert ("3,000 faces, 300 templates, 5,000 pairs, 1:N 40 gallery x 100 probes, dimension 16"
+            in result.stdout)
+    assert "tpir@fpir=0.1" in result.stdout and "score 1:1 and 1:N:" in result.stdout
+
+
 def test_the_device_check_runs_its_settings_on_the_cpu_without_a_host_sync(tmp_path):
     """scripts/bench/gpu.py, tiny on the CPU: each setting runs its steps (the decode setting decodes JPEG
     bytes in the step) and counts no host sync in a steady-state step."""

@@ -1,5 +1,6 @@
 """What the model and the miner are doing, as pictures: written into ``<run>/diagnostics/`` (PNG and the
-numbers behind each as JSON) and, with ``logger=wandb``, sent to W&B as images, tables and histograms.
+numbers behind each as JSON) and, with ``logger=wandb`` or ``logger=tensorboard``, sent as images, tables and
+histograms.
 
 - every epoch: the raw embedding norms of the training batches, as a histogram and their mean / variance
   (the SEC paper's quantity; logged as ``embedding/norm_mean`` and ``embedding/norm_var``);
@@ -23,13 +24,12 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib.pyplot as plt
-import numpy as np
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.loggers import WandbLogger
 
 from doppel.callbacks import figures
 from doppel.callbacks.doppelganger_mining import DoppelgangerMining
+from doppel.loggers import log_media
 from doppel.seeding import stable_seed
 
 
@@ -86,12 +86,12 @@ class Diagnostics(pl.Callback):
         classifier = term.unsharded() if gallery_due and term is not None else None
         if trainer.is_global_zero:
             self.folder.mkdir(parents=True, exist_ok=True)
-            wandb_payload: dict[str, Any] = {}
+            media: dict[str, Any] = {}
             if entry is not None:
-                self._write_norms(wandb_payload, entry)
+                self._write_norms(media, entry)
             if gallery_due:
-                self._write_gallery(trainer, pl_module, table, epoch, wandb_payload, classifier)
-            _log_wandb(trainer, wandb_payload)
+                self._write_gallery(trainer, pl_module, table, epoch, media, classifier)
+            log_media(trainer.loggers, media, trainer.global_step)
         self._seconds += time.perf_counter() - started
         if trainer.is_global_zero:  # a file, not the metric stream: timings would make resumed logs differ
             self.timing.append({"epoch": epoch, "train_seconds": round(trained, 3),
@@ -132,11 +132,11 @@ class Diagnostics(pl.Callback):
         return miner.table
 
     # -- writing -----------------------------------------------------------------------------
-    def _write_norms(self, wandb_payload: dict[str, Any], entry: dict[str, Any]) -> None:
+    def _write_norms(self, media: dict[str, Any], entry: dict[str, Any]) -> None:
         (self.folder / "norms.json").write_text(json.dumps(self.history) + "\n")
         path = _save(figures.norms_figure(self.history), self.folder / "norms.png")
-        wandb_payload["embedding/norm_histogram"] = ("histogram", (entry["counts"], entry["edges"]))
-        wandb_payload["diagnostics/norms"] = ("image", path)
+        media["embedding/norm_histogram"] = ("histogram", (entry["counts"], entry["edges"]))
+        media["diagnostics/norms"] = ("image", path)
 
     def _gallery_classes(self, table: Any, seed: int) -> list[tuple[int, str, int]]:
         """(class, kind, how many identities have it as doppelganger): the top hubs, then a fixed sample."""
@@ -171,7 +171,7 @@ class Diagnostics(pl.Callback):
         return rows, images
 
     def _write_gallery(self, trainer: pl.Trainer, pl_module: pl.LightningModule, table: Any, epoch: int,
-                       wandb_payload: dict[str, Any], classifier: Any) -> None:
+                       media: dict[str, Any], classifier: Any) -> None:
         rows, images = self.gallery(trainer, pl_module, table, classifier)
         stem = f"e{epoch:03d}"
         (self.folder / f"gallery_{stem}.json").write_text(json.dumps(rows, indent=1) + "\n")
@@ -188,11 +188,11 @@ class Diagnostics(pl.Callback):
         names = trainer.datamodule.class_names
         hubs_png = _save(figures.hubs_figure([names[c] for c, _ in hubs], [k for _, k in hubs], table.num_classes),
                          self.folder / f"hubs_{stem}.png")
-        wandb_payload["diagnostics/gallery"] = ("image", gallery_png)
-        wandb_payload["diagnostics/hubs"] = ("image", hubs_png)
+        media["diagnostics/gallery"] = ("image", gallery_png)
+        media["diagnostics/hubs"] = ("image", hubs_png)
         table_rows = [[r["kind"], r["name"], images[r["class"]], d["name"], images[d["class"]],
                        r.get("own_score"), d.get("score")] for r in rows for d in r["doppelgangers"]]
-        wandb_payload["diagnostics/doppelgangers"] = ("table", (
+        media["diagnostics/doppelgangers"] = ("table", (
             ["kind", "identity", "identity image", "doppelganger", "doppelganger image", "own score",
              "doppelganger score"], table_rows))
 
@@ -214,7 +214,7 @@ class Diagnostics(pl.Callback):
         if not final:  # the final curves are the run's own (train.report)
             for path in evaluator.write_figures(self.folder, suffix=f"_{stem}"):
                 payload[f"val/{path.stem[:-len(stem) - 1]}"] = ("image", path)
-        _log_wandb(trainer, payload)
+        log_media(trainer.loggers, payload, trainer.global_step)
         self._seconds += time.perf_counter() - started
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -278,32 +278,3 @@ def _save(figure: Any, path: Path) -> Path:
     figure.savefig(path, dpi=100)
     plt.close(figure)
     return path
-
-
-def _log_wandb(trainer: pl.Trainer, payload: dict[str, Any]) -> None:
-    """Send ``payload`` ({key: (kind, value)}) to every W&B logger of the run."""
-    loggers = [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
-    if not loggers or not payload:
-        return
-    import wandb
-
-    def convert(kind: str, value: Any) -> Any:
-        if kind == "image":
-            return wandb.Image(str(value))
-        if kind == "histogram":
-            counts, edges = value
-            return wandb.Histogram(np_histogram=(np.asarray(counts), np.asarray(edges)))
-        columns, rows = value
-        return wandb.Table(columns=columns, data=[[_wandb_cell(c) for c in row] for row in rows])
-
-    logged = {key: convert(kind, value) for key, (kind, value) in payload.items()}
-    for logger in loggers:
-        logger.experiment.log({**logged, "trainer/global_step": trainer.global_step})
-
-
-def _wandb_cell(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):  # an image, uint8 [C, H, W]
-        import wandb
-
-        return wandb.Image(figures.as_picture(value))
-    return value

@@ -17,9 +17,8 @@ from hydra.utils import get_class, get_method
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
-from doppel.data.dataset import CorruptImage, DataError, EncodedImages, IdentityData, Part
+from doppel.data.dataset import CorruptImage, DataError, EncodedImages, IdentityData, ImageSet, Part
 from doppel.data.device_decode import EncodedBatch, collate_encoded, decode_batch, read_encoded
-from doppel.data.readers.verification_bin import VerificationPairs
 from doppel.data.split import Split, check_novel_fraction, split_dataset, take
 from doppel.data.transforms import ImageTransform
 from doppel.sampling.doppelganger import DoppelgangerTable
@@ -209,7 +208,7 @@ class IdentityDataModule(pl.LightningDataModule):
         self.train_sampler = None
         self.train_batches = None
         self.eval_positions: torch.Tensor | None = None  # split images to embed (None: none)
-        self.pair_sets: list[VerificationPairs] = []
+        self.pair_sets: list[ImageSet] = []
 
     @property
     def folder(self) -> Path | None:
@@ -345,7 +344,7 @@ class IdentityDataModule(pl.LightningDataModule):
             return decode_batch(batch[0], self.transform, batch[1].device), batch[1]
         return batch
 
-    def evaluate_on(self, positions: torch.Tensor | None, pair_sets: list[VerificationPairs]) -> None:
+    def evaluate_on(self, positions: torch.Tensor | None, pair_sets: list[ImageSet]) -> None:
         """The evaluation sets, in loader order: the split's images at ``positions`` (if any), then each pair
         set's images in pair order."""
         self.eval_positions, self.pair_sets = positions, list(pair_sets)
@@ -369,16 +368,16 @@ class IdentityDataModule(pl.LightningDataModule):
 
 
 class _PairImages(Dataset):
-    """A verification pack's images in order (pair i = items 2i, 2i + 1), with the evaluation transform."""
+    """An image set's images in order (a pack's pair i = items 2i, 2i + 1), with the evaluation transform."""
 
-    def __init__(self, pairs: VerificationPairs, transform: ImageTransform) -> None:
-        self.pairs, self.transform = pairs, transform
+    def __init__(self, image_set: ImageSet, transform: ImageTransform) -> None:
+        self.images, self.transform = image_set.images, transform
 
     def __len__(self) -> int:
-        return len(self.pairs.images)
+        return len(self.images)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        return self.transform(self.pairs.images[index], None), index
+        return self.transform(self.images[index], None), index
 
 
 def _reader(name: str, settings: dict[str, Any]) -> Callable[..., IdentityData]:

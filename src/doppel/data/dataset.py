@@ -57,6 +57,14 @@ class ImageSource(Protocol):
     def __getitem__(self, index: int) -> torch.Tensor: ...
 
 
+class ImageSet(Protocol):
+    """Images a protocol needs embedded besides the split's, in its own order (a verification pack's pairs,
+    an IJB release's faces)."""
+
+    @property
+    def images(self) -> ImageSource: ...
+
+
 @dataclass
 class IdentityData:
     """A dataset of identities, as every reader returns it.

@@ -25,7 +25,8 @@ def precision_coverage_figure(curves: dict[str, tuple[torch.Tensor, torch.Tensor
     return figure
 
 
-def roc_figure(rocs: dict[str, tuple[torch.Tensor, torch.Tensor, dict[float, float]]]) -> Figure:
+def roc_figure(rocs: dict[str, tuple[torch.Tensor, torch.Tensor, dict[float, float]]],
+               title: str = "ROC (verification pairs)") -> Figure:
     figure, axes = plt.subplots(figsize=(5.5, 4))
     for name, (far, tar, points) in rocs.items():
         line, = axes.plot(far.clamp_min(1e-6).numpy(), tar.numpy(), label=name)
@@ -34,7 +35,7 @@ def roc_figure(rocs: dict[str, tuple[torch.Tensor, torch.Tensor, dict[float, flo
             axes.annotate(f"{100 * value:.1f}% @ {at:g}", (at, value), fontsize=7, xytext=(4, -10),
                           textcoords="offset points")
     axes.set(xscale="log", xlabel="false accept rate", ylabel="true accept rate", xlim=(1e-6, 1), ylim=(0, 1.01),
-             title="ROC (verification pairs)")
+             title=title)
     axes.legend(loc="lower right")
     figure.tight_layout()
     return figure

@@ -15,8 +15,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from doppel.data.dataset import Part, in_parts
-from doppel.data.readers.verification_bin import VerificationPairs
+from doppel.data.dataset import ImageSet, Part, in_parts
 
 
 @dataclass
@@ -102,8 +101,9 @@ class Protocol(ABC):
         """Parts of the split whose images this protocol needs embedded."""
         return set()
 
-    def pair_sets(self) -> dict[str, VerificationPairs]:
-        """Pair sets (name -> pairs) whose images this protocol needs embedded."""
+    def pair_sets(self) -> dict[str, ImageSet]:
+        """Image sets (name -> a verification pack, an IJB release, ...) whose images this protocol needs
+        embedded, each in its own order."""
         return {}
 
     @abstractmethod

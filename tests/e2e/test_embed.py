@@ -1,0 +1,148 @@
+"""embed.py writes every image's embedding as the network gives it (mirror fused, unit rows, image order, one
+process or two), and doppel.search finds an image of the archive as its own nearest row."""
+
+import csv
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from doppel.embed import _write_archive, embed
+from doppel.search import main as search_main
+from doppel.search import nearest, read_archive
+from doppel.train import train
+from tests.conftest import compose_cfg
+from tests.e2e.cli import run_cli
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("run")
+    train(compose_cfg(folder, ["trainer.max_epochs=1", "trainer.limit_train_batches=2", "data.max_groups=20"]))
+    return folder / "checkpoints" / "last.ckpt"
+
+
+@pytest.fixture(scope="module")
+def faces(tmp_path_factory):
+    """An image folder (data=folder): 6 identities x 15 PNGs."""
+    root = tmp_path_factory.mktemp("faces")
+    rng = np.random.default_rng(0)
+    for person in range(6):
+        (root / f"person {person}").mkdir()
+        for shot in range(15):
+            pixels = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / f"person {person}" / f"{shot:02d}.png")
+    return root
+
+
+def _expected(cfg, checkpoint, flip):
+    """The rows computed here, without Lightning or part files: the checkpoint's backbone weights loaded by
+    hand, every image through the data's transform in one batch, mirror summed, normalised."""
+    from hydra.utils import instantiate
+
+    datamodule = instantiate(cfg.data)
+    datamodule.setup()
+    data = datamodule.data
+    state = torch.load(checkpoint, weights_only=True)["state_dict"]
+    weights = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
+    images = torch.stack([datamodule.transform(data.images[i], None) for i in range(len(data.images))])
+    net = instantiate(cfg.backbone, image_size=images.shape[-1])
+    net.load_state_dict(weights)
+    net.eval()
+    with torch.no_grad():
+        features = net(images) + (net(images.flip(-1)) if flip else 0)
+    return F.normalize(features, dim=1).numpy(), data
+
+
+@pytest.mark.parametrize("flip", ["auto", "true"])
+def test_embed_writes_every_images_unit_embedding_and_its_index(run, faces, tmp_path, flip):
+    overrides = [f"ckpt_path={run}", f"embed.flip={flip}", "data=folder", f"data.root={faces}"]
+    archive = read_archive(embed(compose_cfg(tmp_path, overrides), overrides))
+    expected, data = _expected(archive.config, run, flip == "true")
+    assert archive.flip == (flip == "true")  # auto: as the run's protocol (characters are not mirrored)
+    np.testing.assert_allclose(archive.embeddings, expected, atol=2e-5)
+    assert archive.embeddings.shape == (90, 16) and archive.readable.all()
+    np.testing.assert_array_equal(archive.labels, data.labels.numpy())
+    with open(tmp_path / "index.csv", newline="") as file:
+        lines = list(csv.reader(file))
+    assert lines[0] == ["row", "label", "class_name", "image", "readable"] and len(lines) == len(data.labels) + 1
+    assert lines[1 + 37] == ["37", "2", "person 2", str(faces / "person 2" / "07.png"), "1"]
+
+
+def test_the_archive_interleaves_the_processes_parts_in_image_order(tmp_path):
+    """Row i comes from part i % world at i // world, across write blocks."""
+    import doppel.embed as embedding
+
+    total, dim, world = 23, 3, 3
+    values = np.arange(total * dim, dtype=np.float32).reshape(total, dim)
+    for rank in range(world):
+        np.save(tmp_path / f"rank{rank}.npy", values[rank::world])
+        np.save(tmp_path / f"readable{rank}.npy", np.arange(total)[rank::world] != 5)
+    old = embedding.ROWS_PER_WRITE
+    embedding.ROWS_PER_WRITE = 4  # blocks of 3 rows: many blocks, a short last one
+    try:
+        readable = _write_archive(tmp_path / "out.npz", tmp_path, world, total, dim, {"labels": np.zeros(total)})
+    finally:
+        embedding.ROWS_PER_WRITE = old
+    with np.load(tmp_path / "out.npz", allow_pickle=False) as stored:
+        np.testing.assert_array_equal(stored["embeddings"], values)
+        np.testing.assert_array_equal(stored["readable"], np.arange(total) != 5)
+    np.testing.assert_array_equal(readable, np.arange(total) != 5)
+
+
+def test_two_processes_write_the_archive_one_process_writes(run, faces, tmp_path):
+    common = [f"ckpt_path={run}", "data=folder", f"data.root={faces}", "trainer.enable_progress_bar=false",
+              "data.eval_batch_size=16"]
+    one = run_cli([*common, f"hydra.run.dir={tmp_path / 'one'}"], cwd=tmp_path, script="embed.py")
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = run_cli([*common, f"hydra.run.dir={tmp_path / 'two'}", "trainer.accelerator=cpu", "trainer.devices=2",
+                   "trainer.strategy=ddp"], cwd=tmp_path, script="embed.py")
+    assert two.returncode == 0, two.stderr[-3000:]
+    first, second = read_archive(tmp_path / "one" / "embeddings.npz"), read_archive(tmp_path / "two" / "embeddings.npz")
+    np.testing.assert_allclose(first.embeddings, second.embeddings, atol=1e-5)
+    assert (tmp_path / "one" / "index.csv").read_bytes() == (tmp_path / "two" / "index.csv").read_bytes()
+    assert not (tmp_path / "two" / "embeddings.parts").exists()
+
+
+def test_search_finds_an_archived_image_as_its_own_nearest_row(run, faces, tmp_path, capsys):
+    overrides = [f"ckpt_path={run}", "data=folder", f"data.root={faces}"]
+    path = embed(compose_cfg(tmp_path, overrides), overrides)
+    archive = read_archive(path)
+    _, data = _expected(archive.config, run, False)
+    queries = tmp_path / "queries"
+    queries.mkdir()
+    picked = [3, 50, 71]
+    for row in picked:  # PNG: the query's pixels are the archived image's
+        Image.fromarray(data.images[row].permute(1, 2, 0).numpy()).save(queries / f"q{row:03d}.png")
+    assert search_main([str(path), "--query", str(queries), "-k", "3", "--backend", "torch"]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    for position, row in enumerate(picked):
+        block = printed[4 * position:4 * position + 4]
+        assert block[0].endswith(f"q{row:03d}.png:")
+        rank, score = block[1].split()[:2]
+        assert rank == "1" and float(score) == pytest.approx(1.0, abs=1e-4) and f"  row {row}  " in block[1]
+        assert f"  {data.class_names[int(data.labels[row])]}  row" in block[1]
+    assert search_main([str(path), "--query", str(tmp_path / "missing.png")]) == 1
+    assert "neither an image file nor a folder" in capsys.readouterr().err
+
+
+def test_faiss_and_torch_find_the_same_rows():
+    pytest.importorskip("faiss")
+    generator = torch.Generator().manual_seed(0)
+    gallery = F.normalize(torch.randn(20000, 32, generator=generator), dim=1).numpy()
+    queries = F.normalize(torch.randn(50, 32, generator=generator), dim=1).numpy()
+    import doppel.search as search
+
+    old = search.CHUNK_ROWS
+    search.CHUNK_ROWS = 4096  # several chunks
+    try:
+        torch_scores, torch_rows = nearest(gallery, queries, 10, backend="torch")
+    finally:
+        search.CHUNK_ROWS = old
+    faiss_scores, faiss_rows = nearest(gallery, queries, 10, backend="faiss")
+    np.testing.assert_array_equal(torch_rows, faiss_rows)
+    np.testing.assert_allclose(torch_scores, faiss_scores, atol=1e-5)
+    brute = np.argsort(-(queries @ gallery.T), axis=1, kind="stable")[:, :10]
+    np.testing.assert_array_equal(torch_rows, brute)
