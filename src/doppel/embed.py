@@ -69,12 +69,10 @@ class _Every(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int, bool]:
         try:
             return self.transform(self.images[index], None), index, True
-        except CorruptImage as error:
+        except CorruptImage:
             if not self.skip_corrupt:
                 raise
-            warnings.warn(f"data.skip_corrupt: {error.where} is unreadable: its row is left out (zeros, "
-                          "readable=False).", stacklevel=2)
-            return torch.zeros(self.shape, dtype=torch.uint8), index, False
+            return torch.zeros(self.shape, dtype=torch.uint8), index, False  # said once, by process 0
 
 
 class _Embedder(pl.LightningModule):
@@ -151,6 +149,10 @@ def embed(cfg: DictConfig, overrides: list[str] | None = None) -> Path:
             "image_size": np.array(shape[-1]), "flip": np.array(flip)})
         _write_index(output_dir / INDEX, data, readable)
         shutil.rmtree(parts)
+        if not readable.all():
+            names = [image_name(data.images, data.source, int(i)) for i in np.flatnonzero(~readable)[:3]]
+            warnings.warn(f"data.skip_corrupt: {int((~readable).sum())} unreadable images were left out (rows of "
+                          f"zeros, readable=0 in {INDEX}), e.g. {', '.join(names)}.", stacklevel=2)
         rank_zero_info(f"embed: {len(data.images):,} images ({int((~readable).sum())} unreadable) -> {archive} and "
                        f"{output_dir / INDEX} (dimension {backbone.embedding_dim}, mirror fusion {flip})")
     trainer.strategy.barrier()

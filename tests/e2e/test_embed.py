@@ -146,3 +146,46 @@ def test_faiss_and_torch_find_the_same_rows():
     np.testing.assert_allclose(torch_scores, faiss_scores, atol=1e-5)
     brute = np.argsort(-(queries @ gallery.T), axis=1, kind="stable")[:, :10]
     np.testing.assert_array_equal(torch_rows, brute)
+
+
+def test_an_unreadable_image_is_named_or_left_out_as_a_zero_row(run, faces, tmp_path):
+    broken = tmp_path / "faces"
+    import shutil
+
+    shutil.copytree(faces, broken)
+    (broken / "person 1" / "04.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    overrides = [f"ckpt_path={run}", "data=folder", f"data.root={broken}"]
+    with pytest.raises(Exception, match=r"person 1/04.png is not a readable image"):
+        embed(compose_cfg(tmp_path / "strict", overrides), overrides)
+    overrides.append("data.skip_corrupt=true")
+    with pytest.warns(UserWarning, match=r"1 unreadable images were left out \(rows of zeros, readable=0 in "
+                                         r"index.csv\), e.g. .*person 1/04.png"):
+        archive = read_archive(embed(compose_cfg(tmp_path / "kept", overrides), overrides))
+    left_out = 15 + 4  # person 1's fifth image
+    assert np.flatnonzero(~archive.readable).tolist() == [left_out]
+    assert not archive.embeddings[left_out].any()
+    np.testing.assert_allclose(np.linalg.norm(np.delete(archive.embeddings, left_out, 0), axis=1), 1, atol=1e-5)
+    with open(tmp_path / "kept" / "index.csv", newline="") as file:
+        assert list(csv.reader(file))[1 + left_out][4] == "0"
+
+
+def test_an_external_backbone_embeds_as_its_weights_compute(faces, tmp_path):
+    import timm
+
+    weights = tmp_path / "resnet10t.pth"
+    torch.manual_seed(0)
+    torch.save(timm.create_model("resnet10t", num_classes=0).state_dict(), weights)
+    overrides = ["backbone=timm", "backbone.model=resnet10t", f"backbone.pretrained_path={weights}",
+                 "backbone.embedding_dim=null", "backbone.input_size=32", "data=folder", f"data.root={faces}",
+                 "embed.flip=true"]
+    archive = read_archive(embed(compose_cfg(tmp_path / "out", overrides, tiny_backbone=False), overrides))
+    from doppel.models import get_backbone
+
+    net = get_backbone("timm", model="resnet10t", pretrained_path=str(weights), embedding_dim=None, input_size=32)
+    net.eval()
+    files = [faces / f"person {p}" / f"{s:02d}.png" for p in range(6) for s in range(15)]
+    images = torch.stack([torch.from_numpy(np.array(Image.open(f))).permute(2, 0, 1) for f in files])
+    with torch.no_grad():
+        expected = F.normalize(net(images) + net(images.flip(-1)), dim=1).numpy()
+    np.testing.assert_allclose(archive.embeddings, expected, atol=2e-5)
+    assert archive.checkpoint == "" and archive.embeddings.shape == (90, 512)
