@@ -6,15 +6,19 @@
 Each query image is embedded as the archive's images were (the same network, transform and mirror fusion,
 rebuilt from the settings the archive keeps) and compared by cosine similarity with every readable row; the
 ``k`` most similar rows are printed with their identity and image (from ``index.csv`` beside the archive).
-The search is exact: faiss's flat inner-product index when faiss is installed (``pip install -e ".[search]"``),
-otherwise torch in chunks of rows (memory: queries x chunk, never queries x rows); both give the same rows.
+The search is exact and goes through the rows in chunks, each searched by faiss's flat inner-product index when
+faiss is installed (``pip install -e ".[search]"``), otherwise by torch; both give the same rows. The archive's
+embeddings are memory-mapped, not read: memory is a chunk of rows and queries x chunk similarities, whatever the
+archive's size (42M x 512 float32 is 86 GB).
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import struct
 import sys
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,42 +52,73 @@ def read_archive(path: str | Path) -> Archive:
         missing = [name for name in needed if name not in stored.files]
         if missing:
             raise ValueError(f"{path} lacks {', '.join(missing)}: it was not written by embed.py.")
-        values = {name: stored[name] for name in needed}
-    return Archive(values["embeddings"], values["labels"], values["class_names"], values["readable"],
+        values = {name: stored[name] for name in needed if name != "embeddings"}
+    return Archive(stored_array(path, "embeddings"), values["labels"], values["class_names"], values["readable"],
                    OmegaConf.create(str(values["config"])), str(values["checkpoint"]), int(values["image_size"]),
                    bool(values["flip"]), path)
 
 
-def nearest(gallery: np.ndarray, queries: np.ndarray, k: int, backend: str = "auto",
-            device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
+def stored_array(path: Path, name: str) -> np.ndarray:
+    """Member ``name`` of an ``.npz`` memory-mapped where it is stored uncompressed (as embed.py writes it),
+    else read."""
+    with zipfile.ZipFile(path) as archive:
+        info = archive.getinfo(f"{name}.npy")
+    if info.compress_type != zipfile.ZIP_STORED:
+        with np.load(path, allow_pickle=False) as stored:
+            return stored[name]
+    with open(path, "rb") as file:
+        file.seek(info.header_offset)
+        local = file.read(30)  # the member's local header: its name and extra field come next
+        name_length, extra_length = struct.unpack("<HH", local[26:30])
+        file.seek(info.header_offset + 30 + name_length + extra_length)
+        version = np.lib.format.read_magic(file)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read_header(file)
+        offset = file.tell()
+    if fortran or dtype.hasobject:
+        raise ValueError(f"{path}: {name} is not a plain C-ordered array; it was not written by embed.py.")
+    return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape)
+
+
+def nearest(gallery: np.ndarray, queries: np.ndarray, k: int, backend: str = "auto", device: str = "cpu",
+            readable: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(similarities, rows) [Q, k] of the ``k`` rows of ``gallery`` most similar to each query, most similar
-    first; both unit rows, so similarity is the inner product."""
-    k = min(k, len(gallery))
+    first, among the ``readable`` rows (all by default); unit rows, so similarity is the inner product."""
     if backend not in ("auto", "faiss", "torch"):
         raise ValueError(f"--backend {backend} is not one of auto, faiss, torch.")
+    faiss = None
     if backend in ("auto", "faiss"):
         try:
             import faiss
         except ImportError:
             if backend == "faiss":
                 raise ImportError("--backend faiss needs faiss: pip install -e \".[search]\" (or faiss-cpu).") from None
-        else:
-            index = faiss.IndexFlatIP(gallery.shape[1])
-            index.add(np.ascontiguousarray(gallery, dtype=np.float32))
-            similarities, rows = index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
-            return similarities, rows.astype(np.int64)
     target = torch.device(device)
-    query = torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32)).to(target)
-    best = torch.full((len(query), 0), -torch.inf, device=target)
-    best_rows = torch.zeros((len(query), 0), dtype=torch.long, device=target)
+    query = np.ascontiguousarray(queries, dtype=np.float32)
+    query_tensor = torch.from_numpy(query).to(target)
+    best = torch.full((len(query), 0), -torch.inf)
+    best_rows = torch.zeros((len(query), 0), dtype=torch.long)
     for start in range(0, len(gallery), CHUNK_ROWS):
-        rows = torch.from_numpy(np.ascontiguousarray(gallery[start:start + CHUNK_ROWS])).to(target)
-        merged = torch.cat([best, query @ rows.T], dim=1)
-        numbers = torch.arange(start, start + len(rows), device=target).expand(len(query), -1)
-        merged_rows = torch.cat([best_rows, numbers], dim=1)
+        block = np.ascontiguousarray(gallery[start:start + CHUNK_ROWS], dtype=np.float32)
+        numbers = torch.arange(start, start + len(block))
+        if readable is not None:
+            kept = readable[start:start + CHUNK_ROWS]
+            block, numbers = block[kept], numbers[torch.from_numpy(kept)]
+        wanted = min(k, len(block))
+        if wanted == 0:
+            continue
+        if faiss is not None:
+            index = faiss.IndexFlatIP(block.shape[1])
+            index.add(block)
+            scores, rows = (torch.from_numpy(a) for a in index.search(query, wanted))
+        else:
+            scores, rows = (query_tensor @ torch.from_numpy(block).to(target).T).topk(wanted, dim=1)
+            scores, rows = scores.cpu(), rows.cpu()
+        merged = torch.cat([best, scores], dim=1)
+        merged_rows = torch.cat([best_rows, numbers[rows.long()]], dim=1)
         best, picked = merged.topk(min(k, merged.shape[1]), dim=1)
         best_rows = merged_rows.gather(1, picked)
-    return best.cpu().numpy(), best_rows.cpu().numpy()
+    return best.numpy(), best_rows.numpy()
 
 
 def query_files(query: str) -> list[Path]:
@@ -154,12 +189,11 @@ def main(argv: list[str] | None = None) -> int:
         archive = read_archive(args.archive)
         files = query_files(args.query)
         queries = embed_queries(archive, files, args.device)
-        kept = np.flatnonzero(archive.readable)
-        similarities, rows = nearest(archive.embeddings[kept], queries, args.k, args.backend, args.device)
+        similarities, rows = nearest(archive.embeddings, queries, args.k, args.backend, args.device,
+                                     archive.readable)
     except (OSError, ValueError, ImportError) as error:
         print(f"Error: {error}", file=sys.stderr)
         return 1
-    rows = kept[rows]
     lines = index_lines(archive.path.with_name("index.csv"), set(rows.reshape(-1).tolist()))
     for file, found, scores in zip(files, rows, similarities):
         print(f"{file}:")

@@ -64,6 +64,7 @@ def test_embed_writes_every_images_unit_embedding_and_its_index(run, faces, tmp_
     assert archive.flip == (flip == "true")  # auto: as the run's protocol (characters are not mirrored)
     np.testing.assert_allclose(archive.embeddings, expected, atol=2e-5)
     assert archive.embeddings.shape == (90, 16) and archive.readable.all()
+    assert isinstance(archive.embeddings, np.memmap)  # stored uncompressed: mapped, not read
     np.testing.assert_array_equal(archive.labels, data.labels.numpy())
     with open(tmp_path / "index.csv", newline="") as file:
         lines = list(csv.reader(file))
@@ -128,24 +129,25 @@ def test_search_finds_an_archived_image_as_its_own_nearest_row(run, faces, tmp_p
     assert "neither an image file nor a folder" in capsys.readouterr().err
 
 
-def test_faiss_and_torch_find_the_same_rows():
+def test_faiss_and_torch_find_the_same_rows_as_a_brute_force_search(monkeypatch):
+    """In chunks of rows, unreadable rows skipped: both backends give the rows of a plain argsort."""
     pytest.importorskip("faiss")
+    import doppel.search as search
+
     generator = torch.Generator().manual_seed(0)
     gallery = F.normalize(torch.randn(20000, 32, generator=generator), dim=1).numpy()
     queries = F.normalize(torch.randn(50, 32, generator=generator), dim=1).numpy()
-    import doppel.search as search
-
-    old = search.CHUNK_ROWS
-    search.CHUNK_ROWS = 4096  # several chunks
-    try:
-        torch_scores, torch_rows = nearest(gallery, queries, 10, backend="torch")
-    finally:
-        search.CHUNK_ROWS = old
-    faiss_scores, faiss_rows = nearest(gallery, queries, 10, backend="faiss")
-    np.testing.assert_array_equal(torch_rows, faiss_rows)
-    np.testing.assert_allclose(torch_scores, faiss_scores, atol=1e-5)
-    brute = np.argsort(-(queries @ gallery.T), axis=1, kind="stable")[:, :10]
-    np.testing.assert_array_equal(torch_rows, brute)
+    readable = np.random.default_rng(0).random(20000) > 0.1
+    similarity = np.where(readable[None], queries @ gallery.T, -np.inf)
+    brute = np.argsort(-similarity, axis=1, kind="stable")[:, :10]
+    found = {}
+    for chunk in (4096, 2 ** 16):  # several chunks, one chunk
+        monkeypatch.setattr(search, "CHUNK_ROWS", chunk)
+        for backend in ("torch", "faiss"):
+            found[chunk, backend] = nearest(gallery, queries, 10, backend=backend, readable=readable)
+    for scores, rows in found.values():
+        np.testing.assert_array_equal(rows, brute)
+        np.testing.assert_allclose(scores, np.take_along_axis(similarity, brute, 1), atol=1e-5)
 
 
 def test_an_unreadable_image_is_named_or_left_out_as_a_zero_row(run, faces, tmp_path):
