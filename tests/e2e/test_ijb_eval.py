@@ -52,7 +52,7 @@ def test_eval_ijb_of_an_external_backbone_equals_insightfaces_procedure(tmp_path
     assert (tmp_path / "eval" / "roc.png").stat().st_size > 1000
 
 
-def test_python_eval_py_scores_a_checkpoint_on_ijb_and_prints_the_table(tmp_path):
+def test_python_eval_py_scores_a_checkpoint_on_ijb_and_prints_the_table_on_one_or_two_processes(tmp_path):
     write_release(tmp_path / "IJB_release", subjects=3, templates_per_subject=3, image_size=(40, 36))
     train(compose_cfg(tmp_path / "run", ["trainer.max_epochs=1", "trainer.limit_train_batches=2"]))
     checkpoint = tmp_path / "run" / "checkpoints" / "last.ckpt"
@@ -65,3 +65,10 @@ def test_python_eval_py_scores_a_checkpoint_on_ijb_and_prints_the_table(tmp_path
     written = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert {f"test/ijbc/tar@far={f:g}" for f in FARS} | {"test/ijbc/rank1", "test/ijbc/tpir@fpir=0.01"} <= set(written)
     assert (tmp_path / "eval" / "roc.png").stat().st_size > 1000
+    # two processes embed alternate faces; process 0 scores the gathered set: the same metrics
+    result = run_cli([f"ckpt_path={checkpoint}", "eval=ijb", f"eval.ijb.root={tmp_path / 'IJB_release'}",
+                      f"hydra.run.dir={tmp_path / 'ddp'}", "trainer.enable_progress_bar=false",
+                      "trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp"],
+                     cwd=tmp_path, script="eval.py")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((tmp_path / "ddp" / "metrics.json").read_text()) == pytest.approx(written, abs=1e-9)

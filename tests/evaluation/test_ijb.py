@@ -98,6 +98,32 @@ def transcribed_1n(feats, templates, medias, gallery, probes):
     return found
 
 
+def open_set(feats, templates, medias, halves, probes, fpirs=(0.01, 0.1)):
+    """NIST's open-set TPIR, looped from its definition: each gallery alone; its non-mated searches' best
+    scores set the threshold (at most FPIR x their number above it); a mated search counts when its best
+    candidate is the mate and scores above it; the mean over the galleries."""
+    probe_feats, _ = _template_features(feats, templates, medias, probes[0])
+    probe_ids = probes[1][np.unique(probes[0], return_index=True)[1]]
+    found = {f: [] for f in fpirs}
+    for half in halves:
+        gallery_feats, _ = _template_features(feats, templates, medias, half[0])
+        gallery_ids = half[1][np.unique(half[0], return_index=True)[1]]
+        hits, non_mated = [], []
+        for i in range(len(probe_ids)):
+            scores = [float(np.dot(probe_feats[i], gallery_feats[j])) for j in range(len(gallery_ids))]
+            best = max(range(len(scores)), key=lambda j: scores[j])
+            if probe_ids[i] in gallery_ids:
+                hits.append((gallery_ids[best] == probe_ids[i], scores[best]))
+            else:
+                non_mated.append(scores[best])
+        for f in fpirs:
+            ordered = sorted(non_mated, reverse=True)
+            allowed = int(f * len(ordered) + 1e-9)
+            threshold = ordered[allowed] if allowed < len(ordered) else -math.inf
+            found[f].append(sum(hit and score > threshold for hit, score in hits) / len(hits))
+    return {f"open_tpir@fpir={f:g}": float(np.mean(v)) for f, v in found.items()}
+
+
 def _csv_rows(path):
     rows = np.loadtxt(path, dtype=str, skiprows=1, delimiter=",")
     return rows[:, 0].astype(int), rows[:, 1].astype(int)
@@ -140,6 +166,9 @@ def test_the_1to1_and_1toN_metrics_equal_insightfaces_procedure(release, flip, n
                                  tuple(np.concatenate(p) for p in zip(_csv_rows(meta / "ijbc_1N_gallery_G1.csv"),
                                                                       _csv_rows(meta / "ijbc_1N_gallery_G2.csv"))),
                                  _csv_rows(meta / "ijbc_1N_probe_mixed.csv"))
+    halves = [_csv_rows(meta / "ijbc_1N_gallery_G1.csv"), _csv_rows(meta / "ijbc_1N_gallery_G2.csv")]
+    expected_1n.update(open_set(feats, release.templates, release.medias, halves,
+                                _csv_rows(meta / "ijbc_1N_probe_mixed.csv")))
     for name, value in expected_1n.items():
         assert result.metrics[f"ijbc/{name}"] == pytest.approx(value, abs=1e-12), name
     # the scores themselves, and the metrics are not trivially 0 or 1
@@ -147,6 +176,7 @@ def test_the_1to1_and_1toN_metrics_equal_insightfaces_procedure(release, flip, n
                                           flip, norm_score, data.detector_scores if detector_score else None, chunk=7)
     np.testing.assert_allclose(ijb.pair_scores(features, ids, data.pairs, chunk=5), expected_scores, atol=1e-12)
     assert 0 < result.metrics["ijbc/tar@far=0.01"] < 1 and 0 < expected_1n["rank1"] < 1
+    assert 0 < expected_1n["open_tpir@fpir=0.1"] < 1
     assert set(result.metrics) == set(protocol.metric_names())
 
 

@@ -10,7 +10,9 @@ medias summed, the template feature L2-normalised; a pair's score is the cosine 
 the ROC point whose FAR is nearest to f (of equals, the one with the largest TAR), insightface's rule.
 1:N: the galleries (G1 + G2, or S1 + S2) together; rank-k = share of probe templates whose mate is among
 the k most similar gallery templates; TPIR at FPIR f = share of probes whose mate scores above the
-ceil(f x probes)-th largest non-mate score of all probe-gallery pairs (insightface's definition).
+ceil(f x probes)-th largest non-mate score of all probe-gallery pairs (insightface's definition). Besides,
+the open-set protocol as NIST defines it (``open_tpir@fpir``): each gallery searched alone, the probes of the
+other gallery's subjects as its non-mated searches, averaged over the two galleries.
 
 At IJB-C's size (469k faces, 23k templates, 15.7M pairs) every step runs in chunks: memory is the face
 embeddings, the template features (float64) and the pair scores, never faces x dimension in float64.
@@ -108,9 +110,10 @@ def tar_at_far(far: np.ndarray, tar: np.ndarray, at: float) -> float:
 def identification(features: torch.Tensor, template_ids: np.ndarray, gallery_templates: np.ndarray,
                    gallery_subjects: np.ndarray, probe_templates: np.ndarray, probe_subjects: np.ndarray,
                    fpirs: tuple[float, ...] = FPIRS, ranks: tuple[int, ...] = RANKS,
-                   chunk: int | None = None) -> dict[str, float]:
+                   chunk: int | None = None, gallery_halves: np.ndarray | None = None) -> dict[str, float]:
     """Rank-k and TPIR at FPIR of the probe templates searched in the gallery (every probe's subject has
-    exactly one gallery template), in chunks of probes."""
+    exactly one gallery template), in chunks of probes; with ``gallery_halves`` (0 / 1 per gallery template)
+    also the open-set TPIR of each half searched alone, averaged (:func:`open_set_tpir`)."""
     gallery = features[_rows(template_ids, gallery_templates)]
     by_subject = {int(s): i for i, s in enumerate(gallery_subjects)}
     mates = torch.tensor([by_subject[int(s)] for s in probe_subjects], dtype=torch.long)
@@ -123,6 +126,10 @@ def identification(features: torch.Tensor, template_ids: np.ndarray, gallery_tem
     mate_scores = torch.empty(probes, dtype=torch.float64)
     hits = torch.zeros(len(ranks), dtype=torch.long)
     highest = torch.empty(0, dtype=torch.float64)  # the largest non-mate scores so far
+    halves = [] if gallery_halves is None else \
+        [torch.nonzero(torch.from_numpy(np.asarray(gallery_halves) == h))[:, 0] for h in (0, 1)]  # their columns
+    top_scores = [torch.empty(probes, dtype=torch.float64) for _ in halves]  # per half: each probe's best score
+    top_is_mate = [torch.empty(probes, dtype=torch.bool) for _ in halves]
     step = chunk or max(1, CHUNK_VALUES // max(len(gallery_templates), features.shape[1]))
     for start in range(0, probes, step):
         stop = min(start + step, probes)
@@ -132,13 +139,32 @@ def identification(features: torch.Tensor, template_ids: np.ndarray, gallery_tem
         mate_scores[start:stop] = mate
         above = (similarity > mate[:, None]).sum(1)  # gallery templates ranked before the mate
         hits += torch.stack([(above < k).sum() for k in ranks])
+        for half, columns in enumerate(halves):
+            best, where = similarity[:, columns].max(dim=1)
+            top_scores[half][start:stop] = best
+            top_is_mate[half][start:stop] = columns[where] == own
         similarity.scatter_(1, own[:, None], -math.inf)
         pool = torch.cat([highest, similarity.flatten()])
         highest = pool.topk(min(max(needed), len(pool))).values
     metrics = {f"rank{k}": float(hits[i]) / probes for i, k in enumerate(ranks)}
     for fpir, count in zip(fpirs, needed):
         metrics[f"tpir@fpir={fpir:g}"] = float((mate_scores > highest[count - 1]).double().mean())
+    if halves:
+        mate_half = torch.from_numpy(np.asarray(gallery_halves))[mates]
+        for fpir in fpirs:
+            metrics[f"open_tpir@fpir={fpir:g}"] = float(np.mean([
+                open_set_tpir(top_scores[h], top_is_mate[h], mate_half == h, fpir) for h in range(len(halves))]))
     return metrics
+
+
+def open_set_tpir(top_scores: torch.Tensor, top_is_mate: torch.Tensor, mated: torch.Tensor, fpir: float) -> float:
+    """NIST's open-set identification on one gallery: the threshold lets at most ``fpir`` of the non-mated
+    searches (probes whose subject is not in this gallery) score above it with their best candidate; TPIR is the
+    share of mated searches whose best candidate is the mate, scoring above it."""
+    non_mated = top_scores[~mated].sort(descending=True).values
+    allowed = int(fpir * len(non_mated) + 1e-9)
+    threshold = non_mated[allowed] if allowed < len(non_mated) else -math.inf
+    return float((top_is_mate[mated] & (top_scores[mated] > threshold)).double().mean())
 
 
 def _far_name(far: float) -> str:
@@ -186,6 +212,7 @@ class IJBProtocol(Protocol):
         searched = self.identification is not False if self.release is None else self.release.gallery is not None
         if searched:
             names += [f"rank{k}" for k in self.ranks] + [f"tpir@fpir={f:g}" for f in self.fpirs]
+            names += [f"open_tpir@fpir={f:g}" for f in self.fpirs]
         return [f"{self.name}/{n}" for n in names]
 
     def evaluate(self, inputs: Inputs) -> Result:
@@ -199,7 +226,8 @@ class IJBProtocol(Protocol):
         metrics = {f"{self.name}/{_far_name(f)}": v for f, v in tars.items()}
         if release.gallery is not None:
             found = identification(features, ids, release.gallery.templates, release.gallery.subjects,
-                                   release.probes.templates, release.probes.subjects, self.fpirs, self.ranks)
+                                   release.probes.templates, release.probes.subjects, self.fpirs, self.ranks,
+                                   gallery_halves=release.gallery.half)
             metrics.update({f"{self.name}/{k}": v for k, v in found.items()})
         drawn = _decimated(far)
         return Result(metrics, {self.target: (torch.from_numpy(far[drawn]), torch.from_numpy(tar[drawn]), tars)})
@@ -216,6 +244,8 @@ class IJBProtocol(Protocol):
             rows.append(f"{self.target} 1:N  " + "  ".join(
                 [f"rank-{k}: {100 * metrics[f'{self.name}/rank{k}']:.2f}" for k in self.ranks]
                 + [f"TPIR@FPIR={f:g}: {100 * metrics[f'{self.name}/tpir@fpir={f:g}']:.2f}" for f in self.fpirs]))
+            rows.append(f"{self.target} 1:N open set, each gallery alone (NIST), mean of the two  " + "  ".join(
+                f"TPIR@FPIR={f:g}: {100 * metrics[f'{self.name}/open_tpir@fpir={f:g}']:.2f}" for f in self.fpirs))
         return rows
 
 

@@ -63,6 +63,7 @@ class Gallery:
 
     templates: np.ndarray  # int64
     subjects: np.ndarray  # int64
+    half: np.ndarray | None = None  # the two galleries together: which one (0: G1 / S1, 1: G2 / S2) each is from
 
 
 @dataclass
@@ -234,9 +235,10 @@ def read_identification(folder: Path, target: str, templates: np.ndarray) -> tup
         return None
     halves = [read_template_subjects(_meta(folder, target, name), templates) for name in names[:2]]
     probes = read_template_subjects(_meta(folder, target, names[2]), templates)
-    gallery = Gallery(np.concatenate([h.templates for h in halves]), np.concatenate([h.subjects for h in halves]))
+    gallery = Gallery(np.concatenate([h.templates for h in halves]), np.concatenate([h.subjects for h in halves]),
+                      np.concatenate([np.full(len(h.templates), i) for i, h in enumerate(halves)]))
     order = np.argsort(gallery.templates, kind="stable")
-    gallery = Gallery(gallery.templates[order], gallery.subjects[order])
+    gallery = Gallery(gallery.templates[order], gallery.subjects[order], gallery.half[order])
     _, counts = np.unique(gallery.subjects, return_counts=True)
     if len(np.unique(gallery.templates)) != len(gallery.templates) or (counts > 1).any():
         raise DataError(f"{folder / 'meta'}: the 1:N galleries must hold one template per subject, each in one "
