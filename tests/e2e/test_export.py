@@ -80,7 +80,7 @@ def test_torchscript_keeps_the_metadata_and_the_embeddings(run, tmp_path):
 
 BACKBONES = sorted(p.stem for p in (CONFIG_DIR / "backbone").glob("*.yaml"))
 SMALL = {  # a smaller size of the big networks: the export path is the same, the test minutes fewer
-    "timm": ["backbone.model=resnet18", "backbone.input_size=64"],
+    "timm": ["backbone.model=resnet18", "backbone.input_size=64"], "face_resnet": ["backbone.input_size=99"],
     "resnet50_ir": ["backbone.input_size=56"], "se_resnet50_ir": ["backbone.input_size=56"],
     "bn_inception": ["backbone.input_size=96"], "wrn28_10": ["backbone.widen_factor=2"],
 }
