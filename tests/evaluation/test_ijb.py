@@ -298,3 +298,17 @@ def test_the_protocol_needs_its_root():
     with pytest.raises(ValueError, match=r"eval.ijb.root is not set"):
         ijb.IJBProtocol().bind(DataFacts(parts=torch.zeros(1), references_given=False, benchmark=None, folder=None,
                                          locate=lambda p, k: p))
+
+
+def test_ijbb_reads_its_s1_s2_galleries(tmp_path):
+    written = write_release(tmp_path, target="IJBB", subjects=4, templates_per_subject=2, image_size=(24, 20))
+    data = read_ijb(tmp_path, "IJBB")
+    first = {}
+    for template in sorted(written.subjects):
+        first.setdefault(written.subjects[template], template)
+    assert data.gallery.templates.tolist() == sorted(first.values())
+    assert data.gallery.half.tolist() == [0, 0, 1, 1]  # S1 holds subjects 100-101, S2 102-103
+    assert sorted(data.probes.templates.tolist()) == sorted(set(written.subjects) - set(first.values()))
+    protocol = ijb.IJBProtocol(root=str(written.folder), target="IJBB")  # the target's folder itself
+    protocol.bind(None)
+    assert protocol.headline == "ijbb/tar@far=0.0001" and "ijbb/open_tpir@fpir=0.01" in protocol.metric_names()
