@@ -12,10 +12,16 @@ import doppel.trainer_node  # noqa: F401  (every Trainer argument settable as tr
 def main(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 
+    from doppel.cli import reported
     from doppel.embed import embed
 
-    embed(cfg, list(HydraConfig.get().overrides.task))
+    reported(embed, cfg, list(HydraConfig.get().overrides.task))
 
 
 if __name__ == "__main__":
+    import sys
+
+    from doppel.cli import check_overrides
+
+    check_overrides("train", sys.argv[1:])
     main()

@@ -10,11 +10,17 @@ import doppel.trainer_node  # noqa: F401  (every Trainer argument settable as tr
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
 def main(cfg: DictConfig) -> float:
+    from doppel.cli import reported
     from doppel.evaluate import evaluate
 
-    metrics = evaluate(cfg, list(HydraConfig.get().overrides.task))
+    metrics = reported(evaluate, cfg, list(HydraConfig.get().overrides.task))
     return metrics[metrics.objective]
 
 
 if __name__ == "__main__":
+    import sys
+
+    from doppel.cli import check_overrides
+
+    check_overrides("train", sys.argv[1:])
     main()

@@ -12,10 +12,16 @@ import doppel.trainer_node  # noqa: F401  (every Trainer argument settable as tr
 def main(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 
-    from doppel.export import export
+    from doppel.cli import reported
+    from doppel.export import ExportError, export
 
-    export(cfg, list(HydraConfig.get().overrides.task))
+    reported(export, cfg, list(HydraConfig.get().overrides.task), extra=(ExportError,))
 
 
 if __name__ == "__main__":
+    import sys
+
+    from doppel.cli import check_overrides
+
+    check_overrides("export", sys.argv[1:])
     main()

@@ -10,10 +10,11 @@ import doppel.trainer_node  # noqa: F401  (every Trainer argument settable as tr
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
 def main(cfg: DictConfig) -> float:
+    from doppel.cli import reported
     from doppel.train import RunInterrupted, train
 
     try:
-        metrics = train(cfg)
+        metrics = reported(train, cfg)
     except RunInterrupted as stop:
         print(stop, file=sys.stderr)
         sys.exit(128 + stop.signum)  # the shell's code for a process ended by that signal
@@ -21,4 +22,7 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
+    from doppel.cli import check_overrides
+
+    check_overrides("train", sys.argv[1:])
     main()

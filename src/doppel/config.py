@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import os
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -137,8 +139,14 @@ def resolve_mining(cfg: DictConfig, has_prototype: bool) -> tuple[bool, DictConf
 
 
 # -- keys ----------------------------------------------------------------------------------------
+# Names other frameworks use for a setting, too unlike ours for difflib: the "did you mean" they get.
+SYNONYMS = {"learning_rate": "lr", "wd": "weight_decay", "epochs": "max_epochs", "num_epochs": "max_epochs",
+            "bs": "batch_size", "gpus": "devices", "num_gpus": "devices", "steps": "max_steps"}
+
+
 def _unknown(key: str, known: set[str] | list[str], what: str) -> ValueError:
-    hint = difflib.get_close_matches(key.rsplit(".", 1)[-1], list(known), n=1)
+    name = key.rsplit(".", 1)[-1]
+    hint = [SYNONYMS[name]] if SYNONYMS.get(name) in known else difflib.get_close_matches(name, list(known), n=1)
     return ValueError(f"{key} is not a setting{f' (did you mean {hint[0]}?)' if hint else ''}; {what} takes: "
                       f"{', '.join(sorted(known))}.")
 
@@ -245,6 +253,7 @@ def _check_values(cfg: DictConfig) -> Prepared:
     if not isinstance(cfg.checkpoint.class_shards, bool):
         raise ValueError(f"checkpoint.class_shards={cfg.checkpoint.class_shards} must be true (each process writes "
                          "its classifier rows) or false (gathered into process 0's file).")
+    check_devices(cfg.trainer.get("accelerator", "auto"), cfg.trainer.get("devices", "auto"))
     max_epochs, max_steps = cfg.trainer.get("max_epochs"), cfg.trainer.get("max_steps", -1)
     if not (isinstance(max_epochs, int) and max_epochs >= 1) and not (isinstance(max_steps, int) and max_steps >= 1):
         raise ValueError(f"trainer.max_epochs={max_epochs} must be a positive integer (or set trainer.max_steps).")
@@ -260,6 +269,19 @@ def _check_values(cfg: DictConfig) -> Prepared:
                 raise ValueError(f"callbacks.{name} ({spec._target_}) writes to a logger and logger=none has none: "
                                  f"choose a logger (logger=csv) or remove it (~callbacks.{name}).")
     return Prepared(augment, build_evaluator(cfg), factory, decay_1d_params, scheduler)
+
+
+def check_devices(accelerator: Any, devices: Any) -> None:
+    """A GPU asked for where there is none is an error; more CPU processes than cores, a warning."""
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ValueError(f"trainer.accelerator={accelerator} needs a CUDA GPU and this machine has none (torch "
+                         f"{torch.__version__} sees no CUDA device): use trainer.accelerator=cpu, or auto.")
+    on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
+    cores = os.cpu_count() or 1
+    if on_cpu and isinstance(devices, int) and devices > cores:
+        warnings.warn(f"trainer.devices={devices} starts {devices} processes on {cores} CPU cores and no GPU: each "
+                      "gets less than a core and the run is slower than with fewer; use trainer.devices at most "
+                      f"{cores}.", stacklevel=2)
 
 
 def _build(key: str, build: Any) -> Any:

@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from pytorch_lightning.utilities import rank_zero_info
 
 from doppel.checkpoint import STAMP, check_finite, check_state_dict, read_checkpoint, read_class_rows
-from doppel.config import bind_evaluator, build
+from doppel.config import bind_evaluator, build, check_devices
 from doppel.losses.loss_set import LossSet
 from doppel.models.ensemble import EnsembleNet
 from doppel.module import DoppelModule
@@ -39,6 +39,7 @@ def evaluate(cfg: DictConfig, overrides: list[str] | None = None) -> RunMetrics:
     """Metrics ``test/...`` of the checkpoint ``cfg.ckpt_path`` (or of ``cfg.backbone`` as built, e.g. a timm
     model with ``backbone.pretrained_path``); ``overrides`` are the command line's, which win over the
     checkpoint's settings."""
+    check_devices(cfg.trainer.get("accelerator", "auto"), cfg.trainer.get("devices", "auto"))
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     paths = [] if cfg.ckpt_path is None else [str(p) for p in cfg.ckpt_path] if OmegaConf.is_list(cfg.ckpt_path) \
@@ -114,6 +115,7 @@ def one_network(cfg: DictConfig, overrides: list[str], script: str) -> tuple[Dic
     """For the scripts that use one network (embed.py, export.py): ``cfg`` with the checkpoint's settings, as
     eval.py applies them; the data module, set up; ``network()``, which builds the backbone (in eval mode) with
     the checkpoint's weights, or as configured without ``ckpt_path``; the checkpoint's resolved path."""
+    check_devices(cfg.trainer.get("accelerator", "auto"), cfg.trainer.get("devices", "auto"))
     checkpoint, path = None, None
     if cfg.ckpt_path is not None:
         if OmegaConf.is_list(cfg.ckpt_path):

@@ -51,3 +51,14 @@ def test_top1_is_that_of_the_probe_on_the_held_out_images():
     assert 0.5 < metrics["linear_probe/top1"] < 1.0  # a toy that is neither hopeless nor trivial
     with pytest.raises(ValueError, match="held-out"):
         probe.bind(DataFacts(parts=parts[train], references_given=False, benchmark=None, folder=None, locate=None))
+
+
+def test_the_final_table_says_what_was_measured():
+    from doppel.evaluation.classification import ClassificationProtocol
+    from doppel.evaluation.linear_probe import LinearProbeProtocol
+
+    assert LinearProbeProtocol(iterations=50).summary({"linear_probe/top1": 0.8125}) == [
+        "linear probe (softmax regression on the frozen embeddings of the training images, 50 L-BFGS iterations): "
+        "top-1 81.25% on the held-out images"]
+    assert ClassificationProtocol().summary({"classification/top1": 0.5}) == [
+        "closed-set classification by the training classifier: top-1 50.00% on the held-out images"]

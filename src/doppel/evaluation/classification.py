@@ -27,6 +27,10 @@ class ClassificationProtocol(Protocol):
     def metric_names(self) -> list[str]:
         return ["classification/top1"]
 
+    def summary(self, metrics: dict[str, float]) -> list[str]:
+        return [f"closed-set classification by the training classifier: top-1 "
+                f"{100 * metrics['classification/top1']:.2f}% on the held-out images"]
+
     def evaluate(self, inputs: Inputs) -> Result:
         if inputs.classify is None:
             raise ValueError("eval.classification scores the training classifier, and this model has none: use a "

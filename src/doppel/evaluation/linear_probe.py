@@ -39,6 +39,11 @@ class LinearProbeProtocol(Protocol):
     def metric_names(self) -> list[str]:
         return ["linear_probe/top1"]
 
+    def summary(self, metrics: dict[str, float]) -> list[str]:
+        return [f"linear probe (softmax regression on the frozen embeddings of the training images, "
+                f"{self.iterations} L-BFGS iterations): top-1 {100 * metrics['linear_probe/top1']:.2f}% on the "
+                "held-out images"]
+
     def fit(self, features: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.nn.Linear,
                                                                            torch.Tensor, torch.Tensor]:
         """(classes, the layer, the standardisation's mean and scale) fitted on ``features``."""
