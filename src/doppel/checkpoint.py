@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
+from pytorch_lightning.utilities import rank_zero_info
 
 from doppel.distributed import rank, world
 from doppel.serialization import CheckpointError, CheckpointWriteError, atomic_save, load_checkpoint
@@ -56,6 +57,9 @@ def resolve_ckpt_path(value: str | None, run_dir: str | Path) -> Path | None:
         return None
     if str(value) == "auto":
         last = checkpoint_dir(run_dir) / LAST
+        if not last.is_file():  # said plainly: a resume typed without its run folder starts afresh here
+            rank_zero_info(f"ckpt_path=auto: {run_dir} has no checkpoint, so this is a new run; to resume an "
+                           "earlier one, name its folder: hydra.run.dir=<that run's folder> ckpt_path=auto.")
         return last if last.is_file() else None
     if _REMOTE.match(str(value)) and not str(value).startswith("file://"):
         raise CheckpointError(f"ckpt_path={value} is a remote address: Doppel reads checkpoints from local files only "

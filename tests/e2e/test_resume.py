@@ -1,6 +1,7 @@
 """A run killed or stopped at any step and resumed with ``ckpt_path=auto`` ends exactly as if never stopped."""
 
 import random
+import shlex
 import signal
 
 import pytest
@@ -61,8 +62,15 @@ def stop_and_resume(run, cwd, signum, step, uninterrupted):
         assert torch.load(last, weights_only=True)["global_step"] == step
     assert not (run / "metrics.json").exists()
 
-    resumed = run_cli([*RUN, f"hydra.run.dir={run}", "ckpt_path=auto"], cwd=cwd)
+    command = [*RUN, f"hydra.run.dir={run}", "ckpt_path=auto"]
+    if signum != "SIGKILL":  # the command it printed, which is what resumes (the fault injection left out here)
+        printed = shlex.split(stopped.stderr.split("resume it with: ")[1].splitlines()[0])
+        assert printed == ["python", "train.py", *RUN, *fault(step, signum), *command[len(RUN):]]
+    had_checkpoint = last.exists()
+    resumed = run_cli(command, cwd=cwd)
     assert resumed.returncode == 0, f"step {step}: {resumed.stderr[-3000:]}"
+    said_fresh = "has no checkpoint, so this is a new run" in resumed.stdout + resumed.stderr
+    assert said_fresh == (not had_checkpoint), f"step {step}"
     assert (run / "metrics.json").read_bytes() == uninterrupted, f"{signum} at step {step}"
 
 

@@ -16,7 +16,9 @@ is in place, the folders of the checkpoints it replaced are removed.
 
 from __future__ import annotations
 
+import shlex
 import signal
+import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -38,7 +40,13 @@ class RunInterrupted(Exception):
     def __init__(self, signum: int, step: int, path: Path) -> None:
         self.signum, self.step, self.path = signum, step, path
         super().__init__(f"interrupted by {signal.Signals(signum).name} at step {step}: saved {path}; "
-                         "resume with ckpt_path=auto (same run directory) or ckpt_path=<that file>.")
+                         f"resume it with: {resume_command(path.parent.parent)}")
+
+
+def resume_command(run_dir: Path) -> str:
+    """The command line that resumes the run in ``run_dir``: this one's, with its folder and ckpt_path=auto."""
+    kept = [a for a in sys.argv[1:] if not a.startswith(("hydra.run.dir=", "ckpt_path=", "hydra.output_subdir="))]
+    return shlex.join(["python", Path(sys.argv[0]).name, *kept, f"hydra.run.dir={run_dir}", "ckpt_path=auto"])
 
 
 class LastCheckpoint(Checkpoint):
