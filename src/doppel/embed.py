@@ -24,7 +24,6 @@ from typing import Any
 import numpy as np
 import pytorch_lightning as pl
 import torch
-import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset
@@ -33,6 +32,7 @@ from doppel.config import build_evaluator
 from doppel.data.dataset import CorruptImage, ImageSource
 from doppel.data.transforms import ImageTransform
 from doppel.evaluate import one_network
+from doppel.evaluation.protocol import Embedded
 
 EMBEDDINGS, INDEX = "embeddings.npz", "index.csv"
 ROWS_PER_WRITE = 2 ** 16
@@ -40,10 +40,7 @@ ROWS_PER_WRITE = 2 ** 16
 
 def embed_images(backbone: torch.nn.Module, images: torch.Tensor, flip: bool) -> torch.Tensor:
     """uint8 [B, 3, H, W] -> float32 [B, D] unit rows, as the evaluation embeds (mirror summed when ``flip``)."""
-    features = backbone(images).float()
-    if flip:
-        features = features + backbone(images.flip(-1)).float()
-    return F.normalize(features, dim=1)
+    return Embedded(backbone(images).float(), backbone(images.flip(-1)).float() if flip else None).fused(flip)
 
 
 def resolve_flip(cfg: DictConfig) -> bool:

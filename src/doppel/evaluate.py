@@ -127,12 +127,17 @@ def one_network(cfg: DictConfig, overrides: list[str], script: str) -> tuple[Dic
     datamodule.setup()
 
     def network() -> Any:
-        size = datamodule.image_shape()[-1]
-        net = checkpoint_backbone(cfg, checkpoint, path, size) if checkpoint is not None \
-            else build(cfg.backbone, image_size=size)
-        return net.eval()
+        return build_network(cfg, checkpoint, path, datamodule.image_shape()[-1])
 
     return cfg, datamodule, network, path
+
+
+def build_network(cfg: DictConfig, checkpoint: dict[str, Any] | None, path: str | None, image_size: int) -> Any:
+    """The backbone in eval mode: with the checkpoint's weights, or as ``cfg.backbone`` builds it (an external
+    backbone) without one."""
+    net = checkpoint_backbone(cfg, checkpoint, path, image_size) if checkpoint is not None \
+        else build(cfg.backbone, image_size=image_size)
+    return net.eval()
 
 
 def checkpoint_backbone(cfg: DictConfig, checkpoint: dict[str, Any], path: str, image_size: int) -> Any:

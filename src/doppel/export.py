@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,6 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 
-from doppel.data.transforms import PREPROCESS_STYLES
 from doppel.embed import resolve_flip
 from doppel.evaluate import one_network
 
@@ -48,10 +48,10 @@ class AfterPreprocess(torch.nn.Module):
 def preprocessing(net: torch.nn.Module, flip: bool) -> dict[str, str]:
     """How a 0-255 RGB image becomes the exported graph's input, as metadata strings."""
     preprocess = net.preprocess
-    order, scale, mean, std = PREPROCESS_STYLES[preprocess.style]
     return {"doppel.input_size": f"{preprocess.size[0]},{preprocess.size[1]}",
-            "doppel.channels": "luma" if preprocess.channels == 1 else order,
-            "doppel.scale": repr(scale), "doppel.mean": json.dumps([float(v) for v in preprocess.mean.flatten()]),
+            "doppel.channels": "luma" if preprocess.channels == 1 else "bgr" if preprocess.bgr else "rgb",
+            "doppel.scale": repr(preprocess.scale),
+            "doppel.mean": json.dumps([float(v) for v in preprocess.mean.flatten()]),
             "doppel.std": json.dumps([float(v) for v in preprocess.std.flatten()]),
             "doppel.formula": "input = (resize(image) * scale - mean) / std, channels in the order given "
                               "(luma: 0.299 R + 0.587 G + 0.114 B); layout NCHW float32",
@@ -77,7 +77,7 @@ def export(cfg: DictConfig, overrides: list[str] | None = None) -> Path:
     metadata = preprocessing(net, resolve_flip(cfg))
     core = AfterPreprocess(net).eval()
     write = _write_onnx if kind == "onnx" else _write_torchscript
-    difference = write(core, inputs, target, metadata, cfg.export.opset)
+    difference = _largest_difference(core, write(core, inputs, target, metadata, cfg.export.opset), inputs)
     tolerance = float(cfg.export.tolerance)
     print(f"export: {target} ({kind}); on {count} images of {data.source}, the largest difference of the normalised "
           f"embeddings from PyTorch's is {difference:.2e} (tolerance {tolerance:g})", flush=True)
@@ -88,13 +88,20 @@ def export(cfg: DictConfig, overrides: list[str] | None = None) -> Path:
     return target
 
 
-def _largest_difference(expected: torch.Tensor, got: Any) -> float:
-    got = torch.as_tensor(np.asarray(got)).float()
-    return float((F.normalize(expected, dim=1) - F.normalize(got, dim=1)).abs().max())
+def _largest_difference(core: torch.nn.Module, run: Callable[[torch.Tensor], Any], inputs: torch.Tensor) -> float:
+    """Of the normalised embeddings, PyTorch's against the written file's (``run``), on ``inputs`` and on one
+    row fewer (the batch axis is dynamic)."""
+    worst = 0.0
+    for batch in (inputs, inputs[: max(1, len(inputs) - 1)]):
+        with torch.no_grad():
+            expected, got = core(batch), torch.as_tensor(np.asarray(run(batch))).float()
+        worst = max(worst, float((F.normalize(expected, dim=1) - F.normalize(got, dim=1)).abs().max()))
+    return worst
 
 
 def _write_onnx(core: torch.nn.Module, inputs: torch.Tensor, target: Path, metadata: dict[str, str],
-                opset: int) -> float:
+                opset: int) -> Callable[[torch.Tensor], Any]:
+    """Writes ``target``; returns how to run it (onnxruntime)."""
     try:
         import onnx
         import onnxruntime
@@ -117,17 +124,12 @@ def _write_onnx(core: torch.nn.Module, inputs: torch.Tensor, target: Path, metad
     onnx.save(model, str(partial))
     partial.replace(target)
     session = onnxruntime.InferenceSession(str(target), providers=["CPUExecutionProvider"])
-    with torch.no_grad():
-        expected = core(inputs)
-    difference = _largest_difference(expected, session.run(None, {"input": inputs.numpy()})[0])
-    odd = inputs[: max(1, len(inputs) - 1)]  # another batch size: the batch axis is dynamic
-    with torch.no_grad():
-        expected_odd = core(odd)
-    return max(difference, _largest_difference(expected_odd, session.run(None, {"input": odd.numpy()})[0]))
+    return lambda batch: session.run(None, {"input": batch.numpy()})[0]
 
 
 def _write_torchscript(core: torch.nn.Module, inputs: torch.Tensor, target: Path, metadata: dict[str, str],
-                       opset: int) -> float:
+                       opset: int) -> Callable[[torch.Tensor], Any]:
+    """Writes ``target``; returns how to run it (``torch.jit.load``)."""
     try:
         with torch.no_grad():
             traced = torch.jit.trace(core, (inputs,), check_trace=False)
@@ -137,7 +139,4 @@ def _write_torchscript(core: torch.nn.Module, inputs: torch.Tensor, target: Path
     partial = target.with_suffix(".partial")
     torch.jit.save(traced, str(partial), _extra_files={"doppel.json": json.dumps(metadata)})
     partial.replace(target)
-    loaded = torch.jit.load(str(target))
-    odd = inputs[: max(1, len(inputs) - 1)]
-    with torch.no_grad():
-        return max(_largest_difference(core(batch), loaded(batch)) for batch in (inputs, odd))
+    return torch.jit.load(str(target))

@@ -136,19 +136,14 @@ def query_files(query: str) -> list[Path]:
 
 def embed_queries(archive: Archive, files: list[Path], device: str = "cpu") -> np.ndarray:
     """The queries embedded by the archive's network, transform and mirror fusion."""
-    from doppel.config import build
     from doppel.data.dataset import decode
     from doppel.data.transforms import ImageTransform
     from doppel.embed import embed_images
-    from doppel.evaluate import checkpoint_backbone, run_checkpoint
+    from doppel.evaluate import build_network, run_checkpoint
 
     cfg = archive.config
-    if archive.checkpoint:
-        backbone = checkpoint_backbone(cfg, run_checkpoint(archive.checkpoint), archive.checkpoint,
-                                       archive.image_size)
-    else:
-        backbone = build(cfg.backbone, image_size=archive.image_size)
-    backbone.eval().to(device)
+    checkpoint = run_checkpoint(archive.checkpoint) if archive.checkpoint else None
+    backbone = build_network(cfg, checkpoint, archive.checkpoint or None, archive.image_size).to(device)
     transform = ImageTransform(cfg.data.get("resize"), cfg.data.get("crop"))
     rows = []
     with torch.no_grad():

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from doppel.data.readers.ijb import IJBRelease, read_ijb
 from doppel.evaluation.protocol import DataFacts, Embedded, Inputs, Protocol, Result
+from doppel.evaluation.verification import far_name
 
 FARS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 FPIRS = (0.01, 0.1)
@@ -167,10 +168,6 @@ def open_set_tpir(top_scores: torch.Tensor, top_is_mate: torch.Tensor, mated: to
     return float((top_is_mate[mated] & (top_scores[mated] > threshold)).double().mean())
 
 
-def _far_name(far: float) -> str:
-    return f"tar@far={far:g}"
-
-
 class IJBProtocol(Protocol):
     """IJB-B / IJB-C of insightface's release under ``root``; metrics ``ijbc/tar@far=0.0001``, ...,
     ``ijbc/rank1``, ``ijbc/tpir@fpir=0.01`` (``ijbb/...`` for IJB-B)."""
@@ -196,7 +193,7 @@ class IJBProtocol(Protocol):
         self.fars, self.fpirs, self.ranks = tuple(fars), tuple(fpirs), tuple(ranks)
         self.name = self.target.lower()
         self.release: IJBRelease | None = None
-        self.headline = f"{self.name}/{_far_name(1e-4 if 1e-4 in self.fars else self.fars[0])}"
+        self.headline = f"{self.name}/{far_name(1e-4 if 1e-4 in self.fars else self.fars[0])}"
 
     def bind(self, facts: DataFacts) -> None:
         if self.root is None:
@@ -208,7 +205,7 @@ class IJBProtocol(Protocol):
         return {self.name: self.release} if self.release is not None else {}
 
     def metric_names(self) -> list[str]:
-        names = [_far_name(f) for f in self.fars]
+        names = [far_name(f) for f in self.fars]
         searched = self.identification is not False if self.release is None else self.release.gallery is not None
         if searched:
             names += [f"rank{k}" for k in self.ranks] + [f"tpir@fpir={f:g}" for f in self.fpirs]
@@ -223,7 +220,7 @@ class IJBProtocol(Protocol):
         scores = pair_scores(features, ids, release.pairs)
         far, tar = roc(scores, release.genuine)
         tars = {f: tar_at_far(far, tar, f) for f in self.fars}
-        metrics = {f"{self.name}/{_far_name(f)}": v for f, v in tars.items()}
+        metrics = {f"{self.name}/{far_name(f)}": v for f, v in tars.items()}
         if release.gallery is not None:
             found = identification(features, ids, release.gallery.templates, release.gallery.subjects,
                                    release.probes.templates, release.probes.subjects, self.fpirs, self.ranks,
@@ -239,7 +236,7 @@ class IJBProtocol(Protocol):
 
     def summary(self, metrics: dict[str, float]) -> list[str]:
         rows = [f"{self.target} 1:1 TAR (%) at FAR  " + "  ".join(
-            f"{f:g}: {100 * metrics[f'{self.name}/{_far_name(f)}']:.2f}" for f in self.fars)]
+            f"{f:g}: {100 * metrics[f'{self.name}/{far_name(f)}']:.2f}" for f in self.fars)]
         if f"{self.name}/rank1" in metrics:
             rows.append(f"{self.target} 1:N  " + "  ".join(
                 [f"rank-{k}: {100 * metrics[f'{self.name}/rank{k}']:.2f}" for k in self.ranks]

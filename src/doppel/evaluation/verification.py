@@ -80,7 +80,7 @@ def roc_curve(scores: torch.Tensor, issame: torch.Tensor) -> tuple[torch.Tensor,
     return torch.cat([zero, far]), torch.cat([zero, tar])
 
 
-def _far_name(far: float) -> str:
+def far_name(far: float) -> str:
     return f"tar@far={far:g}"
 
 
@@ -146,7 +146,7 @@ class VerificationProtocol(Protocol):
     def metric_names(self) -> list[str]:
         names = list(self.pairs) if self.pairs else [verification_name(Path(p)) for p in self.given or []]
         return [f"{name}/{metric}" for name in names
-                for metric in ("accuracy", "accuracy_std", "threshold", *(_far_name(f) for f in self.fars))]
+                for metric in ("accuracy", "accuracy_std", "threshold", *(far_name(f) for f in self.fars))]
 
     def evaluate(self, inputs: Inputs) -> Result:
         metrics: dict[str, float] = {}
@@ -156,7 +156,7 @@ class VerificationProtocol(Protocol):
             results = verification_accuracy(unit, pairs.issame, self.folds)
             scores = (unit[0::2].double() * unit[1::2].double()).sum(1)  # cosine = 1 - squared distance / 2
             tars = {far: tar_at_far(scores, pairs.issame, far) for far in self.fars}
-            results.update({_far_name(far): tar for far, tar in tars.items()})
+            results.update({far_name(far): tar for far, tar in tars.items()})
             rocs[name] = (*roc_curve(scores, pairs.issame), tars)
             metrics.update({f"{name}/{k}": v for k, v in results.items()})
         return Result(metrics, rocs)
@@ -169,7 +169,7 @@ class VerificationProtocol(Protocol):
     def summary(self, metrics: dict[str, float]) -> list[str]:
         rows = []
         for name in self.pairs:
-            tars = ", ".join(f"TAR@FAR={far:g} {100 * metrics[f'{name}/{_far_name(far)}']:.2f}%" for far in self.fars)
+            tars = ", ".join(f"TAR@FAR={far:g} {100 * metrics[f'{name}/{far_name(far)}']:.2f}%" for far in self.fars)
             rows.append(f"{name}: {self.folds}-fold accuracy {100 * metrics[f'{name}/accuracy']:.2f}% +- "
                         f"{100 * metrics[f'{name}/accuracy_std']:.2f}% (threshold {metrics[f'{name}/threshold']:.2f}); "
                         f"{tars}")

@@ -83,10 +83,6 @@ class IJBRelease:
     def images(self) -> AlignedFaces:  # what the datamodule embeds
         return self.faces
 
-    @property
-    def source(self) -> str:
-        return str(self.folder)
-
 
 def target_folder(root: str | Path, target: str) -> Path:
     """``root/<target>`` (the release folder), or ``root`` itself when it holds ``meta/`` (the target's folder)."""
