@@ -3,7 +3,7 @@
 A copy of the page gets one script at its end that writes, into the document's title, how many images the
 browser decoded (with their natural widths) and how many rows each table has; ``--dump-dom`` prints the
 rendered document, which is parsed here. The report itself has no script. With ``--screenshot`` the page
-is also rendered to a PNG (the one in docs/ is made this way).
+is also rendered to a PNG (the one in docs/ is made this way), as tall as the page the browser laid out.
 
     python scripts/check_report_in_browser.py outputs/runs/<time>/report.html --screenshot docs/report.png
 """
@@ -23,7 +23,8 @@ from pathlib import Path
 PROBE = """<script>
 const images = [...document.images].map(i => [i.alt, i.complete ? i.naturalWidth : 0, i.naturalHeight]);
 const tables = Object.fromEntries([...document.querySelectorAll("table")].map(t => [t.id, t.rows.length]));
-document.title = "PROBE" + JSON.stringify({images, tables});
+const height = document.documentElement.scrollHeight;
+document.title = "PROBE" + JSON.stringify({images, tables, height});
 </script>"""
 
 
@@ -38,7 +39,8 @@ def _run(binary: str, args: list[str]) -> subprocess.CompletedProcess:
 
 
 def rendered(report: Path, binary: str) -> dict:
-    """What Chromium made of ``report``: {"images": [[alt, width, height], ...], "tables": {id: rows}}."""
+    """What Chromium made of ``report``: {"images": [[alt, width, height], ...], "tables": {id: rows},
+    "height": the laid-out page's height in pixels}."""
     with tempfile.TemporaryDirectory() as folder:
         probe = Path(folder) / "probe.html"
         probe.write_text(report.read_text(encoding="utf-8").replace("</body>", PROBE + "</body>"), encoding="utf-8")
@@ -61,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("report", type=Path)
     parser.add_argument("--screenshot", type=Path, default=None)
-    parser.add_argument("--height", type=int, default=2000, help="of the screenshot, in pixels")
+    parser.add_argument("--height", type=int, default=None,
+                        help="of the screenshot, in pixels (default: the whole page's, as laid out)")
     args = parser.parse_args(argv)
     binary = browser()
     if binary is None:
@@ -71,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     broken = [alt for alt, width, _ in seen["images"] if width == 0]
     print(f"{len(seen['images'])} images ({len(broken)} not decoded), tables: {seen['tables']}")
     if args.screenshot:
-        print(screenshot(args.report, args.screenshot, binary, height=args.height))
+        print(screenshot(args.report, args.screenshot, binary, height=args.height or seen["height"]))
     return 1 if broken or not seen["images"] else 0
 
 

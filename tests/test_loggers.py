@@ -66,6 +66,12 @@ def test_tensorboard_gets_the_scalars_pictures_histograms_and_tables_wandb_gets(
                       ("eval/precision_coverage", "precision_coverage.png")):
         with Image.open(tmp_path / path) as written:
             assert picture(tag) == written.convert("RGB").tobytes(), tag
+    from doppel.run_logs import read_csv_log, read_tensorboard_log
+
+    read_back = {(r["step"], k): v for r in read_tensorboard_log(tmp_path) for k, v in r.items() if k != "step"}
+    written = {(r["step"], k): v for r in read_csv_log(tmp_path) for k, v in r.items() if k != "step"}
+    assert read_back.keys() == written.keys() and len(written) > 20  # the report's curves without a CSV
+    assert [read_back[k] for k in written] == pytest.approx(list(written.values()), rel=1e-6)
     (histogram,) = events.Histograms("embedding/norm_histogram")
     written = json.loads((tmp_path / "diagnostics" / "norms.json").read_text())[-1]
     assert histogram.histogram_value.bucket == written["counts"]

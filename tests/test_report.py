@@ -13,7 +13,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from doppel.report import build_report, curve_figure, main, read_log
+from doppel.report import build_report, curve_figure, main, read_log, run_colours
 
 
 class _Page(HTMLParser):
@@ -118,3 +118,62 @@ def test_a_multirun_folder_stands_for_its_jobs_in_job_order(tmp_path):
     page = _Page()
     page.feed(build_report([sweep]))
     assert page.tables["metrics"][0] == ["metric", "0", "2", "10"]
+
+
+def _hydra_record(run: Path, job: str, choices: dict, overrides: list[str]) -> None:
+    """``.hydra/hydra.yaml`` and ``overrides.yaml`` as Hydra writes them (the keys the report reads)."""
+    (run / ".hydra").mkdir(parents=True)
+    listed = {"experiment": None, "hydra/launcher": "basic", "paths": "default", **choices}
+    hydra = {"hydra": {"run": {"dir": str(run)}, "job": {"name": job, "override_dirname": ""},
+                       "runtime": {"choices": dict(reversed(listed.items()))}}}  # Hydra's order: last group first
+    (run / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump(hydra, sort_keys=False))
+    (run / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
+
+
+def test_the_first_screen_says_what_ran_not_the_classes_it_built(tmp_path):
+    run = _run(tmp_path / "run", lr=0.05, top1=0.5, losses=[1.0])
+    _hydra_record(run, "train", {"data": "emoji", "loss": "l2s_mb", "sampler": "auto"},
+                  ["data=emoji", "optim.lr=0.05", "data.max_groups=400"])
+    (run / "environment.json").write_text(json.dumps({"torch": "2.14.1", "threads": 1, "cpu": "AMD EPYC",
+                                                      "cores": 2, "gpu": None, "python": "3.11.7"}))
+    text = build_report([run])
+    page = _Page()
+    page.feed(text)
+    assert page.tables["ran"] == [
+        ["setting", "value"], ["command", "python train.py data=emoji optim.lr=0.05 data.max_groups=400"],
+        ["data", "emoji"], ["loss", "l2s_mb"], ["sampler", "auto"], ["seed", "0"], ["torch", "2.14.1"],
+        ["threads", "1"], ["machine", "AMD EPYC (2 cores)"]]
+    assert text.index("id='ran'") < text.index("id='metrics'")  # before the metrics: the first screen
+    assert "_target_" not in text and "torch.optim.SGD" not in text
+
+
+def test_several_runs_show_their_commands_and_the_choices_that_differ(tmp_path):
+    runs = []
+    for job, sampler in enumerate(("random", "doppel")):
+        run = _run(tmp_path / "sweep" / str(job), lr=0.01, top1=0.5, losses=[1.0])
+        _hydra_record(run, "train", {"data": "cjk", "sampler": sampler}, [f"sampler={sampler}", "seed=0"])
+        runs.append(run)
+    page = _Page()
+    text = build_report(runs)
+    page.feed(text)
+    assert page.tables["ran"] == [["setting", "0", "1"],
+                                  ["command", "python train.py sampler=random seed=0",
+                                   "python train.py sampler=doppel seed=0"],
+                                  ["sampler", "random", "doppel"]]
+    assert "Every run: data: cjk; seed: 0." in text
+
+
+def test_a_run_has_one_colour_on_every_panel_even_where_another_logged_nothing(tmp_path):
+    a = _run(tmp_path / "a", lr=0.01, top1=0.5, losses=[4.0, 3.0])
+    b = _run(tmp_path / "b", lr=0.1, top1=0.6, losses=[5.0, 1.0])
+    logs = {"a": [r for r in read_log(a) if "embedding/norm_mean" not in r], "b": read_log(b)}
+    colours = run_colours(["a", "b"])
+    figure = curve_figure("both", ["train/loss", "embedding/norm_mean"], "step", logs, colours)
+    loss_panel, norm_panel = figure.axes[:2]
+    assert [line.get_color() for line in loss_panel.lines] == [colours["a"], colours["b"]]
+    assert [line.get_color() for line in norm_panel.lines] == [colours["b"]]  # b's colour, though a is absent
+    assert colours["a"] != colours["b"]
+    (legend,) = figure.legends  # one legend for the figure, naming every run drawn
+    assert [t.get_text() for t in legend.get_texts()] == ["a", "b"]
+    many = run_colours([str(i) for i in range(25)])
+    assert len({str(c) for c in many.values()}) == 25

@@ -24,6 +24,7 @@ from hydra.utils import get_class, get_object, instantiate
 from omegaconf import DictConfig, OmegaConf
 
 import doppel.trainer_node  # noqa: F401  (registers the open trainer node before any compose)
+from doppel.environment import thread_count
 from doppel.evaluation.evaluator import Evaluator
 from doppel.losses.loss_set import LossSet
 from doppel.models.factory import check_backbone
@@ -46,25 +47,29 @@ RUNTIME = {
 LOSS_KEYS = ("terms", "views")
 # Keys of the optim node that Doppel reads itself (the rest go to the optimizer class).
 OPTIM_KEYS = ("decay_1d_params",)
-# Metrics train() adds to the protocol's test metrics.
-SUMMARY_METRICS = ("train/epochs", "doppel/table_filled")
 # Callbacks that write to a logger and fail without one.
 NEEDS_A_LOGGER = ("pytorch_lightning.callbacks.LearningRateMonitor", "pytorch_lightning.callbacks.DeviceStatsMonitor")
 
 
-def objectives(evaluator: Evaluator) -> list[str]:
-    """Every metric name ``train()`` returns for the bound protocols, any of which ``objective`` may name."""
-    return [f"test/{name}" for name in evaluator.metric_names()] + list(SUMMARY_METRICS)
+def summary_metrics(mine: bool) -> tuple[str, ...]:
+    """The metrics ``train()`` adds to the protocols': the epochs, and the table's fill where it mines."""
+    return ("train/epochs", "doppel/table_filled") if mine else ("train/epochs",)
 
 
-def resolve_objective(objective: str, evaluator: Evaluator) -> str:
+def objectives(evaluator: Evaluator, extra: tuple[str, ...] = ()) -> list[str]:
+    """Every metric name returned for the bound protocols (and ``extra``), any of which ``objective`` may
+    name."""
+    return [f"test/{name}" for name in evaluator.metric_names()] + list(extra)
+
+
+def resolve_objective(objective: str, evaluator: Evaluator, extra: tuple[str, ...] = ()) -> str:
     """``objective`` checked against the metrics the run will compute (``auto``: the first protocol's
     headline), once the protocols have seen the data."""
     if objective == "auto":
         return f"test/{evaluator.headline()}"
-    if objective not in objectives(evaluator):
+    if objective not in objectives(evaluator, extra):
         raise ValueError(f"objective={objective} is not a metric of this run; choose one of: "
-                         f"{', '.join(objectives(evaluator))} (or auto).")
+                         f"{', '.join(objectives(evaluator, extra))} (or auto).")
     return objective
 
 
@@ -73,12 +78,13 @@ def build_evaluator(cfg: DictConfig) -> Evaluator:
     return Evaluator({str(name): build(spec) for name, spec in (cfg.get("eval") or {}).items()})
 
 
-def bind_evaluator(cfg: DictConfig, datamodule: Any, evaluator: Evaluator | None = None) -> tuple[Evaluator, str]:
+def bind_evaluator(cfg: DictConfig, datamodule: Any, evaluator: Evaluator | None = None,
+                   extra: tuple[str, ...] = ()) -> tuple[Evaluator, str]:
     """The protocols (``evaluator``, or built from ``cfg.eval``) bound to the data (each checks it and picks
-    its evaluation sets) and the objective, checked against their metric names."""
+    its evaluation sets) and the objective, checked against their metric names and ``extra``."""
     evaluator = evaluator or build_evaluator(cfg)
     evaluator.bind(datamodule)
-    return evaluator, resolve_objective(cfg.objective, evaluator)
+    return evaluator, resolve_objective(cfg.objective, evaluator, extra)
 
 
 @dataclass
@@ -90,6 +96,7 @@ class Prepared:
     optimizer: Any  # parameter groups -> optimizer
     decay_1d_params: bool
     scheduler: Any | None  # optimizer -> scheduler (see module.make_scheduler), or None
+    mine: bool  # the run fills the doppelganger table (doppel.mine, resolved)
 
 
 def check_config(cfg: DictConfig) -> Prepared:
@@ -254,6 +261,7 @@ def _check_values(cfg: DictConfig) -> Prepared:
         raise ValueError(f"checkpoint.class_shards={cfg.checkpoint.class_shards} must be true (each process writes "
                          "its classifier rows) or false (gathered into process 0's file).")
     check_devices(cfg.trainer.get("accelerator", "auto"), cfg.trainer.get("devices", "auto"))
+    thread_count(cfg.speed.get("threads", "auto"), cfg.trainer)
     max_epochs, max_steps = cfg.trainer.get("max_epochs"), cfg.trainer.get("max_steps", -1)
     if not (isinstance(max_epochs, int) and max_epochs >= 1) and not (isinstance(max_steps, int) and max_steps >= 1):
         raise ValueError(f"trainer.max_epochs={max_epochs} must be a positive integer (or set trainer.max_steps).")
@@ -268,7 +276,7 @@ def _check_values(cfg: DictConfig) -> Prepared:
             if inspect.isclass(target) and any(issubclass(target, get_class(t)) for t in NEEDS_A_LOGGER):
                 raise ValueError(f"callbacks.{name} ({spec._target_}) writes to a logger and logger=none has none: "
                                  f"choose a logger (logger=csv) or remove it (~callbacks.{name}).")
-    return Prepared(augment, build_evaluator(cfg), factory, decay_1d_params, scheduler)
+    return Prepared(augment, build_evaluator(cfg), factory, decay_1d_params, scheduler, mine)
 
 
 def check_devices(accelerator: Any, devices: Any) -> None:

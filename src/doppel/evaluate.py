@@ -23,6 +23,7 @@ from pytorch_lightning.utilities import rank_zero_info
 
 from doppel.checkpoint import STAMP, check_finite, check_state_dict, read_checkpoint, read_class_rows
 from doppel.config import bind_evaluator, build, check_devices
+from doppel.environment import KeepThreads, save_environment, use_threads
 from doppel.losses.loss_set import LossSet
 from doppel.models.ensemble import EnsembleNet
 from doppel.module import DoppelModule
@@ -40,6 +41,7 @@ def evaluate(cfg: DictConfig, overrides: list[str] | None = None) -> RunMetrics:
     model with ``backbone.pretrained_path``); ``overrides`` are the command line's, which win over the
     checkpoint's settings."""
     check_devices(cfg.trainer.get("accelerator", "auto"), cfg.trainer.get("devices", "auto"))
+    threads = use_threads(cfg)
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     paths = [] if cfg.ckpt_path is None else [str(p) for p in cfg.ckpt_path] if OmegaConf.is_list(cfg.ckpt_path) \
@@ -77,9 +79,11 @@ def evaluate(cfg: DictConfig, overrides: list[str] | None = None) -> RunMetrics:
     if cfg.speed.channels_last:
         backbone.to_channels_last()
     save_config(cfg, output_dir)
+    save_environment(output_dir, threads)
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
     trainer = pl.Trainer(accelerator=cfg.trainer.accelerator, devices=cfg.trainer.devices,
                          strategy=cfg.trainer.strategy, precision=cfg.trainer.precision, logger=loggers or False,
+                         callbacks=[KeepThreads(threads)],
                          enable_progress_bar=cfg.trainer.get("enable_progress_bar", True),
                          enable_model_summary=False, use_distributed_sampler=False,
                          default_root_dir=str(output_dir))
@@ -116,6 +120,7 @@ def one_network(cfg: DictConfig, overrides: list[str], script: str) -> tuple[Dic
     eval.py applies them; the data module, set up; ``network()``, which builds the backbone (in eval mode) with
     the checkpoint's weights, or as configured without ``ckpt_path``; the checkpoint's resolved path."""
     check_devices(cfg.trainer.get("accelerator", "auto"), cfg.trainer.get("devices", "auto"))
+    use_threads(cfg)
     checkpoint, path = None, None
     if cfg.ckpt_path is not None:
         if OmegaConf.is_list(cfg.ckpt_path):

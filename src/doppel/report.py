@@ -1,13 +1,14 @@
 """``python -m doppel.report RUN_DIR [RUN_DIR ...]``: one self-contained HTML page (images inlined, no script,
-no network) of one or several runs: their final metrics, what their configs change, the logged curves, the
-protocols' figures and the diagnostics pictures. A run writes its own ``report.html`` when it finishes.
+no network) of one or several runs: what ran (the command, the config groups chosen, torch, threads and
+machine), their final metrics, what their configs change, the logged curves (one colour per run on every
+panel), the protocols' figures and the diagnostics pictures. A run writes its own ``report.html`` when it
+finishes.
 """
 
 from __future__ import annotations
 
 import argparse
 import base64
-import csv
 import html
 import io
 import json
@@ -23,6 +24,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 from omegaconf import OmegaConf  # noqa: E402
 
+from doppel.run_logs import read_log  # noqa: E402
+
 # Curves drawn when a run logged them: (title, metric keys, x axis).
 CURVES = [
     ("training loss", ["train/loss"], "step"),
@@ -34,15 +37,6 @@ CURVES = [
 ]
 FIGURES = ["precision_coverage", "classifier_precision_coverage", "roc", "recall_at_k"]  # the protocols' own
 DIAGNOSTICS = ["gallery", "hubs", "norms", "projection"]
-
-
-def read_log(run: Path) -> list[dict[str, float]]:
-    """``csv/metrics.csv`` as rows of the values each holds (empty cells dropped)."""
-    path = run / "csv" / "metrics.csv"
-    if not path.is_file():
-        return []
-    with open(path, newline="") as f:
-        return [{k: float(v) for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(f)]
 
 
 def series(rows: list[dict[str, float]], key: str, x: str = "step") -> tuple[list[float], list[float]]:
@@ -76,6 +70,32 @@ def config_differences(configs: list[dict[str, Any]], runs: list[Path] | None = 
             if not k.startswith(ignored) and len({json.dumps(f.get(k), sort_keys=True, default=str) for f in flat}) > 1}
 
 
+def what_ran(run: Path, config: dict[str, Any]) -> dict[str, str]:
+    """What a reader asks first: the command (Hydra's record of the run's overrides), each config group's
+    choice, the seed and the epochs, and what else decides the numbers (torch, threads, machine)."""
+    ran: dict[str, str] = {}
+    hydra_file, overrides_file = run / ".hydra" / "hydra.yaml", run / ".hydra" / "overrides.yaml"
+    if hydra_file.is_file():
+        hydra_cfg = OmegaConf.load(hydra_file).hydra
+        overrides = OmegaConf.to_container(OmegaConf.load(overrides_file)) if overrides_file.is_file() else []
+        ran["command"] = " ".join([f"python {hydra_cfg.job.name}.py", *overrides])
+        # Hydra lists the choices last group first; paths (where runs live) is not a setting
+        for group, choice in reversed(OmegaConf.to_container(hydra_cfg.runtime.choices).items()):
+            if not group.startswith("hydra") and group != "paths" and choice is not None:
+                ran[group] = str(choice)
+    else:  # a run made without Hydra's command line (train(cfg) from Python): the classes it built
+        ran.update({k: str(v).rsplit(".", 1)[-1] for k, v in flatten(config).items() if k.endswith("_target_")})
+    flat = flatten(config)
+    ran.update({k: str(flat[k]) for k in ("seed", "trainer.max_epochs", "trainer.max_steps") if k in flat})
+    if (run / "environment.json").is_file():
+        environment = json.loads((run / "environment.json").read_text())
+        ran["torch"] = str(environment.get("torch"))
+        ran["threads"] = str(environment.get("threads"))
+        ran["machine"] = ", ".join(str(environment[k]) for k in ("gpu", "cpu") if environment.get(k)) + \
+            f" ({environment.get('cores')} cores)"
+    return ran
+
+
 def _png(figure: Any) -> bytes:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=90)
@@ -83,22 +103,38 @@ def _png(figure: Any) -> bytes:
     return buffer.getvalue()
 
 
-def curve_figure(title: str, keys: list[str], x: str, logs: dict[str, list[dict[str, float]]]) -> Any | None:
-    """One panel per key with a line per run; None when no run logged any of them."""
+def run_colours(names: list[str]) -> dict[str, Any]:
+    """One colour per run, the same on every panel of the page."""
+    if len(names) <= 10:
+        return {name: f"C{i}" for i, name in enumerate(names)}
+    palette = plt.get_cmap("tab20") if len(names) <= 20 else plt.get_cmap("turbo")
+    return {name: palette(i if len(names) <= 20 else i / (len(names) - 1)) for i, name in enumerate(names)}
+
+
+def curve_figure(title: str, keys: list[str], x: str, logs: dict[str, list[dict[str, float]]],
+                 colours: dict[str, Any] | None = None) -> Any | None:
+    """One panel per key with a line per run, each run in its colour of ``colours``, and one legend for the
+    figure; None when no run logged any of them."""
     drawn = [k for k in keys if any(series(rows, k, x)[0] for rows in logs.values())]
     if not drawn:
         return None
-    figure, axes = plt.subplots(1, len(drawn), figsize=(3.6 * len(drawn), 2.8), squeeze=False)
+    colours = colours or run_colours(list(logs))
+    legend = 1.6 if len(logs) > 1 else 0.0  # inches right of the panels for the runs' names
+    figure, axes = plt.subplots(1, len(drawn), figsize=(3.6 * len(drawn) + legend, 2.8), squeeze=False)
+    handles = {}
     for panel, key in zip(axes[0], drawn):
         for name, rows in logs.items():
             xs, ys = series(rows, key, x)
             if xs:
-                panel.plot(xs, ys, marker="o" if len(xs) < 30 else None, markersize=3, label=name)
+                line, = panel.plot(xs, ys, marker="o" if len(xs) < 30 else None, markersize=3, label=name,
+                                   color=colours[name])
+                handles.setdefault(name, line)
         panel.set(title=key, xlabel=x)
         panel.tick_params(labelsize=7)
-    axes[0][0].legend(fontsize=6)
     figure.suptitle(title, fontsize=9)
-    figure.tight_layout()
+    figure.tight_layout(rect=(0, 0, 1 - 0.95 * legend / figure.get_figwidth(), 1))
+    if legend:
+        figure.legend(list(handles.values()), list(handles), loc="center right", fontsize=6, frameon=False)
     return figure
 
 
@@ -165,6 +201,20 @@ def build_report(runs: list[Path], names: list[str] | None = None) -> str:
     parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>Doppel report</title><style>{STYLE}</style>"
              "</head><body>", f"<h1>Doppel report: {len(runs)} run{'s' if len(runs) > 1 else ''}</h1>"]
 
+    ran = [what_ran(run, config) for run, config in zip(runs, configs)]
+    if len(runs) == 1:
+        if ran[0]:
+            parts.append("<h2>What ran</h2>" + _table("ran", ["setting", "value"], [[k, v] for k, v in ran[0].items()]))
+    else:
+        keys = list(dict.fromkeys(k for r in ran for k in r))
+        differing = [k for k in keys if k == "command" or len({r.get(k) for r in ran}) > 1]
+        shared = [f"{k}: {ran[0][k]}" for k in keys if k not in differing]
+        if differing:
+            parts.append("<h2>What ran</h2>" + _table("ran", ["setting", *names],
+                                                        [[k, *(r.get(k, "—") for r in ran)] for k in differing]))
+        if shared:
+            parts.append(f"<p>Every run: {html.escape('; '.join(shared))}.</p>")
+
     keys = sorted(set().union(*metrics))
     parts.append("<h2>Final metrics</h2>")
     if keys:
@@ -178,20 +228,20 @@ def build_report(runs: list[Path], names: list[str] | None = None) -> str:
         parts.append("<h2>Config differences</h2>")
         parts.append(_table("config-diff", ["key", *names], [[k, *map(str, v)] for k, v in differences.items()])
                      if differences else "<p>The configs are identical.</p>")
-    elif configs[0]:
-        chosen = [[k, str(v)] for k, v in flatten(configs[0]).items()
-                  if k.endswith("_target_") or k in ("seed", "trainer.max_epochs")]
-        parts.append("<h2>Config</h2>" + _table("config", ["key", "value"], chosen))
 
     parts.append("<h2>Curves</h2>")
+    colours = run_colours(names)
     for title, curve_keys, x in CURVES:
-        figure = curve_figure(title, curve_keys, x, logs)
+        figure = curve_figure(title, curve_keys, x, logs, colours)
         if figure is not None:
             parts.append(_image(_png(figure), title))
     validation = sorted({k for rows in logs.values() for row in rows for k in row if k.startswith("val/")})
     if validation:
-        figure = curve_figure("validation", validation[:4], "epoch", logs)
+        figure = curve_figure("validation", validation[:4], "epoch", logs, colours)
         parts.append(_image(_png(figure), "validation"))
+    if not any(logs.values()):
+        parts.append("<p>No run left a log this page can read (csv/metrics.csv, wandb/*/run-*.wandb or "
+                     "tensorboard/ event files).</p>")
 
     for name, run in zip(names, runs):
         pictures = [_image((run / f"{stem}.png").read_bytes(), stem) for stem in FIGURES

@@ -28,7 +28,8 @@ from doppel.checkpoint import (
     read_class_rows,
     resolve_ckpt_path,
 )
-from doppel.config import CONFIG_DIR, Prepared, bind_evaluator, build, check_config, resolve_mining
+from doppel.config import CONFIG_DIR, Prepared, bind_evaluator, build, check_config, resolve_mining, summary_metrics
+from doppel.environment import KeepThreads, save_environment, use_threads
 from doppel.loggers import multirun_folder  # noqa: F401  (registers ${doppel_multirun:} for the configs)
 from doppel.losses.loss_set import LossSet
 from doppel.models.layers import lsuv_init_
@@ -54,6 +55,7 @@ def train(cfg: DictConfig) -> RunMetrics:
 
 def _train(cfg: DictConfig, prepared: Prepared) -> RunMetrics:
     output_dir = Path(cfg.paths.output_dir)
+    threads = use_threads(cfg)
     datamodule = build(cfg.data)  # checks its settings; loads nothing until setup()
     ckpt_path = resolve_ckpt_path(cfg.ckpt_path, output_dir)
     config = OmegaConf.to_container(cfg, resolve=True)
@@ -72,7 +74,7 @@ def _train(cfg: DictConfig, prepared: Prepared) -> RunMetrics:
     pl.seed_everything(cfg.seed, workers=True)
     datamodule.setup()
     num_classes = datamodule.num_classes
-    evaluator, objective = bind_evaluator(cfg, datamodule, prepared.evaluator)
+    evaluator, objective = bind_evaluator(cfg, datamodule, prepared.evaluator, summary_metrics(prepared.mine))
 
     backbone = build(cfg.backbone, image_size=datamodule.image_shape()[-1])
     loss_set = LossSet(cfg.loss.terms, embedding_dim=backbone.embedding_dim, num_classes=num_classes,
@@ -114,6 +116,7 @@ def _train(cfg: DictConfig, prepared: Prepared) -> RunMetrics:
                                             datamodule.base_lookalikes))
     # Before LastCheckpoint: a checkpoint written at a step's end holds that step's counts.
     callbacks.append(ExposureMonitor(num_classes))
+    callbacks.append(KeepThreads(threads))
     callbacks += [ExactResume(config, num_classes),
                   LastCheckpoint(checkpoint_dir(output_dir), cfg.checkpoint.every_n_steps,
                                  cfg.checkpoint.class_shards)]
@@ -123,6 +126,7 @@ def _train(cfg: DictConfig, prepared: Prepared) -> RunMetrics:
             if hasattr(logger, "resume_before"):
                 logger.resume_before(checkpoint["global_step"])
     save_config(cfg, output_dir)
+    save_environment(output_dir, threads)
 
     if rank_zero_only.rank == 0:  # weights, optimizer state (momentum or Adam's two) and the rest, roughly
         check_writable(checkpoint_dir(output_dir), 3 * sum(p.numel() * p.element_size() for p in module.parameters())
@@ -141,7 +145,8 @@ def _train(cfg: DictConfig, prepared: Prepared) -> RunMetrics:
             trainer.test(module, datamodule=datamodule, verbose=False)
             metrics = {k: float(v) for k, v in module.final_metrics.items() if k.startswith("test/")}
         metrics["train/epochs"] = float(trainer.current_epoch)
-        metrics["doppel/table_filled"] = table.filled_fraction()
+        if mine:
+            metrics["doppel/table_filled"] = table.filled_fraction()
         report(metrics, evaluator, output_dir, loggers, html=cfg.report)
     finally:
         finish_wandb(loggers)

@@ -71,6 +71,28 @@ def test_pca_coordinates_are_numpys_principal_components():
         np.testing.assert_allclose(coordinates[:, k], sign * expected[:, k], atol=1e-9)
 
 
+def test_the_hubs_chart_shows_each_hubs_own_image_beside_its_bar(tmp_path):
+    """Each hub's image (a colour of its own here) sits in its bar's row, top to bottom in the chart's order."""
+    colours = [(230, 20, 20), (20, 200, 20), (20, 20, 230), (200, 200, 20)]
+    images = [torch.tensor(c, dtype=torch.uint8)[:, None, None].expand(3, 16, 16) for c in colours]
+    counts = [9, 6, 4, 1]
+    figure = figures.hubs_figure([f"U+{0x4E00 + i:04X}" for i in range(4)], counts, 50, images)
+    figure.savefig(tmp_path / "hubs.png", dpi=100)
+    from PIL import Image
+
+    picture = np.asarray(Image.open(tmp_path / "hubs.png").convert("RGB")).astype(int)
+    rows = []
+    for colour in colours:
+        where = np.flatnonzero((np.abs(picture - np.array(colour)).sum(-1) < 30).any(1))
+        assert len(where) > 10, f"the picture of colour {colour} is not drawn"
+        rows.append(where.mean())
+    bar = np.flatnonzero((np.abs(picture - np.array([31, 119, 180])).sum(-1) < 30).sum(1) > 5)  # matplotlib's C0
+    segments = np.split(bar, np.flatnonzero(np.diff(bar) > 1) + 1)
+    bar_centres = [segment.mean() for segment in segments]
+    assert len(bar_centres) == 4
+    np.testing.assert_allclose(rows, bar_centres, atol=2)  # the first hub (largest count) on top, each in its row
+
+
 class _Backbone(nn.Module):
     """Images to a fixed random 8-d embedding (enough to give every class a different score)."""
 

@@ -35,7 +35,7 @@ def test_every_loss_config_trains(tmp_path, loss):
     cfg, metrics, log = run(tmp_path, [f"loss={loss}"])
     # Prototype losses mine doppelgangers and use the doppel sampler; exemplar-only ones fall back to random.
     prototype = any(".prototype." in term._target_ for term in cfg.loss.terms.values())
-    assert (metrics["doppel/table_filled"] > 0) == prototype, loss
+    assert metrics.get("doppel/table_filled", 0) > 0 if prototype else "doppel/table_filled" not in metrics, loss
     assert ("doppel/from_table" in log) == prototype
 
 

@@ -6,7 +6,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from doppel.config import SUMMARY_METRICS
 from doppel.evaluation.prototype import PrototypeProtocol
 from doppel.train import train
 from tests.conftest import TINY, compose_cfg, write_emoji_npz
@@ -24,7 +23,8 @@ def test_default_run_trains_mines_and_evaluates(tmp_path):
     assert resolve_mining(cfg, has_prototype=True)[1]._target_.endswith(".DoppelgangerBatchSampler")
     metrics = train(cfg)
     assert_metrics_are_the_reference(tmp_path, cfg, metrics)
-    expected = [f"test/{name}" for name in PrototypeProtocol().metric_names()] + list(SUMMARY_METRICS)
+    expected = [f"test/{name}" for name in PrototypeProtocol().metric_names()] + ["train/epochs",
+                                                                                  "doppel/table_filled"]
     assert sorted(metrics) == sorted(expected) and metrics.objective == "test/novel/coverage@0.99"
     assert (tmp_path / "precision_coverage.png").stat().st_size > 0
     assert metrics["doppel/table_filled"] > 0.3  # 12 steps of ~8 classes over ~90 classes
@@ -118,6 +118,22 @@ def test_cli_multirun_runs_two_jobs_each_its_own_wandb_run(tmp_path):
         gallery = json.loads((job / "diagnostics" / "gallery_e000.json").read_text())
         assert [[row[1], row[3], row[6]] for row in logged_table["data"]] == [
             [r["name"], d["name"], pytest.approx(d["score"])] for r in gallery for d in r["doppelgangers"]]
+    # the report, with no CSV log, draws the curves from the W&B records; its first table says what ran
+    from doppel.report import build_report
+    from doppel.run_logs import read_log
+    from tests.test_report import _Page
+
+    for job in jobs:
+        assert not (job / "csv").exists()
+        logged = [h for h in history(next(job.rglob("offline-run-*"))) if "train/loss" in h]
+        assert [(r["step"], r["train/loss"]) for r in read_log(job) if "train/loss" in r] == [
+            (float(h["trainer/global_step"]), pytest.approx(h["train/loss"])) for h in logged] and logged
+    page = _Page()
+    page.feed(build_report([tmp_path / "sweep"]))
+    assert {"training loss", "learning rate"} <= set(page.images)
+    command = page.tables["ran"][1]
+    assert command[0] == "command" and command[1].startswith("python train.py sampler=random logger=wandb ")
+    assert ["sampler", "random", "doppel"] in page.tables["ran"]
 
 
 def test_any_trainer_argument_is_set_as_trainer_dot_name_and_a_typo_gets_a_suggestion(tmp_path):

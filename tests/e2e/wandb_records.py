@@ -3,40 +3,16 @@ what a run told W&B without a server."""
 
 from __future__ import annotations
 
-import struct
 from pathlib import Path
 
-BLOCK = 32768  # the log's block size; a chunk header never straddles a block
-HEADER = 7  # ":W&B" + magic (2 bytes) + version, and each chunk's crc (4) + length (2) + type (1)
-FULL, FIRST, MIDDLE, LAST = 1, 2, 3, 4
+from doppel.run_logs import wandb_records
 
 
 def records(path: Path) -> list:
     from wandb.proto import wandb_internal_pb2
 
-    data = Path(path).read_bytes()
-    assert data[:4] == b":W&B", f"{path} is not a W&B run file"
-    position, pending, out = HEADER, b"", []
-    while position + HEADER <= len(data):
-        block_end = position + BLOCK - position % BLOCK
-        if block_end - position < HEADER:  # the block's tail is padding
-            position = block_end
-            continue
-        _, length, kind = struct.unpack("<IHB", data[position:position + HEADER])
-        chunk = data[position + HEADER:position + HEADER + length]
-        position += HEADER + length
-        if kind == FULL:
-            out.append(chunk)
-        elif kind == FIRST:
-            pending = chunk
-        elif kind == MIDDLE:
-            pending += chunk
-        elif kind == LAST:
-            out.append(pending + chunk)
-        else:  # zeros: the rest of the block is empty
-            position = block_end
     parsed = []
-    for raw in out:
+    for raw in wandb_records(Path(path)):
         record = wandb_internal_pb2.Record()
         record.ParseFromString(raw)
         parsed.append(record)

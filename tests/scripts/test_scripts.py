@@ -108,6 +108,17 @@ def test_overhead_benchmark_runs_both_samplers_and_mines():
     assert result["filled"] > 0.3  # the doppel steps mined the table
 
 
+def test_thread_benchmark_runs_jobs_side_by_side_each_with_its_threads(monkeypatch):
+    """scripts/bench/threads.py: every measuring process runs the default run's model and class count with
+    the threads asked for, whatever OMP_NUM_THREADS the shell has."""
+    bench = load_script("bench/threads")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    results = bench.measure(threads=2, jobs=2, steps=1, warmup=0)
+    assert [r["threads"] for r in results] == [2, 2]
+    assert [r["classes"] for r in results] == [1266, 1266]  # the CJK set's base characters
+    assert all(r["median_s"] > 0 for r in results)
+
+
 def test_scale_benchmark_holds_one_share_of_the_classifier_per_process_when_sharded(tmp_path):
     """Tiny: 2 processes, 1,001 classes (rows 501 / 500). The full classifier's bytes per process are the
     whole matrix's weights + gradient + momentum; sharded, process 0's share of them."""
@@ -353,7 +364,10 @@ def test_a_report_renders_in_headless_chromium_every_image_and_table(tmp_path):
     assert all(width > 100 for alt, width in widths.items() if alt not in ("precision_coverage", "gallery_e000"))
     assert seen["tables"] == {name: len(rows) for name, rows in page.tables.items()}
     assert check.main([str(report), "--screenshot", str(tmp_path / "shot.png")]) == 0
-    assert (tmp_path / "shot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    from PIL import Image
+
+    with Image.open(tmp_path / "shot.png") as shot:  # the whole page, as tall as the browser laid it out
+        assert shot.size == (1280, seen["height"]) and seen["height"] > 500
     # an image the browser cannot decode is reported
     report.write_text(page_text.replace("base64,iVBOR", "base64,AAAA", 1))
     assert check.main([str(report)]) == 1

@@ -186,8 +186,9 @@ class Diagnostics(pl.Callback):
         gallery_png = _save(figures.gallery_figure(tiles, titles), self.folder / f"gallery_{stem}.png")
         hubs = table.hubs(self.hubs_chart)
         names = trainer.datamodule.class_names
-        hubs_png = _save(figures.hubs_figure([names[c] for c, _ in hubs], [k for _, k in hubs], table.num_classes),
-                         self.folder / f"hubs_{stem}.png")
+        hub_images = list(trainer.datamodule.class_images([c for c, _ in hubs])) if hubs else None
+        hubs_png = _save(figures.hubs_figure([names[c] for c, _ in hubs], [k for _, k in hubs], table.num_classes,
+                                             hub_images), self.folder / f"hubs_{stem}.png")
         media["diagnostics/gallery"] = ("image", gallery_png)
         media["diagnostics/hubs"] = ("image", hubs_png)
         table_rows = [[r["kind"], r["name"], images[r["class"]], d["name"], images[d["class"]],

@@ -98,11 +98,24 @@ def gallery_figure(rows: list[list[tuple[torch.Tensor, str]]], row_titles: list[
     return figure
 
 
-def hubs_figure(names: list[str], counts: list[int], classes: int) -> Figure:
-    figure, axes = plt.subplots(figsize=(6, 0.3 * len(names) + 1))
+def hubs_figure(names: list[str], counts: list[int], classes: int,
+                images: list[torch.Tensor] | None = None) -> Figure:
+    """A bar per hub; with ``images``, each bar starts with the identity's own image (a CJK character's name is
+    only its code point in a font without the glyph)."""
+    row = 0.45 if images else 0.3
+    figure, axes = plt.subplots(figsize=(6, row * len(names) + 1))
     positions = np.arange(len(names))[::-1]
     axes.barh(positions, counts)
     axes.set_yticks(positions, [printable(n, 40) for n in names], fontsize=7)
+    if images:
+        from matplotlib.offsetbox import AnnotationBbox, OffsetImage
+
+        for position, image in zip(positions, images):
+            # zoom in points per image pixel: the picture takes 85% of its row, whatever the image size
+            picture = OffsetImage(as_picture(image), zoom=row * 0.85 * 72 / image.shape[-2], interpolation="nearest")
+            axes.add_artist(AnnotationBbox(picture, (0, position), xycoords=("axes fraction", "data"),
+                                           box_alignment=(0, 0.5), pad=0.05, frameon=False))
+        axes.set_xlim(-max(counts, default=1) * 0.12, None)  # room for the pictures left of the bars
     axes.set(xlabel=f"identities whose doppelganger it is (of {classes})", title="doppelganger hubs")
     figure.tight_layout()
     return figure
