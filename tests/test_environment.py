@@ -28,6 +28,22 @@ def test_auto_leaves_a_core_of_each_processs_share(monkeypatch, no_omp, cores, d
     assert thread_count("auto", trainer)[0] == expected
 
 
+def test_under_slurm_a_task_per_process_has_its_own_cores(monkeypatch, no_omp):
+    """srun --ntasks-per-node=8 --cpus-per-task=10: each process sees its 10 cores, not a machine's."""
+    monkeypatch.setattr(environment, "cores_available", lambda: 10)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    trainer = OmegaConf.create({"accelerator": "gpu", "devices": 8})
+    for name in ("SLURM_PROCID", "SLURM_NTASKS_PER_NODE"):
+        monkeypatch.delenv(name, raising=False)
+    assert thread_count("auto", trainer)[0] == 1  # without SLURM: 10 cores shared by 8 processes
+    monkeypatch.setenv("SLURM_PROCID", "3")
+    monkeypatch.setenv("SLURM_NTASKS_PER_NODE", "8(x2)")
+    assert thread_count("auto", trainer) == (9, "speed.threads=auto: 10 cores of this SLURM task, one core left "
+                                                "to the data loader")
+    monkeypatch.setenv("SLURM_NTASKS_PER_NODE", "1")  # one task that starts the 8 processes itself
+    assert thread_count("auto", trainer)[0] == 1
+
+
 def test_auto_counts_the_gpus_a_gpu_run_starts(monkeypatch, no_omp):
     monkeypatch.setattr(environment, "cores_available", lambda: 32)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)

@@ -59,9 +59,18 @@ def thread_count(setting: Any, trainer: Any) -> tuple[int, str]:
     if shell.isdigit() and int(shell) >= 1:
         return int(shell), "speed.threads=auto: OMP_NUM_THREADS is set"
     cores, processes = cores_available(), processes_per_node(trainer)
-    share = cores // processes
-    return max(1, share - 1), (f"speed.threads=auto: {cores} cores / {processes} process(es), one core left to "
-                               "the data loader")
+    if slurm_task_per_process(processes):  # the task's cores are already this process's own
+        share, why = cores, f"{cores} cores of this SLURM task"
+    else:
+        share, why = cores // processes, f"{cores} cores / {processes} process(es)"
+    return max(1, share - 1), f"speed.threads=auto: {why}, one core left to the data loader"
+
+
+def slurm_task_per_process(processes: int) -> bool:
+    """Whether SLURM started each training process as its own task (srun --ntasks-per-node=devices, as
+    hydra/launcher=slurm does): then the cores this process sees are its share alone."""
+    per_node = os.environ.get("SLURM_NTASKS_PER_NODE", "").split("(")[0]  # "8" or "8(x2)"
+    return "SLURM_PROCID" in os.environ and per_node.isdigit() and int(per_node) == processes
 
 
 def use_threads(cfg: Any) -> int:

@@ -102,7 +102,8 @@ def read_wandb_log(run: Path) -> Rows:
                     row[key] = float(value)
             if "trainer/global_step" in row:  # Lightning's step, as the CSV's "step" column
                 row["step"] = row.pop("trainer/global_step")
-            row.pop("_step", None), row.pop("_runtime", None), row.pop("_timestamp", None)
+            for own in ("_step", "_runtime", "_timestamp"):  # W&B's bookkeeping, not the run's
+                row.pop(own, None)
             if row:
                 fresh.append(row)
         first = next((r["step"] for r in fresh if "step" in r), None)
@@ -113,8 +114,9 @@ def read_wandb_log(run: Path) -> Rows:
 
 
 def read_tensorboard_log(run: Path) -> Rows:
-    """Every scalar of the event files under ``<run>/tensorboard``, a row per (file, step); needs the
-    tensorboard package (the ``tensorboard`` extra), as the logger does."""
+    """Every scalar of the event files under ``<run>/tensorboard``, a row per step (files in name order: a
+    resumed run's later values replace the earlier); needs the tensorboard package (the ``tensorboard``
+    extra), as the logger does."""
     files = sorted((run / "tensorboard").glob("**/events.out.tfevents.*"))
     if not files:
         return []
