@@ -11,7 +11,7 @@ import torch
 from omegaconf import OmegaConf
 
 from doppel import environment
-from doppel.environment import KeepThreads, save_environment, thread_count, use_threads
+from doppel.environment import save_environment, thread_count, use_threads
 
 
 @pytest.fixture
@@ -103,11 +103,16 @@ class _Recorder(pl.LightningModule):
 
 def test_lightnings_ddp_launch_keeps_the_runs_thread_count(tmp_path, monkeypatch):
     """Lightning's launcher sets each process to cores / processes threads (1 here with 2 processes on
-    2 cores, or more on a bigger machine); KeepThreads puts the run's count back in every process."""
+    2 cores, or more on a bigger machine) unless OMP_NUM_THREADS is set: use_threads sets it, so every
+    process runs with the run's count."""
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    before = torch.get_num_threads()
     wanted = environment.cores_available() // 2 + 1  # never Lightning's cores // 2
-    trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", max_steps=1, logger=False,
-                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                         callbacks=[KeepThreads(wanted)])
-    trainer.fit(_Recorder(tmp_path))
+    try:
+        use_threads(OmegaConf.create({"speed": {"threads": wanted}, "trainer": {"devices": 2}}))
+        trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", max_steps=1, logger=False,
+                             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+        trainer.fit(_Recorder(tmp_path))
+    finally:
+        torch.set_num_threads(before)
     assert [(tmp_path / f"rank{r}").read_text() for r in range(2)] == [str(wanted)] * 2

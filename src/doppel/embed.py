@@ -31,7 +31,6 @@ from torch.utils.data import DataLoader, Dataset
 from doppel.config import build_evaluator
 from doppel.data.dataset import CorruptImage, ImageSource
 from doppel.data.transforms import ImageTransform
-from doppel.environment import KeepThreads
 from doppel.evaluate import one_network
 from doppel.evaluation.protocol import Embedded
 
@@ -134,7 +133,6 @@ def embed(cfg: DictConfig, overrides: list[str] | None = None) -> Path:
                        datamodule.eval_batch_size, datamodule.num_workers, parts)
     trainer = pl.Trainer(accelerator=cfg.trainer.accelerator, devices=cfg.trainer.devices,
                          strategy=cfg.trainer.strategy, precision=cfg.trainer.precision, logger=False,
-                         callbacks=[KeepThreads(torch.get_num_threads())],  # one_network set them
                          enable_progress_bar=cfg.trainer.get("enable_progress_bar", True),
                          enable_model_summary=False, use_distributed_sampler=False,
                          default_root_dir=str(output_dir))

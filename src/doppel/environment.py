@@ -16,7 +16,6 @@ import platform
 from pathlib import Path
 from typing import Any
 
-import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_only
 
@@ -74,8 +73,8 @@ def slurm_task_per_process(processes: int) -> bool:
 
 
 def use_threads(cfg: Any) -> int:
-    """Set torch's intra-op threads for this run, and OMP_NUM_THREADS for the processes it starts (DDP's,
-    which Lightning would otherwise give cores / processes); returns the count."""
+    """Set torch's intra-op threads for this run, and OMP_NUM_THREADS: the processes it starts inherit it, and
+    Lightning's DDP launchers, which set cores / processes where it is unset, leave it; returns the count."""
     count, why = thread_count(cfg.speed.get("threads", "auto"), cfg.trainer)
     torch.set_num_threads(count)
     os.environ["OMP_NUM_THREADS"] = str(count)
@@ -104,12 +103,3 @@ def environment(threads: int) -> dict[str, Any]:
 def save_environment(output_dir: Path, threads: int) -> None:
     (output_dir / "environment.json").write_text(json.dumps(environment(threads), indent=2) + "\n")
 
-
-class KeepThreads(pl.Callback):
-    """Lightning's DDP launchers set each process's threads to cores / processes; this puts ours back."""
-
-    def __init__(self, count: int) -> None:
-        self.count = count
-
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        torch.set_num_threads(self.count)

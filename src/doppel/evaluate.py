@@ -23,7 +23,7 @@ from pytorch_lightning.utilities import rank_zero_info
 
 from doppel.checkpoint import STAMP, check_finite, check_state_dict, read_checkpoint, read_class_rows
 from doppel.config import bind_evaluator, build, check_devices
-from doppel.environment import KeepThreads, save_environment, use_threads
+from doppel.environment import save_environment, use_threads
 from doppel.losses.loss_set import LossSet
 from doppel.models.ensemble import EnsembleNet
 from doppel.module import DoppelModule
@@ -83,7 +83,6 @@ def evaluate(cfg: DictConfig, overrides: list[str] | None = None) -> RunMetrics:
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
     trainer = pl.Trainer(accelerator=cfg.trainer.accelerator, devices=cfg.trainer.devices,
                          strategy=cfg.trainer.strategy, precision=cfg.trainer.precision, logger=loggers or False,
-                         callbacks=[KeepThreads(threads)],
                          enable_progress_bar=cfg.trainer.get("enable_progress_bar", True),
                          enable_model_summary=False, use_distributed_sampler=False,
                          default_root_dir=str(output_dir))

@@ -83,9 +83,9 @@ def what_ran(run: Path, config: dict[str, Any]) -> dict[str, str]:
         for group, choice in reversed(OmegaConf.to_container(hydra_cfg.runtime.choices).items()):
             if not group.startswith("hydra") and group != "paths" and choice is not None:
                 ran[group] = str(choice)
-    else:  # a run made without Hydra's command line (train(cfg) from Python): the classes it built
-        ran.update({k: str(v).rsplit(".", 1)[-1] for k, v in flatten(config).items() if k.endswith("_target_")})
     flat = flatten(config)
+    if not hydra_file.is_file():  # a run made without Hydra's command line (train(cfg) from Python)
+        ran.update({k: str(v).rsplit(".", 1)[-1] for k, v in flat.items() if k.endswith("_target_")})
     ran.update({k: str(flat[k]) for k in ("seed", "trainer.max_epochs", "trainer.max_steps") if k in flat})
     if (run / "environment.json").is_file():
         environment = json.loads((run / "environment.json").read_text())

@@ -29,7 +29,7 @@ from doppel.checkpoint import (
     resolve_ckpt_path,
 )
 from doppel.config import CONFIG_DIR, Prepared, bind_evaluator, build, check_config, resolve_mining, summary_metrics
-from doppel.environment import KeepThreads, save_environment, use_threads
+from doppel.environment import save_environment, use_threads
 from doppel.loggers import multirun_folder  # noqa: F401  (registers ${doppel_multirun:} for the configs)
 from doppel.losses.loss_set import LossSet
 from doppel.models.layers import lsuv_init_
@@ -116,7 +116,6 @@ def _train(cfg: DictConfig, prepared: Prepared) -> RunMetrics:
                                             datamodule.base_lookalikes))
     # Before LastCheckpoint: a checkpoint written at a step's end holds that step's counts.
     callbacks.append(ExposureMonitor(num_classes))
-    callbacks.append(KeepThreads(threads))
     callbacks += [ExactResume(config, num_classes),
                   LastCheckpoint(checkpoint_dir(output_dir), cfg.checkpoint.every_n_steps,
                                  cfg.checkpoint.class_shards)]

@@ -147,10 +147,11 @@ class Diagnostics(pl.Callback):
         chosen += [(c, "sample") for c in sample if c not in {h for h, _ in chosen}]
         return [(c, kind, int(counts[c])) for c, kind in chosen]
 
-    def gallery(self, trainer: pl.Trainer, pl_module: pl.LightningModule, table: Any,
-                classifier: Any = None) -> tuple[list[dict[str, Any]], dict[int, torch.Tensor]]:
+    def gallery(self, trainer: pl.Trainer, pl_module: pl.LightningModule, table: Any, classifier: Any = None,
+                also: list[int] = ()) -> tuple[list[dict[str, Any]], dict[int, torch.Tensor]]:
         """The gallery's rows (class, name, kind, doppelgangers, the scores ``classifier`` (default: the
-        loss's prototype term) gives the identity's image) and the image shown for each class in them."""
+        loss's prototype term) gives the identity's image) and the image shown for each class in them and in
+        ``also`` (read together: one pass over the training labels)."""
         classifier = classifier if classifier is not None else pl_module.loss_set.prototype_term
         datamodule = trainer.datamodule
         names = datamodule.class_names
@@ -160,7 +161,8 @@ class Diagnostics(pl.Callback):
             others = [int(d) for d in table.table[cls].tolist() if d >= 0]
             rows.append({"class": cls, "name": names[cls], "kind": kind, "pointed_by": pointed_by,
                          "doppelgangers": [{"class": d, "name": names[d]} for d in others]})
-        wanted = sorted({r["class"] for r in rows} | {d["class"] for r in rows for d in r["doppelgangers"]})
+        wanted = sorted({r["class"] for r in rows} | {d["class"] for r in rows for d in r["doppelgangers"]}
+                        | set(also))
         images = dict(zip(wanted, datamodule.class_images(wanted)))
         scores = _class_scores(pl_module, classifier, torch.stack([images[r["class"]] for r in rows]))
         for row, row_scores in zip(rows, scores if scores is not None else [None] * len(rows)):
@@ -172,7 +174,8 @@ class Diagnostics(pl.Callback):
 
     def _write_gallery(self, trainer: pl.Trainer, pl_module: pl.LightningModule, table: Any, epoch: int,
                        media: dict[str, Any], classifier: Any) -> None:
-        rows, images = self.gallery(trainer, pl_module, table, classifier)
+        hubs = table.hubs(self.hubs_chart)
+        rows, images = self.gallery(trainer, pl_module, table, classifier, also=[c for c, _ in hubs])
         stem = f"e{epoch:03d}"
         (self.folder / f"gallery_{stem}.json").write_text(json.dumps(rows, indent=1) + "\n")
 
@@ -184,11 +187,9 @@ class Diagnostics(pl.Callback):
                  for r in rows]
         titles = [f"{r['kind']}\n(doppelganger of {r['pointed_by']})" for r in rows]
         gallery_png = _save(figures.gallery_figure(tiles, titles), self.folder / f"gallery_{stem}.png")
-        hubs = table.hubs(self.hubs_chart)
         names = trainer.datamodule.class_names
-        hub_images = list(trainer.datamodule.class_images([c for c, _ in hubs])) if hubs else None
         hubs_png = _save(figures.hubs_figure([names[c] for c, _ in hubs], [k for _, k in hubs], table.num_classes,
-                                             hub_images), self.folder / f"hubs_{stem}.png")
+                                             [images[c] for c, _ in hubs]), self.folder / f"hubs_{stem}.png")
         media["diagnostics/gallery"] = ("image", gallery_png)
         media["diagnostics/hubs"] = ("image", hubs_png)
         table_rows = [[r["kind"], r["name"], images[r["class"]], d["name"], images[d["class"]],
