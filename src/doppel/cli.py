@@ -17,7 +17,6 @@ from typing import Any
 # A user's mistake: bad settings, missing or unreadable files, data or checkpoints that cannot be used, a run
 # that diverged, a missing optional package. Anything else is a bug and keeps its traceback.
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, FloatingPointError, ImportError)
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
 def traceback_wanted() -> bool:
@@ -56,7 +55,7 @@ def check_overrides(config_name: str, argv: list[str]) -> None:
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from doppel.config import _unknown
+    from doppel.config import CONFIG_DIR, _unknown
 
     words = [w for w in argv if "=" in w and not w.startswith("-")]
     dotted = [w.split("=", 1)[0] for w in words if w[0] not in "+~" and "." in w.split("=", 1)[0]
@@ -65,10 +64,10 @@ def check_overrides(config_name: str, argv: list[str]) -> None:
         return
     # group choices only (a sweep's first choice): what the dotted keys are looked up in
     choices = [f"{w.split('=', 1)[0]}={w.split('=', 1)[1].split(',')[0]}" for w in words
-               if w[0] not in "+~" and "." not in w.split("=", 1)[0] and (CONFIGS / w.split("=", 1)[0]).is_dir()
+               if w[0] not in "+~" and "." not in w.split("=", 1)[0] and (CONFIG_DIR / w.split("=", 1)[0]).is_dir()
                and "[" not in w]
     try:
-        with initialize_config_dir(str(CONFIGS), version_base="1.3"):
+        with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
             cfg = compose(config_name, overrides=choices)
     except Exception:  # a wrong group choice: Hydra's own message lists the choices
         return
